@@ -1,0 +1,49 @@
+// Helpers for the CPU kernels: dtype dispatch, the float32 (float64) accumulation type, parallel loops.
+#pragma once
+
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/dtype.h"
+
+namespace mamba_adaptor::cpu {
+
+using Half = torch::headeronly::Half;
+using BFloat16 = torch::headeronly::BFloat16;
+
+// Calls f(T{}) with T the C++ type of `dtype`.
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: f(float{}); break;
+    case DType::Float64: f(double{}); break;
+    case DType::Float16: f(Half{}); break;
+    case DType::BFloat16: f(BFloat16{}); break;
+  }
+}
+
+// Every kernel accumulates in float32, and in float64 for float64 inputs.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Runs f(i) for i in [0, n), spread over torch's intra-op threads; `cost` is a rough count of operations of
+// one f(i), so that tiny problems stay on one thread.
+template <typename F>
+void parallel_over(int64_t n, int64_t cost, const F& f) {
+  const int64_t grain = cost >= 32768 ? 1 : (32768 + cost - 1) / (cost < 1 ? 1 : cost);
+  torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i);
+  });
+}
+
+template <typename Acc>
+inline Acc softplus(Acc x) {
+  return x <= Acc(20) ? std::log1p(std::exp(x)) : x;  // torch.nn.functional.softplus, threshold 20
+}
+
+}  // namespace mamba_adaptor::cpu

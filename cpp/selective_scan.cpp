@@ -1,0 +1,254 @@
+// selective_scan: op schema, CPU kernels, CPU registration. The math and the shapes are in selective_scan.h.
+#include <torch/csrc/stable/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/cpu.h"
+#include "selective_scan_args.h"
+
+namespace mamba_adaptor {
+namespace {
+
+using cpu::acc_t;
+
+// Pointers of one channel d of batch b: u, delta, and its group's B, C rows (t has stride 1).
+template <typename T>
+struct Channel {
+  const T* u;
+  const T* delta;
+  const T* B;
+  const T* C;  // nullptr in states mode
+  acc_t<T> D, bias;
+};
+
+template <typename T>
+Channel<T> channel(const SelectiveScanParams& p, int64_t b, int64_t d) {
+  using Acc = acc_t<T>;
+  const int64_t g = d / p.dim_per_group();
+  Channel<T> c;
+  c.u = static_cast<const T*>(p.u) + b * p.u_batch_stride + d * p.u_dim_stride;
+  c.delta = static_cast<const T*>(p.delta) + b * p.delta_batch_stride + d * p.delta_dim_stride;
+  c.B = static_cast<const T*>(p.B) + b * p.B_batch_stride + g * p.B_group_stride;
+  c.C = p.states_mode ? nullptr : static_cast<const T*>(p.C) + b * p.C_batch_stride + g * p.C_group_stride;
+  c.D = p.D ? static_cast<const Acc*>(p.D)[d] : Acc(0);
+  c.bias = p.delta_bias ? static_cast<const Acc*>(p.delta_bias)[d] : Acc(0);
+  return c;
+}
+
+template <typename T>
+inline acc_t<T> time_step(const SelectiveScanParams& p, const Channel<T>& c, int64_t t) {
+  const acc_t<T> dt = static_cast<acc_t<T>>(c.delta[t]) + c.bias;
+  return p.delta_softplus ? cpu::softplus(dt) : dt;
+}
+
+template <typename T>
+void load_A(const SelectiveScanParams& p, int64_t d, acc_t<T>* A) {
+  const auto* row = static_cast<const acc_t<T>*>(p.A) + d * p.A_dim_stride;
+  for (int64_t n = 0; n < p.dstate; ++n) A[n] = row[n * p.A_dstate_stride];
+}
+
+// Forward of one channel: writes y (L) or the states (N, L).
+template <typename T>
+void scan_fwd_channel(const SelectiveScanParams& p, int64_t b, int64_t d, acc_t<T>* A, acc_t<T>* h) {
+  using Acc = acc_t<T>;
+  const Channel<T> c = channel<T>(p, b, d);
+  const int64_t L = p.seqlen, N = p.dstate;
+  load_A<T>(p, d, A);
+  std::fill(h, h + N, Acc(0));
+  if (p.states_mode) {
+    T* states = static_cast<T*>(p.out) + (b * p.dim + d) * N * L;
+    for (int64_t t = 0; t < L; ++t) {
+      const Acc dt = time_step(p, c, t), dtu = dt * static_cast<Acc>(c.u[t]);
+      for (int64_t n = 0; n < N; ++n) {
+        h[n] = std::exp(dt * A[n]) * h[n] + dtu * static_cast<Acc>(c.B[n * p.B_dstate_stride + t]);
+        states[n * L + t] = static_cast<T>(h[n]);
+      }
+    }
+    return;
+  }
+  T* y = static_cast<T*>(p.out) + (b * p.dim + d) * L;
+  for (int64_t t = 0; t < L; ++t) {
+    const Acc ut = static_cast<Acc>(c.u[t]);
+    const Acc dt = time_step(p, c, t), dtu = dt * ut;
+    Acc yt = c.D * ut;
+    for (int64_t n = 0; n < N; ++n) {
+      h[n] = std::exp(dt * A[n]) * h[n] + dtu * static_cast<Acc>(c.B[n * p.B_dstate_stride + t]);
+      yt += static_cast<Acc>(c.C[n * p.C_dstate_stride + t]) * h[n];
+    }
+    y[t] = static_cast<T>(yt);
+  }
+}
+
+template <typename T>
+void scan_fwd(const SelectiveScanParams& p) {
+  using Acc = acc_t<T>;
+  const int64_t N = p.dstate;
+  cpu::parallel_over(p.batch * p.dim, p.seqlen * N * 8, [&](int64_t row) {
+    std::vector<Acc> buffer(2 * N);
+    scan_fwd_channel<T>(p, row / p.dim, row % p.dim, buffer.data(), buffer.data() + N);
+  });
+}
+
+// Backward of one channel. The adjoint g_t = dL/dh_t runs backwards in t:
+//   g_t[n] = (dy_t C[n, t] or dstates[n, t]) + exp(dt_{t+1} A[n]) g_{t+1}[n]
+// and with h_t = a_t h_{t-1} + dt_t B_t u_t, a_t = exp(dt_t A):
+//   ddt_t = sum_n g_t[n] (A[n] a_t[n] h_{t-1}[n] + B[n, t] u_t),   dA[n] += g_t[n] dt_t a_t[n] h_{t-1}[n],
+//   du_t = sum_n g_t[n] dt_t B[n, t] + D dy_t,   dB[n, t] += g_t[n] dt_t u_t,   dC[n, t] += dy_t h_t[n].
+// dB, dC accumulate over the channels of a group into dBC (2, N, L); dA, dD, ddelta_bias into this batch's
+// slice of `reduce` (dim, N + 2), summed over the batch afterwards. `work` holds (L + L*N) recomputed values.
+template <typename T>
+void scan_bwd_channel(const SelectiveScanBwdParams& bp, int64_t b, int64_t d, acc_t<T>* dBC, acc_t<T>* reduce,
+                      acc_t<T>* work) {
+  using Acc = acc_t<T>;
+  const SelectiveScanParams& p = bp.fwd;
+  const Channel<T> c = channel<T>(p, b, d);
+  const int64_t L = p.seqlen, N = p.dstate;
+  Acc* dt = work;          // (L,)
+  Acc* h = work + L;       // (L, N): h[t * N + n]
+  std::vector<Acc> A(N), g(N, Acc(0)), dA(N, Acc(0));
+  load_A<T>(p, d, A.data());
+
+  for (int64_t t = 0; t < L; ++t) {  // recompute the forward
+    dt[t] = time_step(p, c, t);
+    const Acc dtu = dt[t] * static_cast<Acc>(c.u[t]);
+    for (int64_t n = 0; n < N; ++n) {
+      const Acc prev = t > 0 ? h[(t - 1) * N + n] : Acc(0);
+      h[t * N + n] = std::exp(dt[t] * A[n]) * prev + dtu * static_cast<Acc>(c.B[n * p.B_dstate_stride + t]);
+    }
+  }
+
+  const int64_t row = (b * p.dim + d) * L;
+  const T* grad = static_cast<const T*>(bp.grad_out) + (p.states_mode ? row * N : row);
+  T* du = static_cast<T*>(bp.du) + row;
+  T* ddelta = static_cast<T*>(bp.ddelta) + row;
+  Acc* dB = dBC;
+  Acc* dC = dBC + N * L;
+  Acc dD = 0, dbias = 0;
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const Acc ut = static_cast<Acc>(c.u[t]);
+    const Acc dy = p.states_mode ? Acc(0) : static_cast<Acc>(grad[t]);
+    Acc ddt = 0, dut = c.D * dy;
+    for (int64_t n = 0; n < N; ++n) {
+      const Acc Bn = static_cast<Acc>(c.B[n * p.B_dstate_stride + t]);
+      const Acc a = std::exp(dt[t] * A[n]);
+      const Acc prev = t > 0 ? h[(t - 1) * N + n] : Acc(0);
+      if (p.states_mode) {
+        g[n] += static_cast<Acc>(grad[n * L + t]);
+      } else {
+        g[n] += dy * static_cast<Acc>(c.C[n * p.C_dstate_stride + t]);
+        dC[n * L + t] += dy * h[t * N + n];
+      }
+      ddt += g[n] * (A[n] * a * prev + Bn * ut);
+      dA[n] += g[n] * dt[t] * a * prev;
+      dut += g[n] * dt[t] * Bn;
+      dB[n * L + t] += g[n] * dt[t] * ut;
+      g[n] *= a;  // carried to t - 1
+    }
+    if (p.delta_softplus) {  // d softplus(x) / dx = sigmoid(x)
+      const Acc x = static_cast<Acc>(c.delta[t]) + c.bias;
+      ddt *= x <= Acc(20) ? Acc(1) / (Acc(1) + std::exp(-x)) : Acc(1);
+    }
+    du[t] = static_cast<T>(dut);
+    ddelta[t] = static_cast<T>(ddt);
+    dD += dy * ut;
+    dbias += ddt;
+  }
+  Acc* slot = reduce + d * (N + 2);
+  for (int64_t n = 0; n < N; ++n) slot[n] = dA[n];
+  slot[N] = dD;
+  slot[N + 1] = dbias;
+}
+
+template <typename T>
+void scan_bwd(const SelectiveScanBwdParams& bp) {
+  using Acc = acc_t<T>;
+  const SelectiveScanParams& p = bp.fwd;
+  const int64_t L = p.seqlen, N = p.dstate, G = p.n_groups, per_group = p.dim_per_group();
+  // Tasks are (batch, group, chunk of the group's channels); each has its own dB/dC partial sums, so the
+  // result does not depend on thread timing. Groups are split into chunks only when there are too few
+  // (batch, group) pairs to keep the threads busy.
+  const int64_t threads = torch::stable::get_num_threads();
+  const int64_t chunks = std::clamp<int64_t>((2 * threads + p.batch * G - 1) / std::max<int64_t>(1, p.batch * G), 1,
+                                             per_group);
+  const int64_t chunk_size = (per_group + chunks - 1) / chunks;
+  const int64_t tasks = p.batch * G * chunks;
+  std::vector<Acc> dBC(static_cast<size_t>(tasks) * 2 * N * L, Acc(0));
+  std::vector<Acc> reduce(static_cast<size_t>(p.batch) * p.dim * (N + 2), Acc(0));
+
+  cpu::parallel_over(tasks, chunk_size * L * N * 16, [&](int64_t task) {
+    const int64_t b = task / (G * chunks), g = task / chunks % G, chunk = task % chunks;
+    std::vector<Acc> work(L * (N + 1));
+    const int64_t d_end = std::min((g + 1) * per_group, g * per_group + (chunk + 1) * chunk_size);
+    for (int64_t d = g * per_group + chunk * chunk_size; d < d_end; ++d) {
+      scan_bwd_channel<T>(bp, b, d, dBC.data() + task * 2 * N * L, reduce.data() + b * p.dim * (N + 2), work.data());
+    }
+  });
+
+  // dB, dC: sum the chunks of each (batch, group).
+  cpu::parallel_over(p.batch * G, chunks * 2 * N * L, [&](int64_t bg) {
+    const Acc* partial = dBC.data() + bg * chunks * 2 * N * L;
+    T* dB = static_cast<T*>(bp.dB) + bg * N * L;
+    T* dC = bp.dC ? static_cast<T*>(bp.dC) + bg * N * L : nullptr;
+    for (int64_t i = 0; i < N * L; ++i) {
+      Acc sB = 0, sC = 0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        sB += partial[k * 2 * N * L + i];
+        sC += partial[k * 2 * N * L + N * L + i];
+      }
+      dB[i] = static_cast<T>(sB);
+      if (dC) dC[i] = static_cast<T>(sC);
+    }
+  });
+
+  // dA, dD, ddelta_bias: sum over the batch.
+  auto* dA = static_cast<Acc*>(bp.dA);
+  auto* dD = static_cast<Acc*>(bp.dD);
+  auto* dbias = static_cast<Acc*>(bp.ddelta_bias);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t d = 0; d < p.dim; ++d) {
+      const Acc* slot = reduce.data() + (b * p.dim + d) * (N + 2);
+      for (int64_t n = 0; n < N; ++n) dA[d * N + n] += slot[n];
+      if (dD) dD[d] += slot[N];
+      if (dbias) dbias[d] += slot[N + 1];
+    }
+  }
+}
+
+Tensor selective_scan_cpu(Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
+                          std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus) {
+  SelectiveScanCall call = selective_scan_call(Backend::CPU, u, delta, A, B, C, D, delta_bias, delta_softplus);
+  if (call.out.numel() > 0) {
+    cpu::dispatch_dtype(call.params.dtype, [&](auto tag) { scan_fwd<decltype(tag)>(call.params); });
+  }
+  return call.out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>
+selective_scan_backward_cpu(Tensor grad_out, Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
+                            std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus) {
+  SelectiveScanBwdCall call =
+      selective_scan_bwd_call(Backend::CPU, grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus);
+  if (call.params.fwd.batch * call.params.fwd.dim > 0) {
+    cpu::dispatch_dtype(call.params.fwd.dtype, [&](auto tag) { scan_bwd<decltype(tag)>(call.params); });
+  }
+  return {call.du, call.ddelta, call.dA, call.dB, call.dC, call.dD, call.ddelta_bias};
+}
+
+}  // namespace
+}  // namespace mamba_adaptor
+
+STABLE_TORCH_LIBRARY_FRAGMENT(mamba_adaptor, m) {
+  m.def(
+      "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, Tensor? D=None, "
+      "Tensor? delta_bias=None, bool delta_softplus=False) -> Tensor");
+  m.def(
+      "selective_scan_backward(Tensor grad_out, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, "
+      "Tensor? D, Tensor? delta_bias, bool delta_softplus) "
+      "-> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor? dC, Tensor? dD, Tensor? ddelta_bias)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(mamba_adaptor, CPU, m) {
+  m.impl("selective_scan", TORCH_BOX(&mamba_adaptor::selective_scan_cpu));
+  m.impl("selective_scan_backward", TORCH_BOX(&mamba_adaptor::selective_scan_backward_cpu));
+}

@@ -1,0 +1,60 @@
+// selective_scan: the Mamba recurrence, per channel d of group g = d / (dim / G):
+//   dt_t = softplus?(delta_t + delta_bias)
+//   h_t[n] = exp(dt_t * A[n]) * h_{t-1}[n] + dt_t * B[g, n, t] * u_t,   h_{-1} = 0
+//   y_t = sum_n C[g, n, t] * h_t[n] + D * u_t          (states mode, C absent: the output is h itself)
+// Shapes: u, delta, y (b, dim, L); A (dim, N); B, C (b, G, N, L); D, delta_bias (dim,); states (b, dim, N, L).
+// Torch-free: CPU and CUDA kernel files see only these structs.
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace mamba_adaptor {
+
+struct SelectiveScanParams {
+  DType dtype;  // of u, delta, B, C and the output; A, D, delta_bias are float32 (float64 for Float64)
+  int64_t batch, dim, seqlen, dstate, n_groups;
+  bool delta_softplus;
+  bool states_mode;  // C is absent: the output holds the hidden states
+
+  // Inputs. The L dimension has stride 1; the other strides are in elements.
+  const void* u;
+  int64_t u_batch_stride, u_dim_stride;
+  const void* delta;
+  int64_t delta_batch_stride, delta_dim_stride;
+  const void* A;
+  int64_t A_dim_stride, A_dstate_stride;
+  const void* B;
+  int64_t B_batch_stride, B_group_stride, B_dstate_stride;
+  const void* C;  // nullptr in states mode
+  int64_t C_batch_stride, C_group_stride, C_dstate_stride;
+  const void* D;           // contiguous (dim,) or nullptr
+  const void* delta_bias;  // contiguous (dim,) or nullptr
+
+  // Output, contiguous: y (b, dim, L), or the states (b, dim, N, L) in states mode.
+  void* out;
+
+  int64_t dim_per_group() const { return dim / n_groups; }
+};
+
+struct SelectiveScanBwdParams {
+  SelectiveScanParams fwd;  // the forward's inputs (fwd.out unused)
+  const void* grad_out;     // contiguous, the shape of the forward's output
+
+  // Gradients, contiguous. du, ddelta, dB, dC have the inputs' dtype; dA, dD, ddelta_bias are float32
+  // (float64 for Float64) and zero-filled on entry.
+  void* du;           // (b, dim, L)
+  void* ddelta;       // (b, dim, L)
+  void* dA;           // (dim, N)
+  void* dB;           // (b, G, N, L)
+  void* dC;           // (b, G, N, L), nullptr in states mode
+  void* dD;           // (dim,), nullptr without D
+  void* ddelta_bias;  // (dim,), nullptr without delta_bias
+};
+
+// CUDA launchers (cuda/), stream is a cudaStream_t.
+void selective_scan_fwd_cuda(const SelectiveScanParams& params, void* stream);
+void selective_scan_bwd_cuda(const SelectiveScanBwdParams& params, void* stream);
+
+}  // namespace mamba_adaptor

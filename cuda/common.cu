@@ -1,0 +1,31 @@
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.cuh"
+
+namespace mamba_adaptor::cuda {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("mamba_adaptor_ops: CUDA error in ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+void unsupported_float64(const char* op) {
+  throw std::runtime_error(std::string(op) +
+                           ": float64 runs on the CPU only; use float32, float16 or bfloat16 on CUDA");
+}
+
+int sm_count() {
+  static std::vector<int> counts;
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  if (device >= static_cast<int>(counts.size())) counts.resize(device + 1, 0);
+  if (counts[device] == 0) {
+    check(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  }
+  return counts[device];
+}
+
+}  // namespace mamba_adaptor::cuda

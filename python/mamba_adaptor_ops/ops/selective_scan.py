@@ -1,0 +1,61 @@
+"""`selective_scan`: the Mamba recurrence, with a states mode for Adaptor-T (the paper's C = 1, D = 0 trick)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_OP = "mamba_adaptor::selective_scan"
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor | None,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Runs h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t and y_t = C_t h_t + D u_t along L, per channel.
+
+    u, delta: (b, dim, L), float32/float64/float16/bfloat16; A: (dim, N) float32 (float64 with float64
+    inputs); B, C: (b, G, N, L) in u's dtype, channel d using group d // (dim / G); D, delta_bias: (dim,)
+    like A, or None. dt = delta + delta_bias, passed through softplus when `delta_softplus`. Returns y
+    (b, dim, L) in u's dtype; with ``C=None`` (states mode, D must be None) returns the hidden states
+    (b, dim, N, L) instead. Differentiable in every tensor argument; computes in float32.
+    """
+    return torch.ops.mamba_adaptor.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+@torch.library.register_fake(_OP)
+def _fake(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    if C is None:
+        return u.new_empty(u.shape[0], u.shape[1], A.shape[1], u.shape[2])
+    return u.new_empty(u.shape)
+
+
+@torch.library.register_fake("mamba_adaptor::selective_scan_backward")
+def _fake_backward(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus):
+    def like(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.new_empty(t.shape)
+
+    return like(u), like(u), like(A), like(B), None if C is None else like(B), like(D), like(delta_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, grad):
+    u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+    grads = torch.ops.mamba_adaptor.selective_scan_backward(
+        grad, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus
+    )
+    return (*grads, None)
+
+
+torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

@@ -1,0 +1,62 @@
+"""Shared test helpers: devices, dtypes, and the accuracy rule every kernel is held to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Absolute slack of the accuracy rule, relative to the largest reference value.
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
+]
+
+
+def weight_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A, D, delta_bias of the scan: float32, float64 with float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_reference(
+    name: str, out: torch.Tensor, ref_same: torch.Tensor, ref_exact: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """The kernel's error against the float64 reference is at most twice the error of the reference run in
+    the kernel's own precision, plus a small slack (the rule flash-attention's tests use)."""
+    assert out.shape == ref_exact.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_exact.shape)}"
+    assert out.dtype == ref_same.dtype, f"{name}: dtype {out.dtype} != {ref_same.dtype}"
+    if not out.numel():
+        return
+    scale = max(1.0, ref_exact.abs().max().item())
+    err, ref_err = max_error(out, ref_exact), max_error(ref_same, ref_exact)
+    bound = 2 * ref_err + ATOL[dtype] * scale
+    assert err <= bound, f"{name} ({dtype}): error {err:.3g} > bound {bound:.3g} (reference error {ref_err:.3g})"
+
+
+def run_with_grads(fn, inputs: dict[str, torch.Tensor | None], grad_out: torch.Tensor, **kwargs):
+    """fn(**inputs, **kwargs) and the gradients of <out, grad_out> for every floating input tensor."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    out = fn(**{k: leaves.get(k) for k in inputs}, **kwargs)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+    return out.detach(), dict(zip(leaves, grads))
+
+
+def check_against_reference(op, ref, inputs: dict, grad_out: torch.Tensor, dtype: torch.dtype, **kwargs) -> None:
+    """Forward and every gradient of `op` against `ref`, by the accuracy rule."""
+    out, grads = run_with_grads(op, inputs, grad_out, **kwargs)
+    ref_out, ref_grads = run_with_grads(ref, inputs, grad_out, **kwargs)
+    exact = {k: None if v is None else v.double() for k, v in inputs.items()}
+    exact_out, exact_grads = run_with_grads(ref, exact, grad_out.double(), **kwargs)
+    assert_close_to_reference("output", out, ref_out, exact_out, dtype)
+    for k in grads:
+        assert_close_to_reference(f"grad {k}", grads[k], ref_grads[k], exact_grads[k], dtype)

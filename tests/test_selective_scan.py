@@ -1,0 +1,183 @@
+"""selective_scan against its reference: every dtype, forward and backward, states mode, odd shapes, strides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICES, DTYPES, check_against_reference, weight_dtype
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mamba_adaptor_ops as mao
+from mamba_adaptor_ops import reference
+
+
+def make_inputs(
+    b=2, dim=8, L=33, N=1, G=2, dtype=torch.float32, device="cpu", with_C=True, with_D=True, with_bias=True, seed=0
+) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    wtype = weight_dtype(dtype)
+
+    def randn(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dt)
+
+    return dict(
+        u=randn(b, dim, L),
+        delta=(torch.rand(b, dim, L, generator=gen, dtype=torch.float64) - 0.5).to(device=device, dtype=dtype),
+        A=-torch.exp(randn(dim, N, dt=wtype, scale=0.5)),
+        B=randn(b, G, N, L),
+        C=randn(b, G, N, L) if with_C else None,
+        D=randn(dim, dt=wtype) if with_D and with_C else None,
+        delta_bias=randn(dim, dt=wtype, scale=0.5) if with_bias else None,
+    )
+
+
+def grad_like(inputs: dict, seed: int = 1) -> torch.Tensor:
+    u, A = inputs["u"], inputs["A"]
+    shape = u.shape if inputs["C"] is not None else (u.shape[0], u.shape[1], A.shape[1], u.shape[2])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(u.device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "N,G,with_C,softplus",
+    [(1, 2, True, True), (4, 1, True, False), (16, 4, True, True), (1, 4, False, True), (3, 2, False, False)],
+    ids=["N1", "N4-G1", "N16-G4", "states-N1", "states-N3"],
+)
+def test_matches_reference(device, dtype, N, G, with_C, softplus):
+    inputs = make_inputs(b=2, dim=8, L=37, N=N, G=G, dtype=dtype, device=device, with_C=with_C)
+    check_against_reference(
+        mao.selective_scan, reference.selective_scan, inputs, grad_like(inputs), dtype, delta_softplus=softplus
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L", [1, 2, 7, 64])
+@pytest.mark.parametrize("with_D,with_bias", [(False, False), (True, True)])
+def test_lengths_and_optional_args(device, L, with_D, with_bias):
+    inputs = make_inputs(b=1, dim=3, L=L, N=2, G=1, with_D=with_D, with_bias=with_bias, device=device)
+    check_against_reference(mao.selective_scan, reference.selective_scan, inputs, grad_like(inputs), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    b, dim, L, N, G = 2, 6, 19, 2, 3
+    gen = torch.Generator().manual_seed(3)
+    inputs = dict(
+        u=torch.randn(b, L, dim, generator=gen).to(device).transpose(1, 2),  # L not innermost: copied
+        delta=torch.rand(b, 2 * dim, L, generator=gen).to(device)[:, ::2],  # strided channels: read in place
+        A=-torch.rand(N, dim, generator=gen).to(device).t(),
+        B=torch.randn(b, N, G, L, generator=gen).to(device).transpose(1, 2),
+        C=torch.randn(G, b, N, L, generator=gen).to(device).transpose(0, 1),
+        D=torch.randn(2 * dim, generator=gen).to(device)[::2],
+        delta_bias=None,
+    )
+    assert not any(t.is_contiguous() for t in inputs.values() if t is not None)
+    check_against_reference(
+        mao.selective_scan, reference.selective_scan, inputs, grad_like(inputs), torch.float32, delta_softplus=True
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_states_mode_is_the_C1_D0_trick(device):
+    """With N = 1, the states equal y computed with C = 1 and D = 0 (the paper's Alg. 1)."""
+    inputs = make_inputs(N=1, G=2, with_C=False, device=device)
+    states = mao.selective_scan(**inputs, delta_softplus=True)
+    ones = torch.ones_like(inputs["B"])
+    y = mao.selective_scan(**{**inputs, "C": ones}, delta_softplus=True)
+    assert states.shape == (2, 8, 1, 33)
+    torch.testing.assert_close(states[:, :, 0], y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_and_length(device):
+    for b, L in [(0, 5), (2, 0)]:
+        inputs = make_inputs(b=b, L=L, N=2, device=device)
+        leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
+        y = mao.selective_scan(**inputs)
+        assert y.shape == (b, 8, L)
+        y.sum().backward()
+        assert torch.equal(leaves["A"].grad, torch.zeros_like(leaves["A"]))
+
+
+def test_gradcheck_float64():
+    inputs = make_inputs(b=1, dim=4, L=6, N=2, G=2, dtype=torch.float64)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    assert torch.autograd.gradcheck(lambda *a: mao.selective_scan(*a, delta_softplus=True), tuple(leaves.values()))
+    states_inputs = (leaves["u"], leaves["delta"], leaves["A"], leaves["B"])
+    assert torch.autograd.gradcheck(lambda u, d, A, B: mao.selective_scan(u, d, A, B, None), states_inputs)
+
+
+@pytest.mark.parametrize("with_C", [True, False])
+def test_opcheck(with_C):
+    inputs = make_inputs(b=2, dim=4, L=9, N=2, G=2, with_C=with_C)
+    args = tuple(v.requires_grad_() if v is not None else None for v in inputs.values())
+    torch.library.opcheck(torch.ops.mamba_adaptor.selective_scan.default, (*args, True))
+    grad = grad_like(inputs).float()
+    torch.library.opcheck(
+        torch.ops.mamba_adaptor.selective_scan_backward.default,
+        (grad, *(a.detach() if a is not None else None for a in args), True),
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    per_group=st.integers(1, 3),
+    L=st.integers(1, 12),
+    N=st.integers(1, 5),
+    with_C=st.booleans(),
+    softplus=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_float64(b, groups, per_group, L, N, with_C, softplus, seed):
+    """Any shape agrees with the reference to float64 round-off, forward and backward."""
+    inputs = make_inputs(b, groups * per_group, L, N, groups, torch.float64, with_C=with_C, seed=seed)
+    check_against_reference(
+        mao.selective_scan, reference.selective_scan, inputs, grad_like(inputs, seed), torch.float64,
+        delta_softplus=softplus,
+    )
+
+
+BAD_INPUTS = [
+    ("u rank", lambda a: a.update(u=a["u"][0]), r"expected `u` to be a 3-D tensor \(b, dim, L\), but got a 2-D"),
+    ("u dtype", lambda a: a.update(u=a["u"].int()), r"expected `u` to have dtype torch.float32, .* but got torch.int32"),
+    ("delta shape", lambda a: a.update(delta=a["delta"][..., :-1]), r"`delta` to have shape .* = \(2, 8, 33\), but got \(2, 8, 32\)"),
+    ("delta dtype", lambda a: a.update(delta=a["delta"].double()), r"`delta` to have dtype torch.float32 .*got torch.float64"),
+    ("A shape", lambda a: a.update(A=a["A"][:-1]), r"`A` to have shape \(dim, N\) with dim = 8 .*got \(7, 1\)"),
+    ("A dtype", lambda a: a.update(A=a["A"].half()), r"`A` to have dtype torch.float32 .*got torch.float16"),
+    ("A no states", lambda a: a.update(A=a["A"][:, :0]), r"`A` to have d_state N >= 1"),
+    ("groups", lambda a: a.update(B=torch.cat([a["B"], a["B"][:, :1]], 1)), r"G >= 1 dividing dim = 8, but got G = 3"),
+    ("B length", lambda a: a.update(B=a["B"][..., :5]), r"`B` to have shape \(b, G, N, L\) = \(2, 2, 1, 33\)"),
+    ("C shape", lambda a: a.update(C=a["C"][:1]), r"`C` to have shape \(b, G, N, L\), like B"),
+    ("C dtype", lambda a: a.update(C=a["C"].double()), r"`C` to have dtype torch.float32"),
+    ("D shape", lambda a: a.update(D=a["D"][:3]), r"`D` to have shape \(dim,\) = \(8,\), but got \(3,\)"),
+    ("D dtype", lambda a: a.update(D=a["D"].half()), r"`D` to have dtype torch.float32"),
+    ("D in states mode", lambda a: a.update(C=None), r"`D` must be None when `C` is None"),
+    ("delta_bias shape", lambda a: a.update(delta_bias=a["delta_bias"][None]), r"`delta_bias` to be|`delta_bias` to have shape"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_raise_clear_errors(name, mutate, message):
+    inputs = make_inputs()
+    mutate(inputs)
+    with pytest.raises(RuntimeError, match=message):
+        mao.selective_scan(**inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices_raise():
+    inputs = make_inputs(device="cuda")
+    inputs["A"] = inputs["A"].cpu()
+    with pytest.raises(RuntimeError, match=r"expected `A` on the device of `u` \(cuda:0\), but got cpu"):
+        mao.selective_scan(**inputs)
+
+
+def test_bad_grad_out_raises():
+    inputs = make_inputs()
+    with pytest.raises(RuntimeError, match=r"selective_scan_backward: expected `grad_out` to have shape"):
+        torch.ops.mamba_adaptor.selective_scan_backward(torch.zeros(2, 8, 5), *inputs.values(), False)
