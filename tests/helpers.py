@@ -10,12 +10,11 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Absolute slack of the accuracy rule, relative to the largest reference value.
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
-    ),
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
+# Every dtype on the CPU; float64 is CPU-only (for gradcheck), CUDA runs float32, float16 and bfloat16.
+DEVICE_DTYPES = [pytest.param("cpu", dt, id=f"cpu-{str(dt)[6:]}") for dt in DTYPES] + [
+    pytest.param("cuda", dt, marks=CUDA_MARKS, id=f"cuda-{str(dt)[6:]}") for dt in DTYPES if dt != torch.float64
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICES, DTYPES, check_against_reference
+from helpers import DEVICE_DTYPES, DEVICES, check_against_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,8 +26,7 @@ def grad_for(x: torch.Tensor, seed: int = 1) -> torch.Tensor:
     return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_matches_reference(device, dtype, channels_last):
     inputs = make_inputs(dtype=dtype, device=device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICES, DTYPES, check_against_reference, weight_dtype
+from helpers import DEVICE_DTYPES, DEVICES, check_against_reference, weight_dtype
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,8 +38,7 @@ def grad_like(inputs: dict, seed: int = 1) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(u.device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize(
     "N,G,with_C,softplus",
     [(1, 2, True, True), (4, 1, True, False), (16, 4, True, True), (1, 4, False, True), (3, 2, False, False)],

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICES, DTYPES, check_against_reference
+from helpers import DEVICE_DTYPES, DEVICES, check_against_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,8 +27,7 @@ def make_inputs(b=2, S=4, D=6, L=29, K=4, dtype=torch.float32, device="cpu", spr
     return dict(h=rand(b, S, D, L), offsets=offsets, weights=torch.softmax(rand(b, S, K, L), dim=2))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("residual", [True, False])
 def test_matches_reference(device, dtype, residual):
     inputs = make_inputs(dtype=dtype, device=device)
