@@ -1,0 +1,175 @@
+"""`mamba-adaptor-bench`: time the ops (and models) against their baselines, print a table, write JSON and plots.
+
+On a GPU it runs every op on every b1/b2 stage shape in every dtype the device supports; on the CPU it
+implies --quick (one stage shape, float32) so that it finishes in about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from . import ops as op_suite
+from .report import Row, add_speedups, format_table, plot_length_sweep, plot_speedups, write_json
+from .timing import Timing, copy_bandwidth_gbps, environment, measure
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mamba-adaptor-bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--ops", nargs="+", choices=op_suite.OPS, default=list(op_suite.OPS), help="ops to time")
+    p.add_argument("--stages", nargs="+", choices=list(op_suite.STAGES), help="stage shapes (default: all; quick: b1-s1)")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="dtypes (default: all the device supports; quick: float32)")
+    p.add_argument("--batch", type=int, help="batch size of the stage shapes (default 128 on a GPU, 2 on the CPU)")
+    p.add_argument("--lengths", type=int, nargs="*", help="map sides of the length sweep (default 14 28 56 [112]); none to skip")
+    p.add_argument("--quick", action="store_true", help="one stage shape, float32, few repeats (implied on the CPU)")
+    p.add_argument("--full", action="store_true", help="no --quick on the CPU")
+    p.add_argument("--warmup", type=int, help="untimed runs before timing (default 5 on a GPU, 1 on the CPU)")
+    p.add_argument("--repeats", type=int, help="timed runs at most (default 30 on a GPU, 5 on the CPU)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds one measurement may take; slow ones get fewer runs")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and the plots")
+    p.add_argument("--json", type=Path, help="JSON path (default OUT/bench.json)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = p.parse_args(argv)
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as error:
+        p.error(f"--device: {error}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available to this torch")
+    if args.device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {args.device}")
+    if args.quick and args.full:
+        p.error("--quick and --full exclude each other")
+    on_gpu = args.device.type == "cuda"
+    args.quick = args.quick or (not on_gpu and not args.full)
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
+    for name in ("warmup", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            p.error(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {value}")
+    if args.budget <= 0:
+        p.error(f"--budget must be > 0, got {args.budget}")
+    if args.lengths and min(args.lengths) < 1:
+        p.error(f"--lengths must be positive map sides, got {args.lengths}")
+
+    args.stages = args.stages or (["b1-s1"] if args.quick else list(op_suite.STAGES))
+    supported = ["float32", "float16", "bfloat16"] if on_gpu else ["float32", "bfloat16"]
+    args.dtypes = args.dtypes or (["float32"] if args.quick else supported)
+    args.batch = args.batch or (128 if on_gpu and not args.quick else 2)
+    if args.lengths is None:
+        args.lengths = [14, 28, 56, 112] if on_gpu else [14, 28, 56]
+    args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    args.repeats = args.repeats or (30 if on_gpu else 5)
+    args.json = args.json or args.out / "bench.json"
+    return args
+
+
+def _progress(items: list, desc: str) -> Iterable:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+
+
+def _row_from(timing: Timing | None, base: dict, nbytes: int | None, copy_gbps: float, error: str | None) -> Row:
+    row = Row(**base, bytes=nbytes, error=error)
+    if timing is not None:
+        row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
+        row.repeats, row.peak_mem_mb = timing.repeats, timing.peak_mem_mb
+        if nbytes:
+            row.gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
+            row.floor_fraction = nbytes / (copy_gbps * 1e9) / (timing.median_ms * 1e-3)
+    return row
+
+
+def run_case(case: op_suite.OpCase, suite: str, modes: tuple[str, ...], args, copy_gbps: float) -> list[Row]:
+    """Times every implementation of one case in each mode; a failing implementation gives an error row."""
+    device = args.device
+    inputs = case.make_inputs()
+    floating = {k: v.is_floating_point() for k, v in inputs.items()}
+    rows = []
+    for impl in case.impls:
+        with torch.no_grad():
+            grad = torch.randn_like(impl.forward(inputs))
+        leaves = {k: v.detach().requires_grad_(floating[k]) for k, v in inputs.items()}
+        timed: dict[str, Callable[[], object]] = {
+            "fwd": lambda: _no_grad(impl.forward, inputs),
+            "fwd+bwd": lambda: torch.autograd.grad(impl.forward(leaves), list(leaves.values()), grad),
+        }
+        if impl.prepare_backward is not None and "bwd" in modes:
+            backward = impl.prepare_backward(inputs)
+            timed["bwd"] = lambda: backward(grad)
+        nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd, "fwd+bwd": case.bytes_fwd + case.bytes_bwd}
+        for mode in modes:
+            if mode not in timed:
+                continue
+            base = dict(suite=suite, name=case.op, shape=case.shape, dtype=str(case.dtype)[6:], mode=mode,
+                        impl=impl.name, info={**case.info, "batch": case.batch})
+            try:
+                timing, error = measure(timed[mode], device, args.warmup, args.repeats, args.budget), None
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                timing, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            rows.append(_row_from(timing, base, nbytes[mode], copy_gbps, error))
+        del leaves, grad
+    del inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _no_grad(fn, inputs):
+    with torch.no_grad():
+        return fn(inputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    meta = environment(device)
+    copy_gbps = copy_bandwidth_gbps(device, 512 if device.type == "cuda" else 64)
+    meta.update(copy_bandwidth_gbps=copy_gbps, quick=args.quick,
+                args={k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()})
+    print(f"mamba-adaptor-bench on {meta['device_name']} ({device}), torch {meta['torch']}, CUDA {meta['cuda']}, "
+          f"mamba_adaptor_ops {meta['mamba_adaptor_ops']}, copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    if device.type == "cuda" and not meta["cuda_kernels_loaded"]:
+        print("warning: the CUDA kernels of mamba_adaptor_ops are not loaded: our CUDA rows will be errors",
+              file=sys.stderr)
+
+    dtypes = [DTYPES[d] for d in args.dtypes]
+    rows: list[Row] = []
+    cases = op_suite.stage_cases(args.ops, args.stages, args.batch, dtypes, device)
+    for case in _progress(cases, "ops"):
+        rows += run_case(case, "ops", ("fwd", "bwd", "fwd+bwd"), args, copy_gbps)
+    if args.lengths:
+        sweep_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        sweep_batch = 32 if device.type == "cuda" and not args.quick else 1
+        sweep = op_suite.length_sweep_cases(args.ops, args.lengths, sweep_batch, sweep_dtype, device)
+        for case in _progress(sweep, "length sweep"):
+            rows += run_case(case, "length", ("fwd",), args, copy_gbps)
+    add_speedups(rows)
+
+    print(format_table(rows))
+    write_json(args.json, meta, rows)
+    print(f"\nJSON: {args.json}")
+    if not args.no_plots:
+        title = f"{meta['device_name']}, torch {meta['torch']}, mamba_adaptor_ops {meta['mamba_adaptor_ops']}"
+        plot_length_sweep(args.out / "ops_vs_length.png", rows, copy_gbps, title)
+        plot_speedups(args.out / "ops_speedup.png", rows, title)
+        print(f"plots: {args.out / 'ops_vs_length.png'}, {args.out / 'ops_speedup.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

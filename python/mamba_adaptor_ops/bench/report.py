@@ -1,0 +1,150 @@
+"""Benchmark results: one Row per measurement, the terminal table, the JSON file and the plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = "mamba-adaptor-bench/1"
+OURS_PREFIX = "mamba_adaptor_ops"
+
+
+@dataclass
+class Row:
+    suite: str  # "ops", "length" (op time against sequence length) or "models"
+    name: str  # op or model
+    shape: str
+    dtype: str
+    mode: str  # ops: "fwd", "bwd", "fwd+bwd"; models: "infer", "train"
+    impl: str
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    repeats: int = 0
+    peak_mem_mb: float | None = None
+    bytes: int | None = None  # the least a kernel must read and write
+    gbps: float | None = None  # bytes / median time
+    floor_fraction: float | None = None  # (bytes / measured copy bandwidth) / median time
+    images_per_s: float | None = None
+    speedup: dict[str, float] = field(default_factory=dict)  # baseline impl -> its time / this row's time
+    info: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def is_ours(impl: str) -> bool:
+    return impl.startswith(OURS_PREFIX)
+
+
+def add_speedups(rows: list[Row]) -> None:
+    """For each of our rows, the ratio of every baseline's time measured for the same case to ours."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.suite, row.name, row.shape, row.dtype, row.mode), []).append(row)
+    for group in groups.values():
+        baselines = [r for r in group if not is_ours(r.impl) and r.median_ms]
+        for row in group:
+            if is_ours(row.impl) and row.median_ms:
+                row.speedup = {b.impl: b.median_ms / row.median_ms for b in baselines}
+
+
+def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain-text table, one line per row, grouped by suite and name."""
+    header = ["suite", "name", "shape", "dtype", "mode", "impl", "median ms", "p20-p80 ms", "speedup", "GB/s",
+              "floor", "peak MB", "img/s"]
+    lines = [header]
+    for r in rows:
+        spread = "-" if r.p20_ms is None else f"{r.p20_ms:.3g}-{r.p80_ms:.3g}"
+        speedup = ", ".join(f"{v:.1f}x vs {k}" for k, v in r.speedup.items()) or "-"
+        lines.append([
+            r.suite, r.name, r.shape, r.dtype, r.mode, r.impl,
+            _fmt(r.median_ms, ".4g", "error: " + (r.error or "")[:60]) if r.error else _fmt(r.median_ms, ".4g"),
+            spread, speedup, _fmt(r.gbps, ".1f"), _fmt(None if r.floor_fraction is None else 100 * r.floor_fraction,
+                                                       ".0f") + ("%" if r.floor_fraction is not None else ""),
+            _fmt(r.peak_mem_mb, ".0f"), _fmt(r.images_per_s, ".1f"),
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema": SCHEMA, "meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+
+
+def plot_length_sweep(path: Path, rows: list[Row], copy_gbps: float, title: str) -> None:
+    """Forward time against sequence length per op, every implementation, with the memory-bandwidth floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in rows if r.suite == "length" and r.median_ms]
+    ops = list(dict.fromkeys(r.name for r in sweep))
+    if not ops:
+        return
+    fig, axes = plt.subplots(1, len(ops), figsize=(5.2 * len(ops), 4.2), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        op_rows = [r for r in sweep if r.name == op]
+        for impl in dict.fromkeys(r.impl for r in op_rows):
+            pts = sorted((r.info["L"], r.median_ms) for r in op_rows if r.impl == impl)
+            ax.plot(*zip(*pts), marker="o", label=impl, linewidth=2.2 if is_ours(impl) else 1.4)
+        floor = sorted({(r.info["L"], r.bytes / (copy_gbps * 1e9) * 1e3) for r in op_rows if r.bytes})
+        if floor:
+            ax.plot(*zip(*floor), "k--", linewidth=1, label=f"bandwidth floor ({copy_gbps:.0f} GB/s copy)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        lengths = sorted({r.info["L"] for r in op_rows})
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("sequence length L = H x W")
+        ax.set_ylabel("forward time (ms)")
+        ax.set_title(op)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_speedups(path: Path, rows: list[Row], title: str) -> None:
+    """Our speedup over each baseline on the paper's stage shapes, one bar group per case and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [r for r in rows if r.suite == "ops" and r.impl == OURS_PREFIX and r.speedup]
+    if not ours:
+        return
+    baselines = list(dict.fromkeys(b for r in ours for b in r.speedup))
+    labels = [f"{r.name}\n{r.shape} {r.dtype} {r.mode}" for r in ours]
+    width = 0.8 / len(baselines)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(ours) + 2), 4.8))
+    for i, baseline in enumerate(baselines):
+        xs = [j + (i - (len(baselines) - 1) / 2) * width for j in range(len(ours))]
+        ax.bar(xs, [r.speedup.get(baseline, 0.0) for r in ours], width, label=f"vs {baseline}")
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("speedup (baseline time / our time)")
+    ax.set_xticks(range(len(ours)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
