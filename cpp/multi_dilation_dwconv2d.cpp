@@ -1,12 +1,14 @@
 // multi_dilation_dwconv2d: op schema, CPU kernels, CPU registration. The math and shapes are in
-// multi_dilation_dwconv2d.h. Each (b, c) plane is read once into a float buffer (through its strides, so
-// NCHW and channels_last take the same path) and every tap of every dilation is applied from there.
+// multi_dilation_dwconv2d.h. The kernels work on blocks of (b, c) planes, read once through their strides
+// (NCHW, channels_last or any view) into zero-padded float buffers; every kernel row of every dilation is
+// then one vector loop over a whole plane.
 #include <torch/csrc/stable/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/cpu_vec.h"
 #include "multi_dilation_dwconv2d_args.h"
 
 namespace mamba_adaptor {
@@ -14,126 +16,169 @@ namespace {
 
 using cpu::acc_t;
 
-template <typename T>
-void load_plane(const void* data, const int64_t* strides, int64_t b, int64_t c, int64_t H, int64_t W,
-                acc_t<T>* plane) {
-  const T* base = static_cast<const T*>(data) + b * strides[0] + c * strides[1];
-  for (int64_t y = 0; y < H; ++y) {
-    for (int64_t x = 0; x < W; ++x) plane[y * W + x] = static_cast<acc_t<T>>(base[y * strides[2] + x * strides[3]]);
-  }
-}
+// One row ky of the kernel of dilation i: its k taps read the input at (dy, (kx - r) * dilation), kx < k.
+struct KernelRow {
+  int64_t first_tap;  // taps first_tap .. first_tap + k - 1 index weight[i, c] as (i * k + ky) * k + kx
+  int64_t dy, dilation;
+};
 
-template <typename T>
-void store_plane(const acc_t<T>* plane, void* data, const int64_t* strides, int64_t b, int64_t c, int64_t H,
-                 int64_t W) {
-  T* base = static_cast<T*>(data) + b * strides[0] + c * strides[1];
-  for (int64_t y = 0; y < H; ++y) {
-    for (int64_t x = 0; x < W; ++x) base[y * strides[2] + x * strides[3]] = static_cast<T>(plane[y * W + x]);
-  }
-}
-
-// The valid range [lo, hi) of a coordinate whose neighbour at distance `shift` must lie in [0, size).
-inline void shifted_range(int64_t size, int64_t shift, int64_t& lo, int64_t& hi) {
-  lo = std::clamp<int64_t>(-shift, 0, size);
-  hi = std::clamp<int64_t>(size - shift, lo, size);
-}
-
-// dst[y, x] += w * src[y + dy, x + dx] wherever the source lies inside the plane (zero padding).
-template <typename Acc>
-void add_tap(const Acc* src, Acc* dst, int64_t H, int64_t W, int64_t dy, int64_t dx, Acc w) {
-  int64_t y0, y1, x0, x1;
-  shifted_range(H, dy, y0, y1);
-  shifted_range(W, dx, x0, x1);
-  for (int64_t y = y0; y < y1; ++y) {
-    const Acc* s = src + (y + dy) * W + dx;
-    Acc* d = dst + y * W;
-    for (int64_t x = x0; x < x1; ++x) d[x] += w * s[x];
-  }
-}
-
-// sum over the plane of a[y, x] * src[y + dy, x + dx] (zero padding).
-template <typename Acc>
-Acc dot_tap(const Acc* a, const Acc* src, int64_t H, int64_t W, int64_t dy, int64_t dx) {
-  int64_t y0, y1, x0, x1;
-  shifted_range(H, dy, y0, y1);
-  shifted_range(W, dx, x0, x1);
-  Acc sum = 0;
-  for (int64_t y = y0; y < y1; ++y) {
-    const Acc* s = src + (y + dy) * W + dx;
-    const Acc* r = a + y * W;
-    for (int64_t x = x0; x < x1; ++x) sum += r[x] * s[x];
-  }
-  return sum;
-}
-
-// Calls f(tap, dy, dx) for every tap of every dilation; `tap` indexes weight[i, c] as (i * k + ky) * k + kx.
-template <typename F>
-void for_each_tap(const DwConvParams& p, const F& f) {
+std::vector<KernelRow> kernel_rows(const DwConvParams& p) {
   const int64_t k = p.kernel_size, r = (k - 1) / 2;
+  std::vector<KernelRow> rows;
   for (int64_t i = 0; i < p.n_dilations; ++i) {
-    for (int64_t ky = 0; ky < k; ++ky) {
-      for (int64_t kx = 0; kx < k; ++kx) f((i * k + ky) * k + kx, (ky - r) * p.dilations[i], (kx - r) * p.dilations[i]);
+    for (int64_t ky = 0; ky < k; ++ky) rows.push_back({(i * k + ky) * k, (ky - r) * p.dilations[i], p.dilations[i]});
+  }
+  return rows;
+}
+
+// A zero-padded float copy of a (b, c) plane. With `pad` rows and columns of zeros around the plane and a
+// row pitch P = W + 2 pad, a tap is one long vector loop over the plane: output (y, x), stored at y * P + x,
+// reads (y + pad + dy) * P + (x + pad + dx), and the padding columns between rows hold values nobody reads.
+struct PaddedPlane {
+  int64_t H, W, pad, pitch;
+  int64_t size() const { return (H + 2 * pad) * pitch; }
+  int64_t span() const { return (H - 1) * pitch + W; }  // from output (0, 0) to output (H - 1, W - 1)
+  int64_t origin() const { return pad * pitch + pad; }   // where input (0, 0) lies in the padded copy
+};
+
+PaddedPlane padded_plane(const DwConvParams& p) {
+  int64_t max_dilation = 0;
+  for (int64_t i = 0; i < p.n_dilations; ++i) max_dilation = std::max(max_dilation, p.dilations[i]);
+  const int64_t pad = max_dilation * (p.kernel_size - 1) / 2;
+  return PaddedPlane{p.height, p.width, pad, p.width + 2 * pad};
+}
+
+// Planes are processed in blocks of kBlock channels: channels_last pixels are then read kBlock channels at a
+// time instead of one element per cache line.
+constexpr int64_t kBlock = 8;
+
+// Calls f(plane, offset) for plane j < n of image b from channel c0 and each (y, x), offset being the
+// element's position in the tensor, in the order that walks the tensor's memory (channels innermost for
+// channels_last, columns innermost for NCHW).
+template <typename F>
+void for_each_element(const int64_t* strides, int64_t b, int64_t c0, int64_t n, const PaddedPlane& pp, const F& f) {
+  const int64_t base = b * strides[0] + c0 * strides[1];
+  if (strides[1] < strides[3]) {
+    for (int64_t y = 0; y < pp.H; ++y) {
+      for (int64_t x = 0; x < pp.W; ++x) {
+        for (int64_t j = 0; j < n; ++j) f(j, y, x, base + j * strides[1] + y * strides[2] + x * strides[3]);
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t y = 0; y < pp.H; ++y) {
+        for (int64_t x = 0; x < pp.W; ++x) f(j, y, x, base + j * strides[1] + y * strides[2] + x * strides[3]);
+      }
     }
   }
 }
 
-// weight[i, c, ky, kx] of channel c, as tap-indexed accumulation-type values.
+// Planes c0 .. c0 + n - 1 of image b, read through their strides (NCHW, channels_last or any view), into the
+// interiors of n padded planes whose padding stays zero.
 template <typename T>
-std::vector<acc_t<T>> channel_weights(const DwConvParams& p, int64_t c) {
+void load_planes(const void* data, const int64_t* strides, int64_t b, int64_t c0, int64_t n, const PaddedPlane& pp,
+                 acc_t<T>* planes) {
+  const T* src = static_cast<const T*>(data);
+  for_each_element(strides, b, c0, n, pp, [&](int64_t j, int64_t y, int64_t x, int64_t offset) {
+    planes[j * pp.size() + pp.origin() + y * pp.pitch + x] = static_cast<acc_t<T>>(src[offset]);
+  });
+}
+
+// The H x W outputs of n planes (pitch P, H rows each) into planes c0 .. c0 + n - 1 of image b.
+template <typename T>
+void store_planes(const acc_t<T>* planes, void* data, const int64_t* strides, int64_t b, int64_t c0, int64_t n,
+                  const PaddedPlane& pp) {
+  T* dst = static_cast<T*>(data);
+  for_each_element(strides, b, c0, n, pp, [&](int64_t j, int64_t y, int64_t x, int64_t offset) {
+    dst[offset] = static_cast<T>(planes[(j * pp.H + y) * pp.pitch + x]);
+  });
+}
+
+// The k weights of one kernel row of channel c, in the accumulation type.
+template <typename T>
+void row_weights(const DwConvParams& p, const KernelRow& row, int64_t c, acc_t<T>* w) {
   const int64_t kk = p.kernel_size * p.kernel_size;
-  std::vector<acc_t<T>> w(p.n_dilations * kk);
-  const T* weight = static_cast<const T*>(p.weight);
-  for (int64_t i = 0; i < p.n_dilations; ++i) {
-    for (int64_t j = 0; j < kk; ++j) w[i * kk + j] = static_cast<acc_t<T>>(weight[(i * p.channels + c) * kk + j]);
-  }
-  return w;
+  const int64_t i = row.first_tap / kk, j0 = row.first_tap % kk;
+  const T* weight = static_cast<const T*>(p.weight) + (i * p.channels + c) * kk + j0;
+  for (int64_t kx = 0; kx < p.kernel_size; ++kx) w[kx] = static_cast<acc_t<T>>(weight[kx]);
 }
 
 template <typename T>
 void dwconv_fwd(const DwConvParams& p) {
   using Acc = acc_t<T>;
-  const int64_t H = p.height, W = p.width;
-  const int64_t taps = p.n_dilations * p.kernel_size * p.kernel_size;
-  cpu::parallel_over(p.batch * p.channels, H * W * (taps + 4), [&](int64_t bc) {
-    const int64_t b = bc / p.channels, c = bc % p.channels;
-    std::vector<Acc> x(H * W), out(H * W);
-    load_plane<T>(p.x, p.x_strides, b, c, H, W, x.data());
-    std::fill(out.begin(), out.end(), p.bias ? static_cast<Acc>(static_cast<const T*>(p.bias)[c]) : Acc(0));
-    const auto w = channel_weights<T>(p, c);
-    for_each_tap(p, [&](int64_t tap, int64_t dy, int64_t dx) { add_tap(x.data(), out.data(), H, W, dy, dx, w[tap]); });
-    store_plane<T>(out.data(), p.out, p.out_strides, b, c, H, W);
+  const int64_t C = p.channels, k = p.kernel_size, r = (k - 1) / 2, blocks = (C + kBlock - 1) / kBlock;
+  const auto rows = kernel_rows(p);
+  const PaddedPlane pp = padded_plane(p);
+  const int64_t out_size = pp.H * pp.pitch;
+  cpu::parallel_over(p.batch * blocks, kBlock * pp.span() * k * static_cast<int64_t>(rows.size()), [&](int64_t task) {
+    const int64_t b = task / blocks, c0 = task % blocks * kBlock, n = std::min(kBlock, C - c0);
+    std::vector<Acc> x(n * pp.size(), Acc(0)), out(n * out_size);
+    load_planes<T>(p.x, p.x_strides, b, c0, n, pp, x.data());
+    Acc w[7];
+    for (int64_t j = 0; j < n; ++j) {
+      Acc* o = out.data() + j * out_size;
+      std::fill(o, o + out_size, p.bias ? static_cast<Acc>(static_cast<const T*>(p.bias)[c0 + j]) : Acc(0));
+      for (const KernelRow& row : rows) {
+        row_weights<T>(p, row, c0 + j, w);
+        const Acc* src = x.data() + j * pp.size() + pp.origin() + row.dy * pp.pitch - r * row.dilation;
+        cpu::row_taps(o, w, k, src, row.dilation, pp.span());
+      }
+    }
+    store_planes<T>(out.data(), p.out, p.out_strides, b, c0, n, pp);
   });
 }
 
-// One task per channel, looping over the batch: grad_x is the same taps applied to grad_out with flipped
-// offsets; grad_weight and grad_bias are sums over (b, y, x) owned by the task, so no atomics are needed.
+// One task per block of channels, looping over the batch. grad_x[y, x] = sum over taps of
+// w * grad_out[y - dy, x - dx]: the same kernel rows read backwards. grad_weight of a tap is the dot product
+// of grad_out with the input shifted by the tap (the zero padding of both keeps the padding columns out of
+// it). A channel's sums are owned by its task: no atomics, and the same result on every run.
 template <typename T>
 void dwconv_bwd(const DwConvBwdParams& bp) {
   using Acc = acc_t<T>;
   const DwConvParams& p = bp.fwd;
-  const int64_t H = p.height, W = p.width, kk = p.kernel_size * p.kernel_size;
-  const int64_t taps = p.n_dilations * kk;
-  cpu::parallel_over(p.channels, p.batch * H * W * (2 * taps + 6), [&](int64_t c) {
-    std::vector<Acc> g(H * W), x(H * W), gx(H * W), gw(taps, Acc(0));
-    Acc gb = 0;
-    const auto w = channel_weights<T>(p, c);
+  const int64_t C = p.channels, k = p.kernel_size, r = (k - 1) / 2, kk = k * k, blocks = (C + kBlock - 1) / kBlock;
+  const auto rows = kernel_rows(p);
+  const PaddedPlane pp = padded_plane(p);
+  const int64_t out_size = pp.H * pp.pitch;
+  std::vector<Acc> grad_w(p.n_dilations * kk * C, Acc(0)), grad_b(C, Acc(0));
+  const int64_t cost = p.batch * kBlock * pp.span() * 2 * k * static_cast<int64_t>(rows.size());
+  cpu::parallel_over(blocks, cost, [&](int64_t block) {
+    const int64_t c0 = block * kBlock, n = std::min(kBlock, C - c0);
+    std::vector<Acc> g(n * pp.size(), Acc(0)), x(n * pp.size(), Acc(0)), gx(n * out_size);
+    Acc w[7];
     for (int64_t b = 0; b < p.batch; ++b) {
-      load_plane<T>(bp.grad_out, bp.grad_out_strides, b, c, H, W, g.data());
-      load_plane<T>(p.x, p.x_strides, b, c, H, W, x.data());
+      load_planes<T>(bp.grad_out, bp.grad_out_strides, b, c0, n, pp, g.data());
+      load_planes<T>(p.x, p.x_strides, b, c0, n, pp, x.data());
       std::fill(gx.begin(), gx.end(), Acc(0));
-      for_each_tap(p, [&](int64_t tap, int64_t dy, int64_t dx) {
-        add_tap(g.data(), gx.data(), H, W, -dy, -dx, w[tap]);
-        gw[tap] += dot_tap(g.data(), x.data(), H, W, dy, dx);
-      });
-      for (Acc v : g) gb += v;
-      store_plane<T>(gx.data(), bp.grad_x, bp.grad_x_strides, b, c, H, W);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t c = c0 + j;
+        const Acc* g0 = g.data() + j * pp.size() + pp.origin();
+        const Acc* x0 = x.data() + j * pp.size() + pp.origin();
+        for (const KernelRow& row : rows) {
+          row_weights<T>(p, row, c, w);
+          cpu::row_taps(gx.data() + j * out_size, w, k, g0 - row.dy * pp.pitch + r * row.dilation, -row.dilation,
+                        pp.span());
+          for (int64_t kx = 0; kx < k; ++kx) {
+            grad_w[(row.first_tap + kx) * C + c] +=
+                cpu::dot(g0, x0 + row.dy * pp.pitch + (kx - r) * row.dilation, pp.span());
+          }
+        }
+        for (int64_t y = 0; y < pp.H; ++y) {
+          for (int64_t xx = 0; xx < pp.W; ++xx) grad_b[c] += g0[y * pp.pitch + xx];
+        }
+      }
+      store_planes<T>(gx.data(), bp.grad_x, bp.grad_x_strides, b, c0, n, pp);
     }
-    T* grad_weight = static_cast<T*>(bp.grad_weight);
-    for (int64_t i = 0; i < p.n_dilations; ++i) {
-      for (int64_t j = 0; j < kk; ++j) grad_weight[(i * p.channels + c) * kk + j] = static_cast<T>(gw[i * kk + j]);
-    }
-    if (bp.grad_bias) static_cast<T*>(bp.grad_bias)[c] = static_cast<T>(gb);
   });
+  T* grad_weight = static_cast<T*>(bp.grad_weight);
+  for (int64_t i = 0; i < p.n_dilations; ++i) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t j = 0; j < kk; ++j) grad_weight[(i * C + c) * kk + j] = static_cast<T>(grad_w[(i * kk + j) * C + c]);
+    }
+  }
+  if (bp.grad_bias) {
+    for (int64_t c = 0; c < C; ++c) static_cast<T*>(bp.grad_bias)[c] = static_cast<T>(grad_b[c]);
+  }
 }
 
 Tensor multi_dilation_dwconv2d_cpu(Tensor x, Tensor weight, std::optional<Tensor> bias,
