@@ -1,0 +1,63 @@
+"""The benchmark CLI: argument handling, and the JSON and plots of a tiny CPU run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mamba_adaptor_ops.bench import cli
+from mamba_adaptor_ops.bench.report import SCHEMA
+
+
+def test_cpu_defaults_imply_quick():
+    args = cli.parse_args(["--device", "cpu"])
+    assert args.quick and args.stages == ["b1-s1"] and args.dtypes == ["float32"] and args.batch == 2
+    full = cli.parse_args(["--device", "cpu", "--full"])
+    assert not full.quick and len(full.stages) == 8 and full.dtypes == ["float32", "bfloat16"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--device", "tpu"], "--device"),
+        (["--device", "cpu", "--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--device", "cpu", "--quick", "--full"], "--quick and --full exclude each other"),
+        (["--device", "cpu", "--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--device", "cpu", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["--device", "cpu", "--budget", "0"], "--budget must be > 0"),
+        (["--device", "cpu", "--lengths", "0"], "--lengths must be positive"),
+        (["--device", "cpu", "--ops", "conv"], "invalid choice: 'conv'"),
+        (["--device", "cpu", "--stages", "b3-s1"], "invalid choice: 'b3-s1'"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tiny_run_writes_table_json_and_plots(tmp_path, capsys):
+    argv = ["--device", "cpu", "--stages", "b1-s4", "--batch", "1", "--lengths", "5", "7", "--warmup", "0",
+            "--repeats", "2", "--budget", "0.05", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "selective_scan" in table and "vs reference" in table and "vs torch.conv2d" in table
+
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["schema"] == SCHEMA
+    assert {"device", "torch", "mamba_adaptor_ops", "copy_bandwidth_gbps", "date"} <= report["meta"].keys()
+    rows = report["rows"]
+    ops_rows = [r for r in rows if r["suite"] == "ops"]
+    assert {r["name"] for r in ops_rows} == {"selective_scan", "state_gather", "multi_dilation_dwconv2d"}
+    assert {r["mode"] for r in ops_rows} == {"fwd", "bwd", "fwd+bwd"}
+    for row in rows:
+        assert row["error"] is None, row
+        assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["bytes"] > 0 and row["gbps"] > 0 and row["floor_fraction"] > 0
+    ours = [r for r in ops_rows if r["impl"] == "mamba_adaptor_ops" and r["mode"] != "bwd"]
+    assert ours and all(r["speedup"] for r in ours)
+    assert {r["info"]["L"] for r in rows if r["suite"] == "length"} == {25, 49}
+    for plot in ("ops_vs_length.png", "ops_speedup.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
