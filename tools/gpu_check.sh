@@ -40,7 +40,7 @@ run "$PYTHON" -m pytest -q -x -p no:cacheprovider --durations=15
 step "compute-sanitizer"
 for tool in memcheck racecheck; do
   echo "--- $tool" >> "$OUT/sanitizer.log"
-  compute-sanitizer --tool "$tool" --error-exitcode 1 --kernel-regex kns=mamba_adaptor \
+  compute-sanitizer --tool "$tool" --error-exitcode 1 \
     "$PYTHON" tools/sanitizer_smoke.py >> "$OUT/sanitizer.log" 2>&1
   rc=$?
   echo "$tool: exit $rc, $(grep -c -E '^========= (Invalid|Error|Race|Warning)' "$OUT/sanitizer.log") findings so far" | tee -a "$LOG"
