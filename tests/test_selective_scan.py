@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE_DTYPES, DEVICES, check_against_reference, weight_dtype
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mamba_adaptor_ops as mao
+from helpers import DEVICE_DTYPES, DEVICES, check_against_reference, weight_dtype
 from mamba_adaptor_ops import reference
 
 

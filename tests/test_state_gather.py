@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE_DTYPES, DEVICES, check_against_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mamba_adaptor_ops as mao
+from helpers import DEVICE_DTYPES, DEVICES, check_against_reference
 from mamba_adaptor_ops import reference
 
 

@@ -96,42 +96,41 @@ def _row_from(timing: Timing | None, base: dict, nbytes: int | None, copy_gbps: 
 
 def run_case(case: op_suite.OpCase, suite: str, modes: tuple[str, ...], args, copy_gbps: float) -> list[Row]:
     """Times every implementation of one case in each mode; a failing implementation gives an error row."""
-    device = args.device
     inputs = case.make_inputs()
-    floating = {k: v.is_floating_point() for k, v in inputs.items()}
-    rows = []
-    for impl in case.impls:
-        with torch.no_grad():
-            grad = torch.randn_like(impl.forward(inputs))
-        leaves = {k: v.detach().requires_grad_(floating[k]) for k, v in inputs.items()}
-        timed: dict[str, Callable[[], object]] = {
-            "fwd": lambda: _no_grad(impl.forward, inputs),
-            "fwd+bwd": lambda: torch.autograd.grad(impl.forward(leaves), list(leaves.values()), grad),
-        }
-        if impl.prepare_backward is not None and "bwd" in modes:
-            backward = impl.prepare_backward(inputs)
-            timed["bwd"] = lambda: backward(grad)
-        nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd, "fwd+bwd": case.bytes_fwd + case.bytes_bwd}
-        for mode in modes:
-            if mode not in timed:
-                continue
-            base = dict(suite=suite, name=case.op, shape=case.shape, dtype=str(case.dtype)[6:], mode=mode,
-                        impl=impl.name, info={**case.info, "batch": case.batch})
-            try:
-                timing, error = measure(timed[mode], device, args.warmup, args.repeats, args.budget), None
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-                timing, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            rows.append(_row_from(timing, base, nbytes[mode], copy_gbps, error))
-        del leaves, grad
-    del inputs
-    if device.type == "cuda":
+    rows = [row for impl in case.impls for row in _time_impl(case, impl, inputs, suite, modes, args, copy_gbps)]
+    if args.device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
-def _no_grad(fn, inputs):
+def _time_impl(case: op_suite.OpCase, impl: op_suite.Impl, inputs: dict, suite: str, modes: tuple[str, ...], args,
+               copy_gbps: float) -> list[Row]:
     with torch.no_grad():
-        return fn(inputs)
+        grad = torch.randn_like(impl.forward(inputs))
+    leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
+
+    def forward() -> object:
+        with torch.no_grad():
+            return impl.forward(inputs)
+
+    timed: dict[str, Callable[[], object]] = {
+        "fwd": forward,
+        "fwd+bwd": lambda: torch.autograd.grad(impl.forward(leaves), list(leaves.values()), grad),
+    }
+    if impl.prepare_backward is not None and "bwd" in modes:
+        backward = impl.prepare_backward(inputs)
+        timed["bwd"] = lambda: backward(grad)
+    nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd, "fwd+bwd": case.bytes_fwd + case.bytes_bwd}
+    rows = []
+    for mode in (m for m in modes if m in timed):
+        base = dict(suite=suite, name=case.op, shape=case.shape, dtype=str(case.dtype)[6:], mode=mode,
+                    impl=impl.name, info={**case.info, "batch": case.batch})
+        try:
+            timing, error = measure(timed[mode], args.device, args.warmup, args.repeats, args.budget), None
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            timing, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        rows.append(_row_from(timing, base, nbytes[mode], copy_gbps, error))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
