@@ -5,6 +5,7 @@
 // Torch-free: CPU and CUDA kernel files see only these structs.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/dtype.h"
@@ -38,10 +39,14 @@ struct DwConvBwdParams {
   int64_t grad_x_strides[4];
   void* grad_weight;  // contiguous (n_dilations, C, k, k)
   void* grad_bias;    // contiguous (C,), nullptr without bias
+
+  // CUDA only: dwconv_bwd_workspace_bytes(*this) bytes of device memory for the launcher's use.
+  void* workspace;
 };
 
 // CUDA launchers (cuda/), stream is a cudaStream_t.
 void dwconv_fwd_cuda(const DwConvParams& params, void* stream);
 void dwconv_bwd_cuda(const DwConvBwdParams& params, void* stream);
+size_t dwconv_bwd_workspace_bytes(const DwConvBwdParams& params);
 
 }  // namespace mamba_adaptor

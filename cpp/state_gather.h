@@ -5,6 +5,7 @@
 // are never used as indices. Torch-free: CPU and CUDA kernel files see only these structs.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/dtype.h"
@@ -35,10 +36,14 @@ struct StateGatherBwdParams {
   void* grad_h;        // (b, S, D, L)
   void* grad_offsets;  // (b, S, K, L)
   void* grad_weights;  // (b, S, K, L)
+
+  // CUDA only: state_gather_bwd_workspace_bytes(*this) bytes of device memory for the launcher's use.
+  void* workspace;
 };
 
 // CUDA launchers (cuda/), stream is a cudaStream_t.
 void state_gather_fwd_cuda(const StateGatherParams& params, void* stream);
 void state_gather_bwd_cuda(const StateGatherBwdParams& params, void* stream);
+size_t state_gather_bwd_workspace_bytes(const StateGatherBwdParams& params);
 
 }  // namespace mamba_adaptor

@@ -28,4 +28,12 @@ int sm_count() {
   return counts[device];
 }
 
+unsigned grid_size(int64_t blocks, const char* kernel) {
+  if (blocks > 0x7fffffff) {
+    throw std::runtime_error(std::string("mamba_adaptor_ops: ") + kernel + " needs " + std::to_string(blocks) +
+                             " thread blocks, more than a CUDA grid holds (2^31 - 1); split the batch");
+  }
+  return static_cast<unsigned>(blocks);
+}
+
 }  // namespace mamba_adaptor::cuda

@@ -47,4 +47,27 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The float values of the 4 / sizeof(T) elements of T packed in one 32-bit word, the lower address first.
+__device__ __forceinline__ void unpack_word(uint32_t word, float* out, float) { out[0] = __uint_as_float(word); }
+__device__ __forceinline__ void unpack_word(uint32_t word, float* out, __half) {
+  out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu)));
+  out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16)));
+}
+__device__ __forceinline__ void unpack_word(uint32_t word, float* out, __nv_bfloat16) {
+  out[0] = __uint_as_float(word << 16);
+  out[1] = __uint_as_float(word & 0xffff0000u);
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory, above the default 48 KiB where needed.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+          "cudaFuncSetAttribute");
+  }
+}
+
+// `blocks` as a 1-D grid size; throws naming `kernel` when it exceeds the grid limit 2^31 - 1.
+unsigned grid_size(int64_t blocks, const char* kernel);
+
 }  // namespace mamba_adaptor::cuda

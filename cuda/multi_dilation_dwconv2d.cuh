@@ -1,0 +1,495 @@
+// multi_dilation_dwconv2d (Adaptor-S) CUDA kernels, instantiated per dtype in
+// multi_dilation_dwconv2d_{conv,wgrad}_<dtype>.cu.
+// Shapes: x, out, grad_out, grad_x (b, C, H, W) with any strides (NCHW, channels_last, views); weight,
+// grad_weight (n_dilations, C, k, k) contiguous, k in {3, 5, 7}; bias, grad_bias (C,). r = (k - 1) / 2.
+//
+// Staged path: a block owns one image b, a block of `channels` channels and a tile of tile_h x tile_w output
+// pixels. It copies the input tile with its largest halo (r * max dilation) into shared memory once, laid
+// out [row][col][channel] in T (4 / sizeof(T) channels per 32-bit word), zero outside the plane, and applies
+// every tap of every dilation from there. Lanes run along x for NCHW-like strides (2 channels per block for
+// 16-bit types, 1 for float32) and along channels for channels_last (up to 32 channels per block), so the
+// tile is read coalesced either way and each tap is one conflict-free 32-bit shared load per lane.
+//   conv_kernel: out = bias + sum of taps; grad_x is the same kernel on grad_out with flipped taps.
+//   weight_grad_kernel: per block, sum over its pixels of grad_out * shifted x for every tap (and grad_out for
+//     the bias), reduced over the block in a fixed order and written as one row of partial sums per
+//     (b, tile); reduce_partials_kernel then sums the rows in order: no atomics, bit-identical runs.
+// Direct path, when the halo tile does not fit in shared memory (very large dilations): one thread per output
+// reading global memory, and a block per weight-gradient element with a fixed-order reduction.
+// Index arithmetic: element offsets int64 (strides are int64); in-tile indices int.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common.cuh"
+#include "multi_dilation_dwconv2d.h"
+
+namespace mamba_adaptor::cuda::dwconv {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnits = 16;                 // output words (pixel x channel word) per thread of a staged block
+constexpr int kSmemBudget = 100 * 1024;    // per block: two or more blocks per SM
+
+template <typename T>
+constexpr int kWordChannels = 4 / static_cast<int>(sizeof(T));  // channels per 32-bit word
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
+
+struct Tiling {
+  bool staged;         // false: the halo tile does not fit in shared memory, use the direct kernels
+  bool channels_last;  // staging lanes along channels (else along x)
+  int tile_h, tile_w, halo, channels, words;  // words: channel words per pixel (channels / kWordChannels)
+  int64_t tiles_y, tiles_x, channel_blocks;
+
+  __host__ __device__ int span_h() const { return tile_h + 2 * halo; }
+  __host__ __device__ int span_w() const { return tile_w + 2 * halo; }
+  int64_t blocks(int64_t batch) const { return batch * channel_blocks * tiles_y * tiles_x; }
+  __host__ __device__ size_t tile_bytes() const { return static_cast<size_t>(span_h()) * span_w() * words * 4; }
+  size_t weight_bytes(const DwConvParams& p) const {
+    return static_cast<size_t>(p.n_dilations * p.kernel_size * p.kernel_size) * channels * 4;
+  }
+};
+
+// The tiling of a staged block for the input read through `strides` (x for the forward and the weight
+// gradient, grad_out for grad_x); the same function sizes the workspace, so both always agree.
+inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size) {
+  const int per_word = 4 / elem_size;
+  Tiling t{};
+  int64_t max_dilation = 1;
+  for (int64_t i = 0; i < p.n_dilations; ++i) max_dilation = p.dilations[i] > max_dilation ? p.dilations[i] : max_dilation;
+  const int64_t halo = (p.kernel_size - 1) / 2 * max_dilation;
+  t.channels_last = p.channels > 1 && strides[1] < strides[3];
+  if (t.channels_last) {
+    t.words = 1;
+    while (t.words < 32 / per_word && t.words * per_word < p.channels) t.words *= 2;  // a power of 2 up to 32
+    t.tile_h = static_cast<int>(p.height < 16 ? p.height : 16);
+    t.tile_w = static_cast<int>(p.width < 16 ? p.width : 16);
+  } else {
+    t.words = 1;
+    t.tile_w = static_cast<int>(p.width < 64 ? p.width : 64);
+    t.tile_h = static_cast<int>(p.height < 4096 / t.tile_w ? p.height : 4096 / t.tile_w);
+  }
+  t.channels = t.words * per_word;
+  while (static_cast<int64_t>(t.tile_h) * t.tile_w * t.words > static_cast<int64_t>(kThreads) * kUnits) {
+    t.tile_h = (t.tile_h + 1) / 2;
+  }
+  t.staged = halo <= 1024;
+  t.halo = static_cast<int>(t.staged ? halo : 0);
+  while (t.staged && t.tile_bytes() + t.weight_bytes(p) > kSmemBudget) {
+    if (t.tile_h > 8 && t.tile_h >= t.tile_w) {
+      t.tile_h = (t.tile_h + 1) / 2;
+    } else if (t.tile_w > 8) {
+      t.tile_w = (t.tile_w + 1) / 2;
+    } else if (t.words > 1) {
+      t.words /= 2;
+      t.channels = t.words * per_word;
+    } else {
+      t.staged = false;
+    }
+  }
+  t.tiles_y = ceil_div(p.height, t.tile_h);
+  t.tiles_x = ceil_div(p.width, t.tile_w);
+  t.channel_blocks = ceil_div(p.channels, t.channels);
+  return t;
+}
+
+// One row of partial sums per (b, tile): n_dilations * C * k * k weight sums (grad_weight's layout), then C
+// bias sums.
+__host__ __device__ inline int64_t partial_row(const DwConvParams& p) { return p.n_dilations * p.channels * p.kernel_size * p.kernel_size + p.channels; }
+
+inline int64_t n_partials(const DwConvParams& p, const Tiling& t) { return p.batch * t.tiles_y * t.tiles_x; }
+
+// The block of a staged kernel: image b, channels c0.., output tile at (y0, x0) of th x tw pixels.
+struct Block {
+  int64_t b, tile_y, tile_x;
+  int c0, y0, x0, th, tw;
+};
+
+__device__ __forceinline__ Block make_block(const DwConvParams& p, const Tiling& t) {
+  int64_t block = blockIdx.x;
+  Block blk;
+  blk.tile_x = block % t.tiles_x;
+  block /= t.tiles_x;
+  blk.tile_y = block % t.tiles_y;
+  block /= t.tiles_y;
+  blk.c0 = static_cast<int>(block % t.channel_blocks) * t.channels;
+  blk.b = block / t.channel_blocks;
+  blk.y0 = static_cast<int>(blk.tile_y) * t.tile_h;
+  blk.x0 = static_cast<int>(blk.tile_x) * t.tile_w;
+  blk.th = min(t.tile_h, static_cast<int>(p.height) - blk.y0);
+  blk.tw = min(t.tile_w, static_cast<int>(p.width) - blk.x0);
+  return blk;
+}
+
+// Copies the input tile with its halo into `tile` ([row][col][channel] of T), 0 outside the plane and for
+// channels >= C. Every thread of the block must call it.
+template <typename T>
+__device__ __forceinline__ void stage_tile(Bits<T>* tile, const void* data, const int64_t* strides,
+                                           const DwConvParams& p, const Tiling& t, const Block& blk) {
+  const Bits<T>* src = static_cast<const Bits<T>*>(data) + blk.b * strides[0];
+  const int sh = t.span_h(), sw = t.span_w(), cb = t.channels;
+  const int n = sh * sw * cb;
+  const auto load = [&](int row, int col, int c) {
+    const int64_t y = blk.y0 - t.halo + row, x = blk.x0 - t.halo + col, ch = blk.c0 + c;
+    const bool inside = y >= 0 && y < p.height && x >= 0 && x < p.width && ch < p.channels;
+    return inside ? src[ch * strides[1] + y * strides[2] + x * strides[3]] : Bits<T>(0);
+  };
+  if (t.channels_last) {
+#pragma unroll 8
+    for (int item = threadIdx.x; item < n; item += kThreads) {
+      const int c = item % cb, pixel = item / cb;
+      tile[item] = load(pixel / sw, pixel % sw, c);
+    }
+  } else {
+#pragma unroll 8
+    for (int item = threadIdx.x; item < n; item += kThreads) {
+      const int col = item % sw, rest = item / sw, row = rest % sh, c = rest / sh;
+      tile[(row * sw + col) * cb + c] = load(row, col, c);
+    }
+  }
+}
+
+// The output words of this thread: unit j is threadIdx.x + j * kThreads (while < count); every unit of a
+// thread has the same channel word (kThreads is a multiple of `words`).
+struct Units {
+  int count;            // units of this thread
+  int word;             // channel word of every unit
+  int centre[kUnits];   // word index of the unit's pixel and channel word in the staged tile
+};
+
+__device__ __forceinline__ Units make_units(const Tiling& t, const Block& blk) {
+  Units u;
+  const int total = blk.th * blk.tw * t.words;
+  u.count = total > static_cast<int>(threadIdx.x) ? (total - static_cast<int>(threadIdx.x) + kThreads - 1) / kThreads : 0;
+  u.word = static_cast<int>(threadIdx.x) % t.words;
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    const int pixel = (static_cast<int>(threadIdx.x) + j * kThreads) / t.words;
+    const int py = pixel / blk.tw, px = pixel % blk.tw;
+    u.centre[j] = ((py + t.halo) * t.span_w() + px + t.halo) * t.words + u.word;
+  }
+  return u;
+}
+
+// Element offset of unit j's channel c (of its word) in a tensor with `strides`, and whether it exists.
+__device__ __forceinline__ bool unit_offset(const DwConvParams& p, const Tiling& t, const Block& blk, const Units& u,
+                                            int j, int c, int per_word, const int64_t* strides, int64_t& offset) {
+  const int pixel = (static_cast<int>(threadIdx.x) + j * kThreads) / t.words;
+  const int64_t ch = blk.c0 + u.word * per_word + c;
+  offset = blk.b * strides[0] + ch * strides[1] + (blk.y0 + pixel / blk.tw) * strides[2] + (blk.x0 + pixel % blk.tw) * strides[3];
+  return ch < p.channels;
+}
+
+// conv_kernel: out = bias + sum_i sum_{ky,kx} weight[i, c, ky, kx] * x[y + s (ky - r) d_i, x + s (kx - r) d_i]
+// with s = 1, or s = -1 when `flip` (grad_x from grad_out: p.x = grad_out, p.out = grad_x, no bias).
+// Shared memory: the tile, then the block's weights as float [dilation][tap][channel] (taps reversed when
+// flip, which turns s = -1 into s = 1).
+template <typename T, int kK>
+__global__ void __launch_bounds__(kThreads) conv_kernel(const DwConvParams p, const Tiling t, const bool flip) {
+  constexpr int kPerWord = kWordChannels<T>, r = (kK - 1) / 2, kTaps = kK * kK;
+  extern __shared__ uint32_t smem_words[];
+  const Block blk = make_block(p, t);
+  auto* tile = reinterpret_cast<Bits<T>*>(smem_words);
+  float* weights = reinterpret_cast<float*>(smem_words + t.tile_bytes() / 4);
+  stage_tile<T>(tile, p.x, p.x_strides, p, t, blk);
+  const int n_weights = static_cast<int>(p.n_dilations) * kTaps * t.channels;
+  for (int item = threadIdx.x; item < n_weights; item += kThreads) {
+    const int c = item % t.channels, tap = item / t.channels % kTaps;
+    const int64_t i = item / t.channels / kTaps, ch = blk.c0 + c;
+    const int src_tap = flip ? kTaps - 1 - tap : tap;
+    weights[item] = ch < p.channels ? to_float(static_cast<const T*>(p.weight)[(i * p.channels + ch) * kTaps + src_tap]) : 0.f;
+  }
+  __syncthreads();
+
+  const Units u = make_units(t, blk);
+  float acc[kUnits][kPerWord];
+#pragma unroll
+  for (int c = 0; c < kPerWord; ++c) {
+    const int64_t ch = blk.c0 + u.word * kPerWord + c;
+    const float bias = p.bias != nullptr && ch < p.channels ? to_float(static_cast<const T*>(p.bias)[ch]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < kUnits; ++j) acc[j][c] = bias;
+  }
+  for (int64_t i = 0; i < p.n_dilations; ++i) {
+    const int d = static_cast<int>(p.dilations[i]);
+#pragma unroll
+    for (int ky = 0; ky < kK; ++ky) {
+      float w[kK][kPerWord];
+#pragma unroll
+      for (int kx = 0; kx < kK; ++kx) {
+#pragma unroll
+        for (int c = 0; c < kPerWord; ++c) w[kx][c] = weights[((i * kK + ky) * kK + kx) * t.channels + u.word * kPerWord + c];
+      }
+      const int row = (ky - r) * d * t.span_w();
+#pragma unroll
+      for (int j = 0; j < kUnits; ++j) {
+        if (j >= u.count) break;
+#pragma unroll
+        for (int kx = 0; kx < kK; ++kx) {
+          float v[kPerWord];
+          unpack_word(smem_words[u.centre[j] + (row + (kx - r) * d) * t.words], v, T{});
+#pragma unroll
+          for (int c = 0; c < kPerWord; ++c) acc[j][c] += w[kx][c] * v[c];
+        }
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    if (j >= u.count) break;
+#pragma unroll
+    for (int c = 0; c < kPerWord; ++c) {
+      int64_t offset;
+      if (unit_offset(p, t, blk, u, j, c, kPerWord, p.out_strides, offset)) out[offset] = from_float<T>(acc[j][c]);
+    }
+  }
+}
+
+// Sums v[n] over the threads of the block that share threadIdx.x % words (a power of 2 up to 32), in a fixed
+// order (a butterfly within each warp, then warps in order). Thread w * kN + n, for w < words, gets the sum of
+// value n of channel word w in `result`. Every thread must call it; `scratch` holds kWarps * 32 * kN floats.
+template <int kN>
+__device__ __forceinline__ bool reduce_over_pixels(float (&v)[kN], int words, float* scratch, float& result) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    for (int mask = 16; mask >= words; mask /= 2) v[n] += __shfl_xor_sync(0xffffffffu, v[n], mask);
+  }
+  if (lane < words) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) scratch[(warp * words + lane) * kN + n] = v[n];
+  }
+  __syncthreads();
+  const bool owner = static_cast<int>(threadIdx.x) < words * kN;
+  if (owner) {
+    const int w = threadIdx.x / kN, n = threadIdx.x % kN;
+    result = 0.f;
+    for (int wp = 0; wp < kWarps; ++wp) result += scratch[(wp * words + w) * kN + n];
+  }
+  __syncthreads();  // scratch is reused by the next call
+  return owner;
+}
+
+// Writes one row of `partials` per (b, tile) for the block's channels: p.x is x, its tile staged with the halo.
+template <typename T, int kK>
+__global__ void __launch_bounds__(kThreads) weight_grad_kernel(const DwConvBwdParams bp, const Tiling t, float* partials) {
+  constexpr int kPerWord = kWordChannels<T>, r = (kK - 1) / 2, kTaps = kK * kK;
+  extern __shared__ uint32_t smem_words[];
+  __shared__ float scratch[kWarps * 32 * kK];
+  const DwConvParams& p = bp.fwd;
+  const Block blk = make_block(p, t);
+  stage_tile<T>(reinterpret_cast<Bits<T>*>(smem_words), p.x, p.x_strides, p, t, blk);
+  const Units u = make_units(t, blk);
+  float g[kUnits][kPerWord];
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+#pragma unroll
+    for (int c = 0; c < kPerWord; ++c) {
+      int64_t offset;
+      const bool exists = j < u.count && unit_offset(p, t, blk, u, j, c, kPerWord, bp.grad_out_strides, offset);
+      g[j][c] = exists ? to_float(static_cast<const T*>(bp.grad_out)[offset]) : 0.f;
+    }
+  }
+  __syncthreads();
+
+  float* row = partials + ((blk.b * t.tiles_y + blk.tile_y) * t.tiles_x + blk.tile_x) * partial_row(p);
+  const int64_t bias_base = p.n_dilations * p.channels * kTaps;
+  {
+    float sums[kPerWord];
+#pragma unroll
+    for (int c = 0; c < kPerWord; ++c) {
+      sums[c] = 0.f;
+#pragma unroll
+      for (int j = 0; j < kUnits; ++j) sums[c] += g[j][c];
+    }
+    float result;
+    if (reduce_over_pixels(sums, t.words, scratch, result)) {
+      const int64_t ch = blk.c0 + static_cast<int64_t>(threadIdx.x);  // word w, channel c: w * kPerWord + c
+      if (ch < p.channels) row[bias_base + ch] = result;
+    }
+  }
+  for (int64_t i = 0; i < p.n_dilations; ++i) {
+    const int d = static_cast<int>(p.dilations[i]);
+#pragma unroll
+    for (int ky = 0; ky < kK; ++ky) {
+      float sums[kK * kPerWord];
+#pragma unroll
+      for (int n = 0; n < kK * kPerWord; ++n) sums[n] = 0.f;
+      const int rowoff = (ky - r) * d * t.span_w();
+#pragma unroll
+      for (int j = 0; j < kUnits; ++j) {
+        if (j >= u.count) break;
+#pragma unroll
+        for (int kx = 0; kx < kK; ++kx) {
+          float v[kPerWord];
+          unpack_word(smem_words[u.centre[j] + (rowoff + (kx - r) * d) * t.words], v, T{});
+#pragma unroll
+          for (int c = 0; c < kPerWord; ++c) sums[kx * kPerWord + c] += g[j][c] * v[c];
+        }
+      }
+      float result;
+      if (reduce_over_pixels(sums, t.words, scratch, result)) {
+        const int w = threadIdx.x / (kK * kPerWord), n = threadIdx.x % (kK * kPerWord);
+        const int kx = n / kPerWord, c = n % kPerWord;
+        const int64_t ch = blk.c0 + w * kPerWord + c;
+        if (ch < p.channels) row[(i * p.channels + ch) * kTaps + ky * kK + kx] = result;
+      }
+    }
+  }
+}
+
+// grad_weight and grad_bias: the sum of the partial rows, in row order. Thread per output element.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const DwConvBwdParams bp, const float* partials,
+                                                                 int64_t rows) {
+  const DwConvParams& p = bp.fwd;
+  const int64_t row_len = partial_row(p), n_weights = row_len - p.channels;
+  for (int64_t o = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; o < row_len;
+       o += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float sum = 0.f;
+    for (int64_t q = 0; q < rows; ++q) sum += partials[q * row_len + o];
+    if (o < n_weights) {
+      static_cast<T*>(bp.grad_weight)[o] = from_float<T>(sum);
+    } else if (bp.grad_bias != nullptr) {
+      static_cast<T*>(bp.grad_bias)[o - n_weights] = from_float<T>(sum);
+    }
+  }
+}
+
+// Direct path: thread per output element, taps read from global memory (zero padding), flipped when `flip`.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) direct_conv_kernel(const DwConvParams p, const bool flip) {
+  const int64_t k = p.kernel_size, r = (k - 1) / 2, sign = flip ? -1 : 1;
+  const int64_t total = p.batch * p.channels * p.height * p.width;
+  const T* x = static_cast<const T*>(p.x);
+  const T* weight = static_cast<const T*>(p.weight);
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t col = e % p.width, row = e / p.width % p.height, c = e / p.width / p.height % p.channels;
+    const int64_t b = e / p.width / p.height / p.channels;
+    float acc = p.bias != nullptr ? to_float(static_cast<const T*>(p.bias)[c]) : 0.f;
+    for (int64_t i = 0; i < p.n_dilations; ++i) {
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const int64_t y = row + sign * (ky - r) * p.dilations[i];
+        if (y < 0 || y >= p.height) continue;
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const int64_t xx = col + sign * (kx - r) * p.dilations[i];
+          if (xx < 0 || xx >= p.width) continue;
+          const float v = to_float(x[b * p.x_strides[0] + c * p.x_strides[1] + y * p.x_strides[2] + xx * p.x_strides[3]]);
+          acc += to_float(weight[((i * p.channels + c) * k + ky) * k + kx]) * v;
+        }
+      }
+    }
+    static_cast<T*>(p.out)[b * p.out_strides[0] + c * p.out_strides[1] + row * p.out_strides[2] + col * p.out_strides[3]] =
+        from_float<T>(acc);
+  }
+}
+
+// Direct path: block per element of partial_row() (weight taps, then bias), each summing over (b, y, x) in a
+// fixed order (thread-strided, then a tree over the block).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) direct_weight_grad_kernel(const DwConvBwdParams bp) {
+  __shared__ float scratch[kThreads];
+  const DwConvParams& p = bp.fwd;
+  const int64_t k = p.kernel_size, r = (k - 1) / 2, taps = k * k;
+  const int64_t o = blockIdx.x, n_weights = p.n_dilations * p.channels * taps;
+  const bool is_bias = o >= n_weights;
+  const int64_t c = is_bias ? o - n_weights : o / taps % p.channels;
+  const int64_t i = is_bias ? 0 : o / taps / p.channels, tap = o % taps;
+  const int64_t dy = is_bias ? 0 : (tap / k - r) * p.dilations[i], dx = is_bias ? 0 : (tap % k - r) * p.dilations[i];
+  const T* x = static_cast<const T*>(p.x);
+  const T* grad = static_cast<const T*>(bp.grad_out);
+  const int64_t *xs = p.x_strides, *gs = bp.grad_out_strides;
+  const int64_t plane = p.height * p.width;
+  float sum = 0.f;
+  for (int64_t e = threadIdx.x; e < p.batch * plane; e += kThreads) {
+    const int64_t b = e / plane, row = e % plane / p.width, col = e % p.width;
+    const float g = to_float(grad[b * gs[0] + c * gs[1] + row * gs[2] + col * gs[3]]);
+    if (is_bias) {
+      sum += g;
+      continue;
+    }
+    const int64_t y = row + dy, xx = col + dx;
+    if (y >= 0 && y < p.height && xx >= 0 && xx < p.width) {
+      sum += g * to_float(x[b * xs[0] + c * xs[1] + y * xs[2] + xx * xs[3]]);
+    }
+  }
+  scratch[threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (static_cast<int>(threadIdx.x) < half) scratch[threadIdx.x] += scratch[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x != 0) return;
+  if (!is_bias) {
+    static_cast<T*>(bp.grad_weight)[o] = from_float<T>(scratch[0]);
+  } else if (bp.grad_bias != nullptr) {
+    static_cast<T*>(bp.grad_bias)[c] = from_float<T>(scratch[0]);
+  }
+}
+
+// Calls f(std::integral_constant<int, k>{}) for the kernel size k in {3, 5, 7} (checked by the arguments).
+template <typename F>
+void kernel_size_switch(int64_t k, F&& f) {
+  switch (k) {
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 7>{}); break;
+  }
+}
+
+inline unsigned stride_grid(int64_t work) {
+  const int64_t blocks = ceil_div(work, kThreads), cap = static_cast<int64_t>(sm_count()) * 16;
+  return static_cast<unsigned>(blocks < cap ? blocks : cap);
+}
+
+// out = conv(x) (flip = false) or grad_x = conv^T(grad_out) (flip = true, p.x = grad_out, p.bias = nullptr).
+template <typename T>
+void launch_conv(const DwConvParams& p, bool flip, cudaStream_t stream) {
+  const Tiling t = plan(p, p.x_strides, sizeof(T));
+  if (!t.staged) {
+    direct_conv_kernel<T><<<stride_grid(p.batch * p.channels * p.height * p.width), kThreads, 0, stream>>>(p, flip);
+    check_launch("multi_dilation_dwconv2d (direct)");
+    return;
+  }
+  const size_t smem = t.tile_bytes() + t.weight_bytes(p);
+  const unsigned grid = grid_size(t.blocks(p.batch), "multi_dilation_dwconv2d");
+  kernel_size_switch(p.kernel_size, [&](auto k) {
+    allow_dynamic_smem(conv_kernel<T, decltype(k)::value>, smem);
+    conv_kernel<T, decltype(k)::value><<<grid, kThreads, smem, stream>>>(p, t, flip);
+  });
+  check_launch("multi_dilation_dwconv2d");
+}
+
+// grad_weight and grad_bias; `workspace` holds the partial rows (weight_grad_workspace_bytes).
+template <typename T>
+void launch_weight_grad(const DwConvBwdParams& bp, cudaStream_t stream) {
+  const DwConvParams& p = bp.fwd;
+  const Tiling t = plan(p, p.x_strides, sizeof(T));
+  if (!t.staged) {
+    direct_weight_grad_kernel<T><<<grid_size(partial_row(p), "multi_dilation_dwconv2d_backward"), kThreads, 0, stream>>>(bp);
+    check_launch("multi_dilation_dwconv2d_backward (direct weight gradient)");
+    return;
+  }
+  auto* partials = static_cast<float*>(bp.workspace);
+  const size_t smem = t.tile_bytes();
+  const unsigned grid = grid_size(t.blocks(p.batch), "multi_dilation_dwconv2d_backward");
+  kernel_size_switch(p.kernel_size, [&](auto k) {
+    allow_dynamic_smem(weight_grad_kernel<T, decltype(k)::value>, smem);
+    weight_grad_kernel<T, decltype(k)::value><<<grid, kThreads, smem, stream>>>(bp, t, partials);
+  });
+  check_launch("multi_dilation_dwconv2d_backward (weight gradient)");
+  reduce_partials_kernel<T><<<stride_grid(partial_row(p)), kThreads, 0, stream>>>(bp, partials, n_partials(p, t));
+  check_launch("multi_dilation_dwconv2d_backward (weight gradient sums)");
+}
+
+// Bytes of DwConvBwdParams::workspace: the partial rows of the staged weight gradient.
+inline size_t weight_grad_workspace_bytes(const DwConvParams& p, int elem_size) {
+  const Tiling t = plan(p, p.x_strides, elem_size);
+  return t.staged ? static_cast<size_t>(n_partials(p, t) * partial_row(p)) * 4 : 0;
+}
+
+}  // namespace mamba_adaptor::cuda::dwconv

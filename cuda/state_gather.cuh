@@ -1,0 +1,552 @@
+// state_gather (Adaptor-T) CUDA kernels, instantiated per direction and dtype in state_gather_{fwd,bwd}_*.cu.
+// Shapes: h, out, grad_out, grad_h (b, S, D, L) contiguous; offsets, weights (b, S, K, L) with any strides;
+// grad_offsets, grad_weights (b, S, K, L) contiguous. Sample k of position t reads h at p = t + offsets[k, t],
+// interpolated between lo = floor(p) and lo + 1 (the math is in state_gather.h).
+//
+// Staging: a block works on kRows rows (channels d) of one (b, s), kRows * sizeof(T) = 32 bytes, and copies a
+// window of positions of those rows into shared memory transposed, [position][row], so that one position of
+// all its rows is two 16-byte loads. The window is the whole row when L <= kMaxWindow (every sample then reads
+// shared memory), else a tile with a halo on each side; samples outside the window read global memory.
+//
+// Forward: block (b, s, row chunk, tile) stages h; thread per position t: residual + K samples, kRows rows.
+// Backward, with no float atomics, so it is bit-identical across runs whatever `deterministic` says:
+//   1. buckets_kernel, block per (b, s): the samples that touch a target (lo in [-1, L-1]) sorted by lo with
+//      a counting sort whose order is fixed (per-warp counts, an ordered scan, each warp filling its own
+//      slots in sample order): workspace entries (t, c0, c1) and bucket starts. Shared by all D channels.
+//   2. grad_h_kernel, block (b, s, row chunk, tile) staging grad_out; thread per target i: grad_out[i] if
+//      residual, + c0 * grad_out[t] over bucket lo = i, + c1 * grad_out[t] over bucket lo = i - 1.
+//   3. grad_points_kernel, block (b, s, tile of kThreads positions) looping over every row chunk, staging h
+//      with a halo; thread per position t sums over D in a fixed order: grad_weights and grad_offsets.
+// Index arithmetic: positions are int (L <= 2^24, checked at registration); row and element offsets int64.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common.cuh"
+#include "state_gather.h"
+
+namespace mamba_adaptor::cuda::state_gather {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPositionBytes = 32;           // staged bytes per position: kRows rows of T
+constexpr int kMaxWindow = 3584;             // positions: 112 KiB of shared memory, two blocks per SM
+constexpr int kTile = 2048, kHalo = 768;     // rows longer than kMaxWindow: kTile + 2 * kHalo == kMaxWindow
+constexpr int kPointsTile = kThreads;        // grad_points_kernel: one position per thread ...
+constexpr int kPointsHalo = 128;             // ... and this halo each side
+constexpr int kPointGroup = 4;               // points k per pass of grad_points_kernel (registers)
+constexpr int kCursorSmem = 112 * 1024;      // buckets_kernel keeps its per-warp cursors in shared memory up to this
+
+template <typename T>
+struct Staged {
+  static constexpr int kRows = kPositionBytes / static_cast<int>(sizeof(T));  // 8 for float, 16 for 16-bit
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));               // elements per 16-byte load
+  using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;         // T's bits in shared memory
+};
+
+// Tiles of `tile` positions along L, each staged with `halo` positions on each side.
+struct Tiling {
+  int tile, halo, n_tiles;
+};
+
+inline Tiling row_tiling(int64_t L) {
+  if (L <= kMaxWindow) return {static_cast<int>(L), 0, 1};
+  return {kTile, kHalo, static_cast<int>(ceil_div(L, kTile))};
+}
+
+inline Tiling points_tiling(int64_t L) { return {kPointsTile, kPointsHalo, static_cast<int>(ceil_div(L, kPointsTile))}; }
+
+inline size_t window_bytes(const Tiling& tiling, int64_t L) {
+  return static_cast<size_t>(std::min<int64_t>(L, tiling.tile + 2 * tiling.halo)) * kPositionBytes;
+}
+
+// Whether rows of `data` can be staged with 16-byte loads: every window starts at a multiple of kVec
+// positions (tiles and halos are multiples of 8), so rows must too and the data must be 16-byte aligned.
+template <typename T>
+bool vector_staging(const void* data, int64_t L) {
+  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && L % Staged<T>::kVec == 0;
+}
+
+// The workspace of the backward: per (b, s), the bucket entries and starts (and the per-warp cursors when
+// they do not fit in shared memory). Offsets in bytes, each 256-byte aligned.
+struct BucketLayout {
+  int64_t entry_t, entry_c, starts, cursors, total;
+  bool cursors_in_smem;
+};
+
+inline BucketLayout bucket_layout(const StateGatherParams& p) {
+  const auto align = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+  const int64_t segments = p.batch * p.n_seq, entries = p.n_points * p.seqlen, buckets = p.seqlen + 1;
+  BucketLayout layout{};
+  layout.cursors_in_smem = kWarps * buckets * 4 <= kCursorSmem;
+  layout.entry_t = 0;
+  layout.entry_c = align(segments * entries * 4);
+  layout.starts = layout.entry_c + align(segments * entries * 8);
+  layout.cursors = layout.starts + align(segments * (buckets + 1) * 4);
+  layout.total = layout.cursors + (layout.cursors_in_smem ? 0 : align(segments * kWarps * buckets * 4));
+  return layout;
+}
+
+// One sample: neighbours lo and lo + 1 of p = t + offset, each valid inside [0, L-1]; the forward adds
+// c0 * h[lo] + c1 * h[lo + 1]. A non-finite p makes frac, c0 and c1 NaN and both neighbours invalid, so it
+// is never used as an index and the output is NaN (NaN * 0).
+struct Sample {
+  int lo;  // an index only where ok0 or ok1
+  bool ok0, ok1;
+  float frac, weight, c0, c1;
+};
+
+__device__ __forceinline__ Sample make_sample(int t, float offset, float weight, int L) {
+  const float p = static_cast<float>(t) + offset;
+  const float lo = floorf(p);
+  Sample s;
+  s.frac = p - lo;
+  s.weight = weight;
+  s.c0 = weight * (1.f - s.frac);
+  s.c1 = weight * s.frac;
+  // Comparisons are false for NaN; L - 1 and L - 2 are exact in float32 since L <= 2^24.
+  s.ok0 = lo >= 0.f && lo <= static_cast<float>(L - 1);
+  s.ok1 = lo >= -1.f && lo <= static_cast<float>(L - 2);
+  s.lo = s.ok0 || s.ok1 ? static_cast<int>(lo) : 0;
+  return s;
+}
+
+// Block decomposition shared by the kernels: a (b, s) segment, a chunk of rows in it, a tile of positions.
+struct Block {
+  int64_t segment;  // b * S + s
+  int64_t row0;     // first row (b, s, d) of the chunk, in units of rows of L
+  int n_rows;       // rows of the chunk that exist (the last chunk of D may be short)
+  int t0, t1;       // the tile: positions t0 <= t < t1
+  int w0, w1;       // the staged window: positions w0 <= i < w1, a superset of the tile
+};
+
+__device__ __forceinline__ Block make_block(int64_t segment, int64_t chunk, int tile, const StateGatherParams& p,
+                                            const Tiling& tiling, int rows_per_chunk) {
+  const int L = static_cast<int>(p.seqlen);
+  Block blk;
+  blk.segment = segment;
+  blk.row0 = segment * p.dim + chunk * rows_per_chunk;
+  const int64_t rows_left = p.dim - chunk * rows_per_chunk;
+  blk.n_rows = rows_left < rows_per_chunk ? static_cast<int>(rows_left) : rows_per_chunk;
+  blk.t0 = tile * tiling.tile;
+  blk.t1 = min(L, blk.t0 + tiling.tile);
+  blk.w0 = max(0, blk.t0 - tiling.halo);
+  blk.w1 = min(L, blk.t1 + tiling.halo);
+  return blk;
+}
+
+// Copies positions [w0, w1) of rows [0, n_rows) of the row-major (rows, L) array `src` into `window`, laid out
+// [position - w0][kRows]; rows n_rows..kRows-1 read 0. Every thread of the block must call it.
+template <typename T, bool kVectorStage>
+__device__ __forceinline__ void stage_window(typename Staged<T>::Bits* window, const T* src, int64_t L, int n_rows,
+                                             int w0, int w1) {
+  using Bits = typename Staged<T>::Bits;
+  constexpr int R = Staged<T>::kRows;
+  const Bits* rows = reinterpret_cast<const Bits*>(src);
+  const int n = w1 - w0;
+  if constexpr (kVectorStage) {
+    // Lane (group g, row r) of a warp loads kVec positions of row r (g = lane / R; a warp covers 32 / R chunks
+    // of kVec positions) and stores its element (j + g) % kVec at step j: without the rotation the groups of
+    // a warp would write the same banks (positions kVec apart are 32 * kVec bytes apart).
+    constexpr int V = Staged<T>::kVec;
+    constexpr int G = 32 / R;
+    const int items = n / V * R;  // n is a multiple of V (vector_staging)
+#pragma unroll 4
+    for (int item = threadIdx.x; item < items; item += kThreads) {
+      const int r = item % R, chunk = item / R, g = chunk % G;
+      uint4 u = make_uint4(0, 0, 0, 0);
+      if (r < n_rows) u = __ldg(reinterpret_cast<const uint4*>(rows + r * L + w0 + chunk * V));
+      const uint32_t words[4] = {u.x, u.y, u.z, u.w};
+      Bits e[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if constexpr (sizeof(Bits) == 4) {
+          e[j] = words[j];
+        } else {
+          e[j] = static_cast<Bits>(words[j / 2] >> (16 * (j % 2)));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        Bits value = e[j];
+#pragma unroll
+        for (int rot = 1; rot < G; ++rot) {
+          if (g == rot) value = e[(j + rot) % V];
+        }
+        window[(chunk * V + (j + g) % V) * R + r] = value;
+      }
+    }
+  } else {
+    // Lanes along positions: coalesced global reads (the stores into the transposed layout conflict).
+#pragma unroll 8
+    for (int item = threadIdx.x; item < n * R; item += kThreads) {
+      const int i = item % n, r = item / n;
+      window[i * R + r] = r < n_rows ? rows[r * L + w0 + i] : Bits(0);
+    }
+  }
+}
+
+// The kRows values of staged position i (relative to the window start).
+template <typename T>
+__device__ __forceinline__ void read_staged(const typename Staged<T>::Bits* window, int i,
+                                            float (&v)[Staged<T>::kRows]) {
+  constexpr int kPerWord = 4 / sizeof(T);
+  const uint4* src = reinterpret_cast<const uint4*>(window) + 2 * i;
+  // Reading the half (i >> 2) & 1 first puts 8 consecutive positions of a quarter warp in 8 different bank
+  // quads (16-byte chunk 2i + ((i >> 2) & 1) mod 8 takes every value): no conflict for nearby positions.
+  const int first = (i >> 2) & 1;
+  const uint4 a = src[first], b = src[first ^ 1];
+  const uint4 lo = first ? b : a, hi = first ? a : b;
+  const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+  for (int w = 0; w < 8; ++w) unpack_word(words[w], v + w * kPerWord, T{});
+}
+
+// The kRows values at position i of the chunk: 0 where !valid, from the window when staged, else from the
+// global rows (row r at rows[r * L + i], rows n_rows.. read 0).
+template <typename T>
+__device__ __forceinline__ void read_position(const typename Staged<T>::Bits* window, const Block& blk,
+                                              const T* rows, int64_t L, bool valid, int i,
+                                              float (&v)[Staged<T>::kRows]) {
+  constexpr int R = Staged<T>::kRows;
+  if (valid && i >= blk.w0 && i < blk.w1) {
+    read_staged<T>(window, i - blk.w0, v);
+    return;
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) v[r] = valid && r < blk.n_rows ? to_float(rows[r * L + i]) : 0.f;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_rows(T* rows, int64_t L, int n_rows, int t, const float (&v)[Staged<T>::kRows]) {
+#pragma unroll
+  for (int r = 0; r < Staged<T>::kRows; ++r) {
+    if (r < n_rows) rows[r * L + t] = from_float<T>(v[r]);
+  }
+}
+
+// Blocks: segment-major, then row chunk, then tile.
+template <typename T, bool kVectorStage>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p, const Tiling tiling) {
+  using S = Staged<T>;
+  constexpr int R = S::kRows;
+  extern __shared__ uint4 smem[];
+  auto* window = reinterpret_cast<typename S::Bits*>(smem);
+  const int L = static_cast<int>(p.seqlen);
+  const int64_t n_chunks = (p.dim + R - 1) / R;
+  const int64_t block = blockIdx.x;
+  const Block blk = make_block(block / tiling.n_tiles / n_chunks, block / tiling.n_tiles % n_chunks,
+                               static_cast<int>(block % tiling.n_tiles), p, tiling, R);
+  const T* h = static_cast<const T*>(p.h) + blk.row0 * p.seqlen;
+  stage_window<T, kVectorStage>(window, h, p.seqlen, blk.n_rows, blk.w0, blk.w1);
+  __syncthreads();
+
+  const int64_t b = blk.segment / p.n_seq, s = blk.segment % p.n_seq;
+  const int64_t *os = p.offsets_strides, *ws = p.weights_strides;
+  const T* offsets = static_cast<const T*>(p.offsets) + b * os[0] + s * os[1];
+  const T* weights = static_cast<const T*>(p.weights) + b * ws[0] + s * ws[1];
+  T* out = static_cast<T*>(p.out) + blk.row0 * p.seqlen;
+  for (int t = blk.t0 + threadIdx.x; t < blk.t1; t += kThreads) {
+    float acc[R];
+    if (p.residual) {
+      read_staged<T>(window, t - blk.w0, acc);
+    } else {
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    }
+    for (int64_t k = 0; k < p.n_points; ++k) {
+      const Sample smp = make_sample(t, to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]), L);
+      float v0[R], v1[R];
+      read_position<T>(window, blk, h, p.seqlen, smp.ok0, smp.lo, v0);
+      read_position<T>(window, blk, h, p.seqlen, smp.ok1, smp.lo + 1, v1);
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += smp.c0 * v0[r] + smp.c1 * v1[r];
+    }
+    store_rows<T>(out, p.seqlen, blk.n_rows, t, acc);
+  }
+}
+
+// Exclusive prefix sum of `value` over the block's threads (in thread order); `total` gets the block's sum.
+// Every thread must call it; `scratch` holds kWarps ints.
+__device__ __forceinline__ int block_exclusive_scan(int value, int* scratch, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inclusive = value;
+#pragma unroll
+  for (int delta = 1; delta < 32; delta *= 2) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, delta);
+    if (lane >= delta) inclusive += other;
+  }
+  if (lane == 31) scratch[warp] = inclusive;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) before += scratch[w];
+    total += scratch[w];
+  }
+  __syncthreads();  // scratch is reused by the next call
+  return before + inclusive - value;
+}
+
+// Block per segment (b, s). Sample e = k * L + t; warp w owns samples [w * per_warp, (w + 1) * per_warp).
+// Bucket j = lo + 1 in [0, L] holds the samples with that lo; its entries are ordered by warp, then by
+// sample, so the layout is a function of the offsets alone.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherParams p, const BucketLayout layout,
+                                                         char* workspace) {
+  extern __shared__ uint4 smem[];
+  __shared__ int scratch[kWarps];
+  const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen), buckets = L + 1;
+  const int64_t segment = blockIdx.x, b = segment / p.n_seq, s = segment % p.n_seq;
+  int* entry_t = reinterpret_cast<int*>(workspace + layout.entry_t) + segment * n;
+  float2* entry_c = reinterpret_cast<float2*>(workspace + layout.entry_c) + segment * n;
+  int* starts = reinterpret_cast<int*>(workspace + layout.starts) + segment * (buckets + 1);
+  int* counts = layout.cursors_in_smem ? reinterpret_cast<int*>(smem)
+                                       : reinterpret_cast<int*>(workspace + layout.cursors) + segment * kWarps * buckets;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int* my_counts = counts + warp * buckets;
+  const int per_warp = ((n + kWarps - 1) / kWarps + 31) / 32 * 32;
+  const int e_begin = min(n, warp * per_warp), e_end = min(n, e_begin + per_warp);
+  const int64_t *os = p.offsets_strides, *ws = p.weights_strides;
+  const T* offsets = static_cast<const T*>(p.offsets) + b * os[0] + s * os[1];
+  const T* weights = static_cast<const T*>(p.weights) + b * ws[0] + s * ws[1];
+  // The bucket of sample e (lanes past e_end and samples touching no target get -1 - lane: a key of their own).
+  const auto sample_at = [&](int e, Sample& smp) {
+    if (e >= e_end) return -1 - lane;
+    const int k = e / L, t = e % L;
+    smp = make_sample(t, to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]), L);
+    return smp.ok0 || smp.ok1 ? smp.lo + 1 : -1 - lane;
+  };
+
+  for (int j = threadIdx.x; j < kWarps * buckets; j += kThreads) counts[j] = 0;
+  __syncthreads();
+  for (int e0 = e_begin; e0 < e_end; e0 += 32) {
+    Sample smp;
+    const int bucket = sample_at(e0 + lane, smp);
+    const unsigned peers = __match_any_sync(0xffffffffu, bucket);
+    if (bucket >= 0 && lane == __ffs(peers) - 1) my_counts[bucket] += __popc(peers);
+    __syncwarp();
+  }
+  __syncthreads();
+
+  // starts[j] = samples in buckets < j; the cursor of warp w in bucket j = starts[j] + its count in warps < w.
+  int carry = 0;
+  for (int j0 = 0; j0 < buckets; j0 += kThreads) {
+    const int j = j0 + threadIdx.x;
+    int in_bucket = 0;
+    if (j < buckets) {
+      for (int w = 0; w < kWarps; ++w) {
+        const int c = counts[w * buckets + j];
+        counts[w * buckets + j] = in_bucket;
+        in_bucket += c;
+      }
+    }
+    int chunk_total;
+    const int start = carry + block_exclusive_scan(in_bucket, scratch, chunk_total);
+    if (j < buckets) {
+      starts[j] = start;
+      for (int w = 0; w < kWarps; ++w) counts[w * buckets + j] += start;
+    }
+    carry += chunk_total;
+  }
+  if (threadIdx.x == 0) starts[buckets] = carry;
+  __syncthreads();
+
+  for (int e0 = e_begin; e0 < e_end; e0 += 32) {
+    Sample smp;
+    const int e = e0 + lane;
+    const int bucket = sample_at(e, smp);
+    const unsigned peers = __match_any_sync(0xffffffffu, bucket);
+    const int slot = bucket >= 0 ? my_counts[bucket] + __popc(peers & ((1u << lane) - 1)) : 0;
+    __syncwarp();  // every peer has read the cursor before its leader moves it
+    if (bucket >= 0) {
+      if (lane == __ffs(peers) - 1) my_counts[bucket] += __popc(peers);
+      entry_t[slot] = e % L;
+      entry_c[slot] = make_float2(smp.c0, smp.c1);
+    }
+    __syncwarp();
+  }
+}
+
+template <typename T, bool kVectorStage>
+__global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdParams bp, const Tiling tiling,
+                                                        const BucketLayout layout, const char* workspace) {
+  using S = Staged<T>;
+  constexpr int R = S::kRows;
+  extern __shared__ uint4 smem[];
+  auto* window = reinterpret_cast<typename S::Bits*>(smem);
+  const StateGatherParams& p = bp.fwd;
+  const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen);
+  const int64_t n_chunks = (p.dim + R - 1) / R;
+  const int64_t block = blockIdx.x;
+  const Block blk = make_block(block / tiling.n_tiles / n_chunks, block / tiling.n_tiles % n_chunks,
+                               static_cast<int>(block % tiling.n_tiles), p, tiling, R);
+  const T* grad = static_cast<const T*>(bp.grad_out) + blk.row0 * p.seqlen;
+  stage_window<T, kVectorStage>(window, grad, p.seqlen, blk.n_rows, blk.w0, blk.w1);
+  __syncthreads();
+
+  const int* entry_t = reinterpret_cast<const int*>(workspace + layout.entry_t) + blk.segment * n;
+  const float2* entry_c = reinterpret_cast<const float2*>(workspace + layout.entry_c) + blk.segment * n;
+  const int* starts = reinterpret_cast<const int*>(workspace + layout.starts) + blk.segment * (L + 2);
+  T* grad_h = static_cast<T*>(bp.grad_h) + blk.row0 * p.seqlen;
+  for (int i = blk.t0 + threadIdx.x; i < blk.t1; i += kThreads) {
+    float acc[R], g[R];
+    if (p.residual) {
+      read_staged<T>(window, i - blk.w0, acc);
+    } else {
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    }
+    // Bucket i + 1 (lo = i) reaches i through c0, bucket i (lo = i - 1) through c1.
+    const int below = starts[i], mid = starts[i + 1], above = starts[i + 2];
+    for (int e = mid; e < above; ++e) {
+      const float c0 = entry_c[e].x;
+      read_position<T>(window, blk, grad, p.seqlen, true, entry_t[e], g);
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += c0 * g[r];
+    }
+    for (int e = below; e < mid; ++e) {
+      const float c1 = entry_c[e].y;
+      read_position<T>(window, blk, grad, p.seqlen, true, entry_t[e], g);
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += c1 * g[r];
+    }
+    store_rows<T>(grad_h, p.seqlen, blk.n_rows, i, acc);
+  }
+}
+
+// Blocks: segment-major, then tile (kPointsTile positions, one per thread). For each group of kPointGroup
+// points the block walks every row chunk of D in order, so each sum over D has a fixed order.
+template <typename T, bool kVectorStage>
+__global__ void __launch_bounds__(kThreads) grad_points_kernel(const StateGatherBwdParams bp, const Tiling tiling) {
+  using S = Staged<T>;
+  constexpr int R = S::kRows;
+  extern __shared__ uint4 smem[];
+  auto* window = reinterpret_cast<typename S::Bits*>(smem);
+  const StateGatherParams& p = bp.fwd;
+  const int L = static_cast<int>(p.seqlen);
+  const int64_t n_chunks = (p.dim + R - 1) / R;
+  const int64_t segment = blockIdx.x / tiling.n_tiles, b = segment / p.n_seq, s = segment % p.n_seq;
+  const int tile = static_cast<int>(blockIdx.x % tiling.n_tiles);
+  const int t = tile * tiling.tile + static_cast<int>(threadIdx.x);
+  const bool active = t < L;
+  const int64_t *os = p.offsets_strides, *ws = p.weights_strides;
+  const T* offsets = static_cast<const T*>(p.offsets) + b * os[0] + s * os[1];
+  const T* weights = static_cast<const T*>(p.weights) + b * ws[0] + s * ws[1];
+  T* grad_offsets = static_cast<T*>(bp.grad_offsets) + segment * p.n_points * p.seqlen;
+  T* grad_weights = static_cast<T*>(bp.grad_weights) + segment * p.n_points * p.seqlen;
+
+  for (int64_t k0 = 0; k0 < p.n_points; k0 += kPointGroup) {
+    Sample smp[kPointGroup];
+    float dweight[kPointGroup], dpos[kPointGroup];
+#pragma unroll
+    for (int j = 0; j < kPointGroup; ++j) {
+      const int64_t k = k0 + j;
+      smp[j] = active && k < p.n_points
+                   ? make_sample(t, to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]), L)
+                   : make_sample(0, 0.f, 0.f, L);
+      dweight[j] = dpos[j] = 0.f;
+    }
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      const Block blk = make_block(segment, chunk, tile, p, tiling, R);
+      const T* h = static_cast<const T*>(p.h) + blk.row0 * p.seqlen;
+      __syncthreads();  // the previous chunk's window is no longer read
+      stage_window<T, kVectorStage>(window, h, p.seqlen, blk.n_rows, blk.w0, blk.w1);
+      __syncthreads();
+      if (!active) continue;
+      float g[R];
+      const T* grad = static_cast<const T*>(bp.grad_out) + blk.row0 * p.seqlen;
+#pragma unroll
+      for (int r = 0; r < R; ++r) g[r] = r < blk.n_rows ? to_float(grad[r * p.seqlen + t]) : 0.f;
+#pragma unroll
+      for (int j = 0; j < kPointGroup; ++j) {
+        if (k0 + j >= p.n_points) break;
+        float v0[R], v1[R];
+        read_position<T>(window, blk, h, p.seqlen, smp[j].ok0, smp[j].lo, v0);
+        read_position<T>(window, blk, h, p.seqlen, smp[j].ok1, smp[j].lo + 1, v1);
+        float sum_w = 0.f, sum_p = 0.f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          sum_w += g[r] * ((1.f - smp[j].frac) * v0[r] + smp[j].frac * v1[r]);
+          sum_p += g[r] * (v1[r] - v0[r]);
+        }
+        dweight[j] += sum_w;
+        dpos[j] += sum_p;
+      }
+    }
+    if (!active) continue;
+#pragma unroll
+    for (int j = 0; j < kPointGroup; ++j) {
+      const int64_t k = k0 + j;
+      if (k >= p.n_points) break;
+      grad_weights[k * p.seqlen + t] = from_float<T>(dweight[j]);
+      grad_offsets[k * p.seqlen + t] = from_float<T>(smp[j].weight * dpos[j]);
+    }
+  }
+}
+
+// Host launchers, instantiated per dtype in state_gather_{fwd,bwd}_<dtype>.cu.
+template <typename T>
+void launch_fwd(const StateGatherParams& p, cudaStream_t stream) {
+  const Tiling tiling = row_tiling(p.seqlen);
+  const size_t smem = window_bytes(tiling, p.seqlen);
+  const unsigned grid = grid_size(p.batch * p.n_seq * ceil_div(p.dim, Staged<T>::kRows) * tiling.n_tiles, "state_gather");
+  const auto launch = [&](auto kernel) {
+    allow_dynamic_smem(kernel, smem);
+    kernel<<<grid, kThreads, smem, stream>>>(p, tiling);
+  };
+  if (vector_staging<T>(p.h, p.seqlen)) {
+    launch(fwd_kernel<T, true>);
+  } else {
+    launch(fwd_kernel<T, false>);
+  }
+  check_launch("state_gather forward");
+}
+
+template <typename T>
+void launch_bwd(const StateGatherBwdParams& bp, cudaStream_t stream) {
+  const StateGatherParams& p = bp.fwd;
+  const bool vector = vector_staging<T>(p.h, p.seqlen) && vector_staging<T>(bp.grad_out, p.seqlen);
+  const int64_t segments = p.batch * p.n_seq;
+
+  const Tiling points = points_tiling(p.seqlen);
+  const size_t points_smem = window_bytes(points, p.seqlen);
+  const unsigned points_grid = grid_size(segments * points.n_tiles, "state_gather backward");
+  const auto launch_points = [&](auto kernel) {
+    allow_dynamic_smem(kernel, points_smem);
+    kernel<<<points_grid, kThreads, points_smem, stream>>>(bp, points);
+  };
+  if (vector) {
+    launch_points(grad_points_kernel<T, true>);
+  } else {
+    launch_points(grad_points_kernel<T, false>);
+  }
+  check_launch("state_gather backward (grad_offsets, grad_weights)");
+  if (p.dim == 0) return;  // grad_h is empty
+
+  const BucketLayout layout = bucket_layout(p);
+  char* workspace = static_cast<char*>(bp.workspace);
+  const size_t cursor_smem = layout.cursors_in_smem ? static_cast<size_t>(kWarps) * (p.seqlen + 1) * 4 : 0;
+  allow_dynamic_smem(buckets_kernel<T>, cursor_smem);
+  buckets_kernel<T><<<grid_size(segments, "state_gather backward"), kThreads, cursor_smem, stream>>>(p, layout, workspace);
+  check_launch("state_gather backward (buckets)");
+
+  const Tiling rows = row_tiling(p.seqlen);
+  const size_t rows_smem = window_bytes(rows, p.seqlen);
+  const unsigned rows_grid = grid_size(segments * ceil_div(p.dim, Staged<T>::kRows) * rows.n_tiles, "state_gather backward");
+  const auto launch_grad_h = [&](auto kernel) {
+    allow_dynamic_smem(kernel, rows_smem);
+    kernel<<<rows_grid, kThreads, rows_smem, stream>>>(bp, rows, layout, workspace);
+  };
+  if (vector) {
+    launch_grad_h(grad_h_kernel<T, true>);
+  } else {
+    launch_grad_h(grad_h_kernel<T, false>);
+  }
+  check_launch("state_gather backward (grad_h)");
+}
+
+}  // namespace mamba_adaptor::cuda::state_gather

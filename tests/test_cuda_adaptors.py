@@ -1,0 +1,263 @@
+"""CUDA-only checks of state_gather (Adaptor-T) and multi_dilation_dwconv2d (Adaptor-S) beyond the shared
+device-parametrised tests: the deterministic backward, float64 refusal, > 2^31-element tensors, the tiled and
+direct kernel paths, channels_last with odd C, a non-default stream and torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mamba_adaptor_ops as mao
+from helpers import check_against_reference
+from mamba_adaptor_ops import reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def gather_inputs(b, S, D, L, K, dtype=torch.float32, spread=4.0, seed=0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to("cuda", dtype)
+
+    offsets = rand(b, S, K, L, scale=spread)
+    offsets.view(-1)[::7] = offsets.view(-1)[::7].round()
+    return dict(h=rand(b, S, D, L), offsets=offsets, weights=torch.softmax(rand(b, S, K, L), dim=2))
+
+
+def conv_inputs(b, C, H, W, k=3, n_dilations=2, dtype=torch.float32, bias=True, seed=0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to("cuda", dtype)
+
+    return dict(x=randn(b, C, H, W), weight=randn(n_dilations, C, k, k) / k, bias=randn(C) if bias else None)
+
+
+def grad_like(x: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [3136, 5000])  # one staged row; tiles with halos (L > 3584)
+def test_gather_deterministic_backward_is_bit_identical(dtype, L):
+    inputs = gather_inputs(2, 4, 40, L, 4, dtype, spread=3.0)
+    grad = torch.randn(inputs["h"].shape, device="cuda", dtype=dtype)
+    backward = torch.ops.mamba_adaptor.state_gather_backward
+    runs = [backward(grad, *inputs.values(), True, True) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    for a, b in zip(runs[0], backward(grad, *inputs.values(), True, False)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "b,S,D,L,K,spread",
+    [
+        (1, 2, 17, 3137, 3, 6.0),  # odd L: the unaligned staging path; a short last row chunk
+        (1, 1, 9, 5000, 2, 900.0),  # tiles with halos, many samples outside the staged window
+        (2, 1, 3, 40, 9, 30.0),  # more points than one register group of the grad_offsets kernel
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gather_kernel_paths(b, S, D, L, K, spread, dtype):
+    inputs = gather_inputs(b, S, D, L, K, dtype, spread=spread)
+    check_against_reference(mao.state_gather, reference.state_gather, inputs, grad_like(inputs["h"]), dtype)
+
+
+def test_float64_on_cuda_raises_a_clear_error():
+    inputs = {k: v.double() for k, v in gather_inputs(1, 1, 2, 5, 1).items()}
+    message = r"float64 runs on the CPU only; use float32, float16 or bfloat16 on CUDA"
+    with pytest.raises(RuntimeError, match=r"state_gather: " + message):
+        mao.state_gather(**inputs)
+    with pytest.raises(RuntimeError, match=r"state_gather_backward: " + message):
+        torch.ops.mamba_adaptor.state_gather_backward(inputs["h"], *inputs.values(), True, False)
+    conv = {k: v.double() for k, v in conv_inputs(1, 2, 4, 4).items()}
+    with pytest.raises(RuntimeError, match=r"multi_dilation_dwconv2d: " + message):
+        mao.multi_dilation_dwconv2d(**conv)
+    with pytest.raises(RuntimeError, match=r"multi_dilation_dwconv2d_backward: " + message):
+        torch.ops.mamba_adaptor.multi_dilation_dwconv2d_backward(conv["x"], *conv.values(), [1, 2])
+
+
+def test_gather_more_than_2_pow_31_elements():
+    """h with > 2^31 elements (L = 2^24 - 1, the longest CUDA row): forward and backward checked at samples.
+    Positions are float32 like the reference's, so the expected values round them the same way."""
+    D, L, K = 129, 2**24 - 1, 2
+    assert D * L > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(1, 1, D, L, device="cuda", dtype=torch.bfloat16, generator=gen)
+    shifts = torch.tensor(
+        [-2.75, 1.25], device="cuda"
+    )  # one constant shift per point: grad_h is easy to invert
+    offsets = shifts.view(1, 1, K, 1).expand(1, 1, K, L).to(torch.bfloat16)
+    weights = torch.rand(1, 1, K, L, device="cuda", generator=gen).to(torch.bfloat16)
+    rows = torch.tensor([0, 64, 128], device="cuda")
+    t = torch.cat(
+        [
+            torch.randint(0, L, (500,), device="cuda", generator=gen),
+            torch.tensor([0, 1, L - 2, L - 1], device="cuda"),
+        ]
+    )
+
+    def interp(row: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # float64 values at float32 positions
+        lo = torch.floor(pos)
+        frac = (pos - lo).double()
+        out = torch.zeros(pos.shape, dtype=torch.float64, device="cuda")
+        for index, coef in ((lo, 1 - frac), (lo + 1, frac)):
+            valid = (index >= 0) & (index <= L - 1)
+            out += torch.where(valid, coef * row[..., index.long().clamp(0, L - 1)].double(), 0.0)
+        return out
+
+    out = mao.state_gather(h, offsets, weights)
+    pos = t.float() + offsets[0, 0, :, t].float()  # (K, n)
+    w = weights[0, 0, :, t].double()
+    for d in rows.tolist():
+        expected = h[0, 0, d, t].double() + (w * interp(h[0, 0, d], pos)).sum(0)
+        torch.testing.assert_close(out[0, 0, d, t].double(), expected, atol=0.05, rtol=0.02)
+    del out
+
+    grad = torch.randn(1, 1, D, L, device="cuda", dtype=torch.bfloat16, generator=gen)
+    grad_h, grad_offsets, grad_weights = torch.ops.mamba_adaptor.state_gather_backward(
+        grad, h, offsets, weights, True, True
+    )
+    g = grad[0, 0, :, t].double()  # (D, n)
+    for k in range(K):
+        v = interp(h[0, 0], pos[k])  # (D, n)
+        torch.testing.assert_close(grad_weights[0, 0, k, t].double(), (g * v).sum(0), atol=0.3, rtol=0.02)
+    # Targets below 2^20, where t + shift is exact: sources t - floor(shift) (coef 1 - frac), t - floor(shift) - 1 (frac).
+    i = t[t < 2**20]
+    expected = grad[0, 0, :, i].double()
+    for k, shift in enumerate(shifts.tolist()):
+        lo = math.floor(shift)
+        frac = shift - lo
+        for src, coef in ((i - lo, 1 - frac), (i - lo - 1, frac)):
+            valid = (src >= 0) & (src < L)
+            s = src.clamp(0, L - 1)
+            expected += torch.where(
+                valid, coef * weights[0, 0, k, s].double() * grad[0, 0, :, s].double(), 0.0
+            )
+    torch.testing.assert_close(grad_h[0, 0, :, i].double(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [7, 37])  # odd channel counts: a partial channel word and block
+def test_conv_channels_last_odd_channels(dtype, C):
+    inputs = conv_inputs(2, C, 19, 23, dtype=dtype)
+    inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+    check_against_reference(
+        mao.multi_dilation_dwconv2d,
+        reference.multi_dilation_dwconv2d,
+        inputs,
+        grad_like(inputs["x"]),
+        dtype,
+        dilations=(1, 2),
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_large_plane(channels_last):
+    """A plane of many tiles (partial tiles at both edges), fwd and bwd against the reference."""
+    inputs = conv_inputs(1, 5, 1500, 1700, k=5, n_dilations=3, dtype=torch.bfloat16)
+    if channels_last:
+        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+    check_against_reference(
+        mao.multi_dilation_dwconv2d,
+        reference.multi_dilation_dwconv2d,
+        inputs,
+        grad_like(inputs["x"]),
+        torch.bfloat16,
+        dilations=(1, 2, 3),
+    )
+
+
+def test_conv_more_than_2_pow_31_elements():
+    """x with > 2^31 elements: the forward checked on an interior patch and on the corner patch."""
+    C, H, W, r = 2, 33000, 33000, 2  # k = 3, dilations (1, 2): halo 2
+    assert C * H * W > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, C, H, W, device="cuda", dtype=torch.bfloat16, generator=gen)
+    weight = torch.randn(2, C, 3, 3, device="cuda", dtype=torch.bfloat16, generator=gen) / 3
+    out = mao.multi_dilation_dwconv2d(x, weight, None, (1, 2))
+    for y0, x0 in [(H - 300, W - 200), (0, 0)]:
+        ys, xs = max(0, y0 - r), max(0, x0 - r)
+        patch = reference.multi_dilation_dwconv2d(
+            x[..., ys : y0 + 100 + r, xs : x0 + 100 + r].float(), weight.float(), None, (1, 2)
+        )
+        expected = patch[..., y0 - ys : y0 - ys + 100, x0 - xs : x0 - xs + 100]
+        torch.testing.assert_close(
+            out[..., y0 : y0 + 100, x0 : x0 + 100].float(), expected, atol=0.05, rtol=0.02
+        )
+
+
+def test_conv_direct_path_for_huge_dilations():
+    """A halo beyond the shared-memory tile (r * dilation > 1024) takes the direct kernels."""
+    inputs = conv_inputs(2, 3, 50, 1200, k=7, n_dilations=2)
+    check_against_reference(
+        mao.multi_dilation_dwconv2d,
+        reference.multi_dilation_dwconv2d,
+        inputs,
+        grad_like(inputs["x"]),
+        torch.float32,
+        dilations=(1, 400),
+    )
+
+
+def test_conv_backward_is_bit_identical():
+    inputs = conv_inputs(4, 96, 56, 56, dtype=torch.bfloat16)
+    grad = torch.randn_like(inputs["x"])
+    backward = torch.ops.mamba_adaptor.multi_dilation_dwconv2d_backward
+    runs = [backward(grad, *inputs.values(), [1, 2]) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_non_default_stream():
+    """Inputs written on a side stream right before the ops: the kernels must run on torch's current stream."""
+    gather = gather_inputs(2, 4, 32, 3136, 4, torch.bfloat16)
+    conv = conv_inputs(8, 96, 56, 56, dtype=torch.bfloat16)
+    expected_gather = mao.state_gather(**gather)
+    expected_conv = mao.multi_dilation_dwconv2d(**conv)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        h = gather["h"] * 1  # written on the side stream
+        x = conv["x"] * 1
+        out_gather = mao.state_gather(h, gather["offsets"], gather["weights"])
+        out_conv = mao.multi_dilation_dwconv2d(x, conv["weight"], conv["bias"])
+        grads = torch.ops.mamba_adaptor.state_gather_backward(
+            out_gather, h, gather["offsets"], gather["weights"], True, True
+        )
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out_gather, expected_gather)
+    assert torch.equal(out_conv, expected_conv)
+    reference_grads = torch.ops.mamba_adaptor.state_gather_backward(
+        expected_gather, gather["h"], gather["offsets"], gather["weights"], True, True
+    )
+    for a, b in zip(grads, reference_grads):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph_through_both_ops():
+    b, S, D, H, W, K = 2, 4, 8, 14, 14, 4
+
+    def block(h, offsets, weights, conv_weight):
+        y = mao.state_gather(h, offsets, weights)
+        return mao.multi_dilation_dwconv2d(y.reshape(b, S * D, H, W), conv_weight, None, (1, 2)).sum()
+
+    inputs = gather_inputs(b, S, D, H * W, K)
+    conv_weight = torch.randn(2, S * D, 3, 3, device="cuda") / 3
+    leaves = [v.clone().requires_grad_() for v in (*inputs.values(), conv_weight)]
+    eager = block(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(block, fullgraph=True)(*leaves)
+    compiled_grads = torch.autograd.grad(compiled, leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, c in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(c, a)
