@@ -8,7 +8,8 @@
 // out [row][col][channel] in T (4 / sizeof(T) channels per 32-bit word), zero outside the plane, and applies
 // every tap of every dilation from there. Lanes run along x for NCHW-like strides (2 channels per block for
 // 16-bit types, 1 for float32) and along channels for channels_last (up to 32 channels per block), so the
-// tile is read coalesced either way and each tap is one conflict-free 32-bit shared load per lane.
+// tile is read coalesced either way and each tap is one 32-bit shared load per lane (consecutive words
+// across a warp, but where the warp's pixels wrap to the next tile row).
 //   conv_kernel: out = bias + sum of taps; grad_x is the same kernel on grad_out with flipped taps.
 //   weight_grad_kernel: per block, sum over its pixels of grad_out * shifted x for every tap (and grad_out for
 //     the bias), reduced over the block in a fixed order and written as one row of partial sums per
