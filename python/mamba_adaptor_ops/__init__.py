@@ -6,7 +6,7 @@ Three ops, registered under ``torch.ops.mamba_adaptor`` with CPU and CUDA kernel
 modules built on them.
 """
 
-from . import reference
+from . import flops, reference  # noqa: F401  (importing flops registers the ops' FLOP formulas)
 from ._library import CUDA_KERNELS_BUILT, CUDA_KERNELS_LOADED
 from .nn import AdaptorS, AdaptorT
 from .ops import multi_dilation_dwconv2d, selective_scan, state_gather
