@@ -6,6 +6,7 @@
 // Torch-free: CPU and CUDA kernel files see only these structs.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/dtype.h"
@@ -51,10 +52,18 @@ struct SelectiveScanBwdParams {
   void* dC;           // (b, G, N, L), nullptr in states mode
   void* dD;           // (dim,), nullptr without D
   void* ddelta_bias;  // (dim,), nullptr without delta_bias
+
+  // CUDA only: float32 scratch of selective_scan_bwd_cuda_workspace_bytes(*this) bytes, 16-byte aligned
+  // (per-group dB/dC sums and the per-segment checkpoints of the recomputed forward). Unused on the CPU.
+  void* workspace;
 };
 
 // CUDA launchers (cuda/), stream is a cudaStream_t.
 void selective_scan_fwd_cuda(const SelectiveScanParams& params, void* stream);
 void selective_scan_bwd_cuda(const SelectiveScanBwdParams& params, void* stream);
+// Bytes of SelectiveScanBwdParams::workspace that selective_scan_bwd_cuda needs (0 when it needs none).
+size_t selective_scan_bwd_cuda_workspace_bytes(const SelectiveScanBwdParams& params);
+// Largest d_state N the CUDA kernels take (their per-warp shared memory grows with N).
+constexpr int64_t kSelectiveScanCudaMaxDState = 256;
 
 }  // namespace mamba_adaptor

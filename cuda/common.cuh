@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/dtype.h"
 
@@ -46,6 +47,17 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls f(std::true_type{}) or f(std::false_type{}): a run-time flag as a compile-time constant
+// (decltype(flag)::value inside f), for choosing a kernel instantiation.
+template <typename F>
+void bool_switch(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
 
 // The float values of the 4 / sizeof(T) elements of T packed in one 32-bit word, the lower address first.
 __device__ __forceinline__ void unpack_word(uint32_t word, float* out, float) { out[0] = __uint_as_float(word); }

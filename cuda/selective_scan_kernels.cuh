@@ -1,0 +1,758 @@
+// selective_scan CUDA kernels, forward and backward, templated on the element type T (float, __half,
+// __nv_bfloat16) and a few flags; instantiated per direction and dtype in selective_scan_{fwd,bwd}_*.cu.
+//
+// Shapes, in elements (the L dimension has stride 1; the other input strides come from the params, outputs and
+// grad_out are contiguous):
+//   u, delta, y, du, ddelta  (b, dim, L)       A, dA           (dim, N) float32
+//   B, C, dB, dC             (b, G, N, L)      D, delta_bias   (dim,) float32
+//   states (states mode)     (b, dim, N, L)    channel d reads group g = d / (dim / G)
+//
+// Work split. One warp scans one channel row (b, d) along L, in segments of 32 * K timesteps: lane l holds the K
+// consecutive timesteps seg * 32 K + l K + i, i < K (K = 8 in the forward: one 16-byte load per tensor for 16-bit
+// types, two for float32; K = 4 in the backward). Per state n, timestep t is the affine map h -> a_t h + b_t with
+// a_t = exp(dt_t A[n]) and b_t = dt_t B[n, t] u_t; a lane composes its K maps, a 5-step warp shuffle scan
+// composes the lanes, and the state carried over from the previous segment closes the recurrence. A block holds
+// up to kFwdWarps / kBwdWarps channels of one (batch, group): they read the same B and C rows, and the backward
+// sums their dB and dC contributions in shared memory before one atomic add per block and element.
+//
+// Backward, per row: a first pass runs the forward recurrence over all segments but the last and stores the
+// state at each segment boundary (n_seg - 1 checkpoints of N floats per row, not the state history); the second
+// pass walks the segments from last to first, recomputes the states inside each segment from its checkpoint and
+// scans the adjoint g_t = dout_t + a_{t+1} g_{t+1} backwards (dout_t = dy_t C[n, t], or the states' gradient),
+// carrying a_t g_t from one segment into the one before it.
+//
+// Timesteps at t >= L (the tail of the last segment) load nothing (their u, B, C, dy read as 0), get dt = 0 and
+// a = 1, hence b = 0 and dout = 0: the identity map in both scan directions; they store nothing. No index
+// depends on data, so non-finite inputs give non-finite outputs and never an out-of-bounds access.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "selective_scan.h"
+
+namespace mamba_adaptor::cuda::scan {
+
+// Consecutive timesteps per lane: 8 in the forward, 4 in the backward, whose per-item state would otherwise
+// not fit the 128 registers that let two of its 256-thread blocks share an SM.
+constexpr int kFwdItems = 8;
+constexpr int kBwdItems = 4;
+constexpr int kFwdSegment = 32 * kFwdItems;  // timesteps per warp and step along L
+constexpr int kBwdSegment = 32 * kBwdItems;
+constexpr int kFwdWarps = 4;  // channels per block, forward
+constexpr int kBwdWarps = 8;  // channels per block, backward (each block adds dB, dC once)
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__host__ __device__ inline int64_t num_segments(int64_t seqlen, int segment) {
+  return (seqlen + segment - 1) / segment;
+}
+
+// The float32 workspace of the backward, in floats: the dB and dC sums of each (batch, group, n) row, padded to
+// padded_len = n_seg * kBwdSegment so that every segment starts 16-byte aligned, then the checkpoints
+// (b, dim, n_seg - 1, N): the state after each segment but the last.
+struct BwdWorkspace {
+  int64_t padded_len, dB_offset, dC_offset, checkpoint_offset, total;
+};
+
+__host__ __device__ inline BwdWorkspace bwd_workspace_layout(const SelectiveScanParams& p) {
+  const int64_t n_seg = num_segments(p.seqlen, kBwdSegment);
+  BwdWorkspace w;
+  w.padded_len = n_seg * kBwdSegment;
+  const int64_t sums = p.batch * p.n_groups * p.dstate * w.padded_len;
+  w.dB_offset = 0;
+  w.dC_offset = sums;
+  w.checkpoint_offset = p.states_mode ? sums : 2 * sums;
+  w.total = w.checkpoint_offset + p.batch * p.dim * (n_seg > 1 ? n_seg - 1 : 0) * p.dstate;
+  return w;
+}
+
+// The channel row of this warp. Blocks are (batch, group, tile of channels) with the tile fastest; a warp of the
+// last tile of a group may have no channel (inactive): it then points at the group's first channel, so that its
+// pointers stay inside the tensors, and must load, store and add nothing.
+struct Row {
+  int64_t b, g, d;
+  bool active;
+};
+
+__device__ __forceinline__ Row locate_row(const SelectiveScanParams& p) {
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
+  const int64_t per_group = p.dim / p.n_groups;
+  const int64_t tiles = (per_group + warps - 1) / warps;
+  const int64_t block = blockIdx.x;
+  const int64_t bg = block / tiles;
+  const int64_t channel = (block % tiles) * warps + warp;
+  Row row;
+  row.b = bg / p.n_groups;
+  row.g = bg % p.n_groups;
+  row.active = channel < per_group;
+  row.d = row.g * per_group + (row.active ? channel : 0);
+  return row;
+}
+
+// The inputs of a row: its u, delta rows, its group's B and C (n = 0; nullptr in states mode), its A row, D (0
+// without D) and delta_bias (0 without it).
+template <typename T>
+struct RowInputs {
+  const T *u, *delta, *B, *C;
+  const float* A;
+  float D, bias;
+
+  __device__ __forceinline__ RowInputs(const SelectiveScanParams& p, const Row& row, bool states, bool has_D)
+      : u(static_cast<const T*>(p.u) + row.b * p.u_batch_stride + row.d * p.u_dim_stride),
+        delta(static_cast<const T*>(p.delta) + row.b * p.delta_batch_stride + row.d * p.delta_dim_stride),
+        B(static_cast<const T*>(p.B) + row.b * p.B_batch_stride + row.g * p.B_group_stride),
+        C(states ? nullptr : static_cast<const T*>(p.C) + row.b * p.C_batch_stride + row.g * p.C_group_stride),
+        A(static_cast<const float*>(p.A) + row.d * p.A_dim_stride),
+        D(has_D ? static_cast<const float*>(p.D)[row.d] : 0.f),
+        bias(p.delta_bias ? static_cast<const float*>(p.delta_bias)[row.d] : 0.f) {}
+};
+
+// Number of the K timesteps from t0 on that lie inside a row of length len (0 to K).
+template <int K>
+__device__ __forceinline__ int valid_items(int64_t len, int64_t t0) {
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(len - t0, 0), K));
+}
+
+// ---- loads and stores of one lane's K timesteps --------------------------------------------------------------
+
+template <typename T, int K>
+struct alignas(16) Items {
+  T v[K];
+};
+
+template <typename V, typename T, int K>
+__device__ __forceinline__ void load_vectors(const T* p, Items<T, K>& x) {
+  constexpr int kPerVector = sizeof(V) / sizeof(T);
+  static_assert(sizeof(V) % sizeof(T) == 0 && K % kPerVector == 0, "K items must be whole vectors");
+  const V* src = reinterpret_cast<const V*>(p);
+  V* dst = reinterpret_cast<V*>(x.v);
+#pragma unroll
+  for (int k = 0; k < K / kPerVector; ++k) dst[k] = __ldg(src + k);
+}
+
+// p[0 .. K): the widest loads the address alignment allows when all items are valid; otherwise only p[0 .. valid)
+// is read and the rest is 0. Rows of a contiguous tensor whose L is not a multiple of 8 start at varying
+// alignments, hence the run-time choice (uniform across the warp, as all lanes share the row alignment).
+template <int K, typename T>
+__device__ __forceinline__ Items<T, K> load_items(const T* p, int valid) {
+  constexpr int kBytes = sizeof(T) * K;
+  Items<T, K> x;
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  if (valid >= K) {
+    if constexpr (kBytes % 16 == 0) {
+      if (address % 16 == 0) {
+        load_vectors<uint4>(p, x);
+        return x;
+      }
+    }
+    if constexpr (kBytes % 8 == 0) {
+      if (address % 8 == 0) {
+        load_vectors<uint2>(p, x);
+        return x;
+      }
+    }
+    if constexpr (sizeof(T) < 4 && kBytes % 4 == 0) {
+      if (address % 4 == 0) {
+        load_vectors<unsigned int>(p, x);
+        return x;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < K; ++i) x.v[i] = i < valid ? p[i] : from_float<T>(0.f);
+  return x;
+}
+
+template <typename V, typename T, int K>
+__device__ __forceinline__ void store_vectors(T* p, const Items<T, K>& x) {
+  constexpr int kPerVector = sizeof(V) / sizeof(T);
+  static_assert(sizeof(V) % sizeof(T) == 0 && K % kPerVector == 0, "K items must be whole vectors");
+  V* dst = reinterpret_cast<V*>(p);
+  const V* src = reinterpret_cast<const V*>(x.v);
+#pragma unroll
+  for (int k = 0; k < K / kPerVector; ++k) dst[k] = src[k];
+}
+
+// Writes p[0 .. valid) from x, converted to T.
+template <typename T, int K>
+__device__ __forceinline__ void store_items(T* p, int valid, const float (&x)[K]) {
+  constexpr int kBytes = sizeof(T) * K;
+  Items<T, K> y;
+#pragma unroll
+  for (int i = 0; i < K; ++i) y.v[i] = from_float<T>(x[i]);
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  if (valid >= K) {
+    if constexpr (kBytes % 16 == 0) {
+      if (address % 16 == 0) {
+        store_vectors<uint4>(p, y);
+        return;
+      }
+    }
+    if constexpr (kBytes % 8 == 0) {
+      if (address % 8 == 0) {
+        store_vectors<uint2>(p, y);
+        return;
+      }
+    }
+    if constexpr (sizeof(T) < 4 && kBytes % 4 == 0) {
+      if (address % 4 == 0) {
+        store_vectors<unsigned int>(p, y);
+        return;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    if (i < valid) p[i] = y.v[i];
+  }
+}
+
+// ---- scans -------------------------------------------------------------------------------------------------
+
+// The affine map h -> a h + b.
+struct Affine {
+  float a, b;
+};
+
+__device__ __forceinline__ Affine identity_map() { return {1.f, 0.f}; }
+
+// `later` after `earlier`: h -> later.a (earlier.a h + earlier.b) + later.b.
+__device__ __forceinline__ Affine compose(Affine later, Affine earlier) {
+  return {later.a * earlier.a, fmaf(later.a, earlier.b, later.b)};
+}
+
+// Lane l gets the composition of the maps of lanes 0..l, lane 0's applied first.
+__device__ __forceinline__ Affine warp_scan(Affine x, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const Affine earlier{__shfl_up_sync(kFullMask, x.a, offset), __shfl_up_sync(kFullMask, x.b, offset)};
+    if (lane >= offset) x = compose(x, earlier);
+  }
+  return x;
+}
+
+// Lane l gets the composition of the maps of lanes l..31, lane 31's applied first.
+__device__ __forceinline__ Affine warp_reverse_scan(Affine x, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const Affine earlier{__shfl_down_sync(kFullMask, x.a, offset), __shfl_down_sync(kFullMask, x.b, offset)};
+    if (lane + offset < 32) x = compose(x, earlier);
+  }
+  return x;
+}
+
+// From an inclusive scan: the composition of the lanes before this one (after it, for the reverse scan).
+__device__ __forceinline__ Affine lanes_before(Affine inclusive, int lane) {
+  const Affine x{__shfl_up_sync(kFullMask, inclusive.a, 1), __shfl_up_sync(kFullMask, inclusive.b, 1)};
+  return lane == 0 ? identity_map() : x;
+}
+
+__device__ __forceinline__ Affine lanes_after(Affine inclusive, int lane) {
+  const Affine x{__shfl_down_sync(kFullMask, inclusive.a, 1), __shfl_down_sync(kFullMask, inclusive.b, 1)};
+  return lane == 31 ? identity_map() : x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
+// ---- the time step -------------------------------------------------------------------------------------------
+
+// dt from x = delta + delta_bias: softplus(x) = log(1 + exp(x)), taken as x above 20 (as the CPU kernel does).
+// float32 inputs get log1pf (about 40 more PTX instructions per timestep); 16-bit inputs get log(1 + exp(x))
+// from the fast intrinsics, whose extra error over log1pf (under 2e-7 absolute) is far below the rounding of
+// their 16-bit outputs.
+template <typename T, bool kSoftplus>
+__device__ __forceinline__ float time_step(float x) {
+  if constexpr (!kSoftplus) {
+    return x;
+  } else if constexpr (sizeof(T) == 4) {
+    return x <= 20.f ? log1pf(__expf(x)) : x;
+  } else {
+    return x <= 20.f ? __logf(1.f + __expf(x)) : x;
+  }
+}
+
+// d softplus(x) / dx = sigmoid(x), and 1 above 20 where softplus(x) is taken as x.
+__device__ __forceinline__ float softplus_derivative(float x) { return x <= 20.f ? 1.f / (1.f + __expf(-x)) : 1.f; }
+
+// dst[0..3] += v, dst 16-byte aligned: one vector atomic on sm_90, four scalar ones before.
+__device__ __forceinline__ void atomic_add4(float* dst, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(dst), v);
+#else
+  atomicAdd(dst, v.x);
+  atomicAdd(dst + 1, v.y);
+  atomicAdd(dst + 2, v.z);
+  atomicAdd(dst + 3, v.w);
+#endif
+}
+
+// Per-lane inputs of one segment: u and delta, and dy in the backward outside states mode.
+template <typename T, int K>
+struct SegmentInputs {
+  Items<T, K> u, delta, dy;
+};
+
+// Per-lane inputs of one state n over one segment: B, and C (or, in the backward in states mode, the states'
+// gradient dstates[n]).
+template <typename T, int K>
+struct StateInputs {
+  Items<T, K> B, C;
+};
+
+// ---- forward -------------------------------------------------------------------------------------------------
+
+// Blocks per SM the forward's register budget allows: 6 (80 registers) for the d_state-1 path of 16-bit types,
+// which fits in them without spilling, 4 (128 registers) otherwise.
+template <typename T, int kN>
+constexpr int fwd_min_blocks() {
+  return kN == 1 && sizeof(T) == 2 ? 6 : 4;
+}
+
+// kN: 1 for d_state 1 (N known at compile time), 0 for any d_state (p.dstate).
+template <typename T, int kN, bool kStates, bool kHasD, bool kSoftplus>
+__global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
+    selective_scan_fwd_kernel(const __grid_constant__ SelectiveScanParams p) {
+  extern __shared__ float4 shared_storage[];  // per warp: the state entering the next segment, one float per n
+  constexpr int kItems = kFwdItems, kSegment = kFwdSegment;
+  const int lane = threadIdx.x % 32;
+  const Row row = locate_row(p);
+  if (!row.active) return;  // this kernel has no block-wide barrier
+
+  const int64_t L = p.seqlen;
+  const int64_t N = kN > 0 ? kN : p.dstate;
+  const int64_t n_seg = num_segments(L, kSegment);
+  float* carry = reinterpret_cast<float*>(shared_storage) + (threadIdx.x / 32) * N;
+
+  const RowInputs<T> in_row(p, row, kStates, kHasD);
+  const T *u = in_row.u, *delta = in_row.delta, *B = in_row.B, *C = in_row.C;
+  const float* A = in_row.A;
+  const float D = in_row.D, bias = in_row.bias;
+  // y row (L), or this row's states (N, L).
+  T* out = static_cast<T*>(p.out) + (row.b * p.dim + row.d) * (kStates ? N : 1) * L;
+
+  for (int64_t n = lane; n < N; n += 32) carry[n] = 0.f;
+  __syncwarp();
+
+  auto first_item = [&](int64_t seg) { return seg * kSegment + lane * kItems; };
+  auto load_segment = [&](int64_t seg) {
+    const int64_t t0 = first_item(seg);
+    const int valid = valid_items<kItems>(L, t0);
+    SegmentInputs<T, kItems> in;
+    in.u = load_items<kItems>(u + t0, valid);
+    in.delta = load_items<kItems>(delta + t0, valid);
+    return in;
+  };
+  auto load_state = [&](int64_t seg, int64_t n) {
+    const int64_t t0 = first_item(seg);
+    const int valid = valid_items<kItems>(L, t0);
+    StateInputs<T, kItems> in;
+    in.B = load_items<kItems>(B + n * p.B_dstate_stride + t0, valid);
+    if constexpr (!kStates) in.C = load_items<kItems>(C + n * p.C_dstate_stride + t0, valid);
+    return in;
+  };
+
+  // Loads run one step ahead: the next segment's u, delta and the next (segment, n)'s B, C.
+  SegmentInputs<T, kItems> next_segment = load_segment(0);
+  StateInputs<T, kItems> next_state = load_state(0, 0);
+  for (int64_t seg = 0; seg < n_seg; ++seg) {
+    const SegmentInputs<T, kItems> in = next_segment;
+    if (seg + 1 < n_seg) next_segment = load_segment(seg + 1);
+    const int64_t t0 = first_item(seg);
+    const int valid = valid_items<kItems>(L, t0);
+
+    float u_f[kItems], dt[kItems], dtu[kItems], y[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      u_f[i] = to_float(in.u.v[i]);
+      dt[i] = i < valid ? time_step<T, kSoftplus>(to_float(in.delta.v[i]) + bias) : 0.f;
+      dtu[i] = dt[i] * u_f[i];
+      y[i] = kHasD ? D * u_f[i] : 0.f;
+    }
+
+#pragma unroll 1
+    for (int64_t n = 0; n < N; ++n) {
+      const StateInputs<T, kItems> st = next_state;
+      if (n + 1 < N) {
+        next_state = load_state(seg, n + 1);
+      } else if (seg + 1 < n_seg) {
+        next_state = load_state(seg + 1, 0);
+      }
+      const float A_log2 = A[n * p.A_dstate_stride] * kLog2e;
+      float a[kItems], b[kItems];
+      Affine lane_map = identity_map();
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        a[i] = i < valid ? exp2f(dt[i] * A_log2) : 1.f;
+        b[i] = dtu[i] * to_float(st.B.v[i]);
+        lane_map = compose(Affine{a[i], b[i]}, lane_map);
+      }
+      const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
+      float h = fmaf(before.a, carry[n], before.b);
+      float h_items[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        h = fmaf(a[i], h, b[i]);
+        if constexpr (kStates) {
+          h_items[i] = h;
+        } else {
+          y[i] = fmaf(to_float(st.C.v[i]), h, y[i]);
+        }
+      }
+      if constexpr (kStates) store_items(out + n * L + t0, valid, h_items);
+      const float segment_end = __shfl_sync(kFullMask, h, 31);
+      __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it
+      if (lane == 0) carry[n] = segment_end;
+    }
+    if constexpr (!kStates) store_items(out + t0, valid, y);
+    __syncwarp();  // lane 0's carry writes are visible to the whole warp in the next segment
+  }
+}
+
+// ---- backward ------------------------------------------------------------------------------------------------
+
+template <typename T, int kN, bool kStates, bool kHasD, bool kSoftplus>
+__global__ void __launch_bounds__(kBwdWarps * 32, 2)
+    selective_scan_bwd_kernel(const __grid_constant__ SelectiveScanBwdParams bp) {
+  const SelectiveScanParams& p = bp.fwd;
+  // Shared memory: [2][warps][2][kSegment] floats, each warp's dB and dC contributions of one (segment, n),
+  // double-buffered; then per warp one float per n: the state carried forward in the first pass, the adjoint
+  // carried backward in the second.
+  extern __shared__ float4 shared_storage[];
+  constexpr int kItems = kBwdItems, kSegment = kBwdSegment;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const Row row = locate_row(p);
+
+  const int64_t L = p.seqlen;
+  const int64_t N = kN > 0 ? kN : p.dstate;
+  const int64_t n_seg = num_segments(L, kSegment);
+  const int64_t row_len = row.active ? L : 0;  // an inactive warp loads, stores and adds nothing
+  float* contributions = reinterpret_cast<float*>(shared_storage);
+  float* carry = contributions + 2 * warps * 2 * kSegment + warp * N;
+
+  const BwdWorkspace ws = bwd_workspace_layout(p);
+  float* workspace = static_cast<float*>(bp.workspace);
+  const int64_t row_index = row.b * p.dim + row.d;
+  float* checkpoints = workspace + ws.checkpoint_offset + row_index * (n_seg - 1) * N;  // [seg][n], read if active
+  const int64_t bg = row.b * p.n_groups + row.g;
+  float* dB_sum = workspace + ws.dB_offset + bg * N * ws.padded_len;
+  float* dC_sum = workspace + ws.dC_offset + bg * N * ws.padded_len;
+
+  const RowInputs<T> in_row(p, row, kStates, kHasD);
+  const T *u = in_row.u, *delta = in_row.delta, *B = in_row.B, *C = in_row.C;
+  const float* A = in_row.A;
+  const float D = in_row.D, bias = in_row.bias;
+  // grad_out is contiguous: dy (b, dim, L), or dstates (b, dim, N, L) in states mode.
+  const T* dy = static_cast<const T*>(bp.grad_out) + row_index * L;
+  const T* dstates = static_cast<const T*>(bp.grad_out) + row_index * N * L;
+  T* du = static_cast<T*>(bp.du) + row_index * L;
+  T* ddelta = static_cast<T*>(bp.ddelta) + row_index * L;
+
+  auto first_item = [&](int64_t seg) { return seg * kSegment + lane * kItems; };
+  auto load_segment = [&](int64_t seg, bool with_dy) {
+    const int64_t t0 = first_item(seg);
+    const int valid = valid_items<kItems>(row_len, t0);
+    SegmentInputs<T, kItems> in;
+    in.u = load_items<kItems>(u + t0, valid);
+    in.delta = load_items<kItems>(delta + t0, valid);
+    if (with_dy) in.dy = load_items<kItems>(dy + t0, valid);
+    return in;
+  };
+  auto load_state = [&](int64_t seg, int64_t n, bool with_C) {
+    const int64_t t0 = first_item(seg);
+    const int valid = valid_items<kItems>(row_len, t0);
+    StateInputs<T, kItems> in;
+    in.B = load_items<kItems>(B + n * p.B_dstate_stride + t0, valid);
+    if (with_C) in.C = load_items<kItems>(kStates ? dstates + n * L + t0 : C + n * p.C_dstate_stride + t0, valid);
+    return in;
+  };
+
+  // First pass: checkpoints[seg][n] = the state after segment seg, for seg < n_seg - 1. Lane 0 alone keeps the
+  // running state in `carry`.
+  if (row.active && n_seg > 1) {
+    for (int64_t n = lane; n < N; n += 32) carry[n] = 0.f;
+    __syncwarp();
+    SegmentInputs<T, kItems> next_segment = load_segment(0, false);
+    StateInputs<T, kItems> next_state = load_state(0, 0, false);
+    for (int64_t seg = 0; seg < n_seg - 1; ++seg) {
+      const SegmentInputs<T, kItems> in = next_segment;
+      if (seg + 1 < n_seg - 1) next_segment = load_segment(seg + 1, false);
+      const int valid = valid_items<kItems>(row_len, first_item(seg));  // kItems: only the last segment has a tail
+      float dt[kItems], dtu[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        dt[i] = i < valid ? time_step<T, kSoftplus>(to_float(in.delta.v[i]) + bias) : 0.f;
+        dtu[i] = dt[i] * to_float(in.u.v[i]);
+      }
+#pragma unroll 1
+      for (int64_t n = 0; n < N; ++n) {
+        const StateInputs<T, kItems> st = next_state;
+        if (n + 1 < N) {
+          next_state = load_state(seg, n + 1, false);
+        } else if (seg + 1 < n_seg - 1) {
+          next_state = load_state(seg + 1, 0, false);
+        }
+        const float A_log2 = A[n * p.A_dstate_stride] * kLog2e;
+        Affine lane_map = identity_map();
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          lane_map = compose(Affine{exp2f(dt[i] * A_log2), dtu[i] * to_float(st.B.v[i])}, lane_map);
+        }
+        const Affine inclusive = warp_scan(lane_map, lane);
+        const Affine segment{__shfl_sync(kFullMask, inclusive.a, 31), __shfl_sync(kFullMask, inclusive.b, 31)};
+        if (lane == 0) {
+          const float h = fmaf(segment.a, carry[n], segment.b);
+          carry[n] = h;
+          checkpoints[seg * N + n] = h;
+        }
+      }
+    }
+    __syncwarp();  // lane 0's last carry writes happen before the reset below
+  }
+
+  // Second pass, segments from last to first. All warps of the block take part in every barrier.
+  for (int64_t n = lane; n < N; n += 32) carry[n] = 0.f;  // now: a_t g_t flowing into the segment before
+  __syncthreads();  // also orders this warp's checkpoint writes before its reads
+
+  float dD_part = 0.f, dbias_part = 0.f;
+  int buffer = 0;
+  SegmentInputs<T, kItems> next_segment = load_segment(n_seg - 1, !kStates);
+  StateInputs<T, kItems> next_state = load_state(n_seg - 1, 0, true);
+  for (int64_t seg = n_seg - 1; seg >= 0; --seg) {
+    // u and dy stay in their input type and are converted where used: fewer live registers.
+    const SegmentInputs<T, kItems> in = next_segment;
+    if (seg > 0) next_segment = load_segment(seg - 1, !kStates);
+    const int64_t t0 = first_item(seg);
+    const int valid = valid_items<kItems>(row_len, t0);
+    auto u_at = [&](int i) { return to_float(in.u.v[i]); };
+    auto dy_at = [&](int i) {
+      if constexpr (kStates) {
+        return 0.f;
+      } else {
+        return to_float(in.dy.v[i]);
+      }
+    };
+
+    float dt[kItems], du_acc[kItems], ddt[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      dt[i] = i < valid ? time_step<T, kSoftplus>(to_float(in.delta.v[i]) + bias) : 0.f;
+      du_acc[i] = kHasD ? D * dy_at(i) : 0.f;
+      ddt[i] = 0.f;
+    }
+
+#pragma unroll 1
+    for (int64_t n = 0; n < N; ++n) {
+      const StateInputs<T, kItems> st = next_state;
+      if (n + 1 < N) {
+        next_state = load_state(seg, n + 1, true);
+      } else if (seg > 0) {
+        next_state = load_state(seg - 1, 0, true);
+      }
+      const float A_n = A[n * p.A_dstate_stride];
+      const float A_log2 = A_n * kLog2e;
+      // dout_t: dy_t C[n, t], or the states' gradient.
+      auto dout_at = [&](int i) { return kStates ? to_float(st.C.v[i]) : dy_at(i) * to_float(st.C.v[i]); };
+      auto B_at = [&](int i) { return to_float(st.B.v[i]); };
+
+      // Forward recurrence inside the segment, from its checkpoint: a_h[i] = a_t h_{t-1} of item i.
+      float a[kItems];
+      Affine lane_map = identity_map();
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        a[i] = i < valid ? exp2f(dt[i] * A_log2) : 1.f;
+        lane_map = compose(Affine{a[i], dt[i] * u_at(i) * B_at(i)}, lane_map);
+      }
+      const float h_start = row.active && seg > 0 ? checkpoints[(seg - 1) * N + n] : 0.f;
+      const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
+      float h = fmaf(before.a, h_start, before.b);
+      float a_h[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        a_h[i] = a[i] * h;
+        h = fmaf(dt[i] * u_at(i), B_at(i), a_h[i]);
+      }
+
+      // Adjoint, backwards: item i maps the inflow c (= a_{t+1} g_{t+1}) to a_t (c + dout_t), g_t = c + dout_t.
+      Affine lane_reverse = identity_map();
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) lane_reverse = compose(Affine{a[i], a[i] * dout_at(i)}, lane_reverse);
+      const Affine after = lanes_after(warp_reverse_scan(lane_reverse, lane), lane);
+      float inflow = fmaf(after.a, carry[n], after.b);
+
+      // Gradients of this state, item by item as g_t comes: dA, and this warp's dB, dC contributions (four items
+      // at a time) into shared memory.
+      float* mine = contributions + ((buffer * warps + warp) * 2) * kSegment + lane * kItems;
+      static_assert(kItems % 4 == 0, "dB, dC go to shared memory as float4");
+      float dA_part = 0.f;
+      float dB_items[4], dC_items[4];
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) {
+        const float g = dout_at(i) + inflow;
+        inflow = a[i] * g;
+        const float g_dt = g * dt[i];
+        ddt[i] = fmaf(g, fmaf(A_n, a_h[i], B_at(i) * u_at(i)), ddt[i]);
+        dA_part = fmaf(g_dt, a_h[i], dA_part);
+        du_acc[i] = fmaf(g_dt, B_at(i), du_acc[i]);
+        dB_items[i % 4] = g_dt * u_at(i);
+        dC_items[i % 4] = dy_at(i) * fmaf(dt[i] * u_at(i), B_at(i), a_h[i]);  // dy_t h_t
+        if (i % 4 == 0) {
+          reinterpret_cast<float4*>(mine)[i / 4] = make_float4(dB_items[0], dB_items[1], dB_items[2], dB_items[3]);
+          if constexpr (!kStates) {
+            reinterpret_cast<float4*>(mine + kSegment)[i / 4] =
+                make_float4(dC_items[0], dC_items[1], dC_items[2], dC_items[3]);
+          }
+        }
+      }
+      const float into_previous = __shfl_sync(kFullMask, inflow, 0);
+      __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it (read again after a barrier)
+      if (lane == 0) carry[n] = into_previous;
+      const float dA_row = warp_sum(dA_part);
+      if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.dA) + row.d * N + n, dA_row);
+
+      // Sum the warps' contributions and add them to the (batch, group) row of dB and dC. The buffers alternate:
+      // a buffer is written again two steps later, after the next step's barrier, which every thread reaches
+      // only once it has finished reading it here.
+      __syncthreads();
+      constexpr int kVectors = (kStates ? 1 : 2) * kSegment / 4;
+      const float4* sums = reinterpret_cast<const float4*>(contributions + buffer * warps * 2 * kSegment);
+      for (int j = threadIdx.x; j < kVectors; j += blockDim.x) {
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int w = 0; w < warps; ++w) {
+          const float4 v = sums[w * (2 * kSegment / 4) + j];
+          s.x += v.x;
+          s.y += v.y;
+          s.z += v.z;
+          s.w += v.w;
+        }
+        const int item = 4 * j;
+        float* target = (item < kSegment ? dB_sum : dC_sum) + n * ws.padded_len + seg * kSegment + item % kSegment;
+        atomic_add4(target, s);
+      }
+      buffer ^= 1;
+    }
+
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if constexpr (kSoftplus) ddt[i] *= softplus_derivative(to_float(in.delta.v[i]) + bias);
+      if (i < valid) {
+        dD_part = fmaf(dy_at(i), u_at(i), dD_part);
+        dbias_part += ddt[i];
+      }
+    }
+    store_items(du + t0, valid, du_acc);
+    store_items(ddelta + t0, valid, ddt);
+  }
+
+  if constexpr (kHasD) {
+    const float dD_row = warp_sum(dD_part);
+    if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.dD) + row.d, dD_row);
+  }
+  if (bp.ddelta_bias) {
+    const float dbias_row = warp_sum(dbias_part);
+    if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.ddelta_bias) + row.d, dbias_row);
+  }
+}
+
+// out[r, t] = sums[r, t] for t < L, converted to T: the (b, G, N, L) gradients from their padded float32 sums.
+template <typename T>
+__global__ void padded_sums_to_output_kernel(const float* __restrict__ sums, T* __restrict__ out, int64_t rows,
+                                             int64_t L, int64_t padded_len) {
+  const int64_t total = rows * L;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t r = i / L;
+    out[i] = from_float<T>(sums[r * padded_len + (i - r * L)]);
+  }
+}
+
+// ---- launchers (instantiated per dtype) ----------------------------------------------------------------------
+
+// Channels per block for `max_warps`, and the grid: (batch, group, tile of channels).
+struct Launch {
+  int warps;
+  unsigned int blocks;
+};
+
+inline Launch launch_shape(const SelectiveScanParams& p, int max_warps, const char* kernel) {
+  if (p.dstate > kSelectiveScanCudaMaxDState) {  // the registration checks it first, with the user's message
+    throw std::runtime_error(std::string(kernel) + ": d_state " + std::to_string(p.dstate) + " exceeds " +
+                             std::to_string(kSelectiveScanCudaMaxDState));
+  }
+  const int64_t per_group = p.dim / p.n_groups;
+  const int warps = static_cast<int>(std::min<int64_t>(max_warps, per_group));
+  return {warps, grid_size(p.batch * p.n_groups * ceil_div(per_group, warps), kernel)};
+}
+
+// Calls f(kN, kStates, kHasD, kSoftplus) as std::integral_constant values: the kernel flags of params p.
+template <typename F>
+void dispatch_flags(const SelectiveScanParams& p, F&& f) {
+  bool_switch(p.dstate == 1, [&](auto one_state) {
+    bool_switch(p.states_mode, [&](auto states) {
+      bool_switch(p.D != nullptr, [&](auto has_D) {
+        bool_switch(p.delta_softplus, [&](auto softplus) {
+          constexpr bool kStates = decltype(states)::value;
+          f(std::integral_constant<int, decltype(one_state)::value ? 1 : 0>{}, states,
+            std::integral_constant<bool, decltype(has_D)::value && !kStates>{}, softplus);
+        });
+      });
+    });
+  });
+}
+
+// Requires batch, dim and L > 0.
+template <typename T>
+void selective_scan_fwd_launch(const SelectiveScanParams& p, cudaStream_t stream) {
+  const Launch shape = launch_shape(p, kFwdWarps, "selective_scan forward");
+  const size_t shared_bytes = static_cast<size_t>(shape.warps) * p.dstate * sizeof(float);
+  dispatch_flags(p, [&](auto n, auto states, auto has_D, auto softplus) {
+    selective_scan_fwd_kernel<T, decltype(n)::value, decltype(states)::value, decltype(has_D)::value,
+                              decltype(softplus)::value><<<shape.blocks, shape.warps * 32, shared_bytes, stream>>>(p);
+  });
+  check_launch("selective_scan forward");
+}
+
+// Requires batch, dim and L > 0, and bp.workspace of bwd_workspace_layout(bp.fwd).total floats.
+template <typename T>
+void selective_scan_bwd_launch(const SelectiveScanBwdParams& bp, cudaStream_t stream) {
+  const SelectiveScanParams& p = bp.fwd;
+  const Launch shape = launch_shape(p, kBwdWarps, "selective_scan backward");
+  const BwdWorkspace ws = bwd_workspace_layout(p);
+  float* workspace = static_cast<float*>(bp.workspace);
+  check(cudaMemsetAsync(workspace, 0, ws.checkpoint_offset * sizeof(float), stream), "selective_scan_backward memset");
+  const size_t shared_bytes =
+      (static_cast<size_t>(2 * shape.warps * 2 * kBwdSegment) + shape.warps * p.dstate) * sizeof(float);
+  dispatch_flags(p, [&](auto n, auto states, auto has_D, auto softplus) {
+    selective_scan_bwd_kernel<T, decltype(n)::value, decltype(states)::value, decltype(has_D)::value,
+                              decltype(softplus)::value><<<shape.blocks, shape.warps * 32, shared_bytes, stream>>>(bp);
+  });
+  check_launch("selective_scan backward");
+
+  const int64_t rows = p.batch * p.n_groups * p.dstate;
+  const int threads = 256;
+  const unsigned int blocks =
+      static_cast<unsigned int>(std::min<int64_t>(ceil_div(rows * p.seqlen, threads), int64_t{sm_count()} * 8));
+  padded_sums_to_output_kernel<T><<<blocks, threads, 0, stream>>>(workspace + ws.dB_offset, static_cast<T*>(bp.dB),
+                                                                  rows, p.seqlen, ws.padded_len);
+  if (!p.states_mode) {
+    padded_sums_to_output_kernel<T><<<blocks, threads, 0, stream>>>(workspace + ws.dC_offset, static_cast<T*>(bp.dC),
+                                                                    rows, p.seqlen, ws.padded_len);
+  }
+  check_launch("selective_scan backward dB/dC");
+}
+
+extern template void selective_scan_fwd_launch<float>(const SelectiveScanParams&, cudaStream_t);
+extern template void selective_scan_fwd_launch<__half>(const SelectiveScanParams&, cudaStream_t);
+extern template void selective_scan_fwd_launch<__nv_bfloat16>(const SelectiveScanParams&, cudaStream_t);
+extern template void selective_scan_bwd_launch<float>(const SelectiveScanBwdParams&, cudaStream_t);
+extern template void selective_scan_bwd_launch<__half>(const SelectiveScanBwdParams&, cudaStream_t);
+extern template void selective_scan_bwd_launch<__nv_bfloat16>(const SelectiveScanBwdParams&, cudaStream_t);
+
+}  // namespace mamba_adaptor::cuda::scan
