@@ -13,6 +13,7 @@ from mamba_adaptor_ops.bench.report import SCHEMA
 def test_cpu_defaults_imply_quick():
     args = cli.parse_args(["--device", "cpu"])
     assert args.quick and args.stages == ["b1-s1"] and args.dtypes == ["float32"] and args.batch == 2
+    assert args.resolution == 64 and args.model_batch == 2 and not args.compile
     full = cli.parse_args(["--device", "cpu", "--full"])
     assert not full.quick and len(full.stages) == 8 and full.dtypes == ["float32", "bfloat16"]
 
@@ -22,6 +23,8 @@ def test_cpu_defaults_imply_quick():
     [
         (["--device", "tpu"], "--device"),
         (["--device", "cpu", "--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--device", "cpu", "--resolution", "16"], "--resolution must be >= 32, got 16"),
+        (["--device", "cpu", "--models", "resnet50"], "invalid choice: 'resnet50'"),
         (["--device", "cpu", "--quick", "--full"], "--quick and --full exclude each other"),
         (["--device", "cpu", "--warmup", "-1"], "--warmup must be >= 0, got -1"),
         (["--device", "cpu", "--repeats", "0"], "--repeats must be >= 1, got 0"),
@@ -40,7 +43,8 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
 
 def test_tiny_run_writes_table_json_and_plots(tmp_path, capsys):
     argv = ["--device", "cpu", "--stages", "b1-s4", "--batch", "1", "--lengths", "5", "7", "--warmup", "0",
-            "--repeats", "2", "--budget", "0.05", "--out", str(tmp_path)]
+            "--repeats", "2", "--budget", "0.05", "--models", "vmamba_tiny", "--resolution", "32",
+            "--model-batch", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     table = capsys.readouterr().out
     assert "selective_scan" in table and "vs reference" in table and "vs torch.conv2d" in table
@@ -55,9 +59,15 @@ def test_tiny_run_writes_table_json_and_plots(tmp_path, capsys):
     for row in rows:
         assert row["error"] is None, row
         assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    for row in (r for r in rows if r["suite"] != "models"):
         assert row["bytes"] > 0 and row["gbps"] > 0 and row["floor_fraction"] > 0
+    model_rows = [r for r in rows if r["suite"] == "models"]
+    assert {(r["impl"], r["mode"]) for r in model_rows} == {
+        (impl, mode) for impl in ("mamba_adaptor_ops", "reference scan") for mode in ("infer", "train")
+    }
+    assert all(r["images_per_s"] > 0 for r in model_rows)
     ours = [r for r in ops_rows if r["impl"] == "mamba_adaptor_ops" and r["mode"] != "bwd"]
     assert ours and all(r["speedup"] for r in ours)
     assert {r["info"]["L"] for r in rows if r["suite"] == "length"} == {25, 49}
-    for plot in ("ops_vs_length.png", "ops_speedup.png"):
+    for plot in ("ops_vs_length.png", "ops_speedup.png", "models_throughput.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

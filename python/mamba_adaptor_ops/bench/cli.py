@@ -13,8 +13,17 @@ from pathlib import Path
 
 import torch
 
+from . import models as model_suite
 from . import ops as op_suite
-from .report import Row, add_speedups, format_table, plot_length_sweep, plot_speedups, write_json
+from .report import (
+    Row,
+    add_speedups,
+    format_table,
+    plot_length_sweep,
+    plot_model_throughput,
+    plot_speedups,
+    write_json,
+)
 from .timing import Timing, copy_bandwidth_gbps, environment, measure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -23,11 +32,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mamba-adaptor-bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--suites", nargs="+", choices=["ops", "models"], default=["ops", "models"], help="what to time")
     p.add_argument("--ops", nargs="+", choices=op_suite.OPS, default=list(op_suite.OPS), help="ops to time")
     p.add_argument("--stages", nargs="+", choices=list(op_suite.STAGES), help="stage shapes (default: all; quick: b1-s1)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="dtypes (default: all the device supports; quick: float32)")
     p.add_argument("--batch", type=int, help="batch size of the stage shapes (default 128 on a GPU, 2 on the CPU)")
     p.add_argument("--lengths", type=int, nargs="*", help="map sides of the length sweep (default 14 28 56 [112]); none to skip")
+    p.add_argument("--models", nargs="+", choices=model_suite.MODELS, default=list(model_suite.MODELS),
+                   help="models of the model suite")
+    p.add_argument("--resolution", type=int, help="model input side (default 224 on a GPU, 64 on the CPU)")
+    p.add_argument("--model-batch", type=int, help="model suite batch (default 64 on a GPU, 2 on the CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="also time torch.compile'd models (default: on a GPU, not on the CPU)")
     p.add_argument("--quick", action="store_true", help="one stage shape, float32, few repeats (implied on the CPU)")
     p.add_argument("--full", action="store_true", help="no --quick on the CPU")
     p.add_argument("--warmup", type=int, help="untimed runs before timing (default 5 on a GPU, 1 on the CPU)")
@@ -52,8 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--quick and --full exclude each other")
     on_gpu = args.device.type == "cuda"
     args.quick = args.quick or (not on_gpu and not args.full)
-    if args.batch is not None and args.batch < 1:
-        p.error(f"--batch must be >= 1, got {args.batch}")
+    for name in ("batch", "model_batch", "resolution"):
+        value = getattr(args, name)
+        if value is not None and value < (32 if name == "resolution" else 1):
+            p.error(f"--{name.replace('_', '-')} must be >= {32 if name == 'resolution' else 1}, got {value}")
     for name in ("warmup", "repeats"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -69,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batch = args.batch or (128 if on_gpu and not args.quick else 2)
     if args.lengths is None:
         args.lengths = [14, 28, 56, 112] if on_gpu else [14, 28, 56]
+    args.resolution = args.resolution or (224 if on_gpu and not args.quick else 64)
+    args.model_batch = args.model_batch or (64 if on_gpu and not args.quick else 2)
+    args.compile = on_gpu if args.compile is None else args.compile
     args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     args.repeats = args.repeats or (30 if on_gpu else 5)
     args.json = args.json or args.out / "bench.json"
@@ -80,7 +101,7 @@ def _progress(items: list, desc: str) -> Iterable:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+    return tqdm(items, desc=desc, file=sys.stderr, leave=False, disable=None)  # off when stderr is no terminal
 
 
 def _row_from(timing: Timing | None, base: dict, nbytes: int | None, copy_gbps: float, error: str | None) -> Row:
@@ -133,6 +154,34 @@ def _time_impl(case: op_suite.OpCase, impl: op_suite.Impl, inputs: dict, suite: 
     return rows
 
 
+def run_model(case: model_suite.ModelCase, args) -> list[Row]:
+    """Images/s of inference and of a training step of one model; a failure gives error rows."""
+    device = args.device
+    base = dict(suite="models", name=case.name, shape=f"{args.resolution}x{args.resolution} b={args.model_batch}",
+                dtype="bfloat16 autocast" if device.type == "cuda" else "float32", impl=case.impl,
+                info={"batch": args.model_batch, "resolution": args.resolution, "compiled": case.compile})
+    rows = []
+    try:
+        model = model_suite.build(case, device)
+        steps = model_suite.step_functions(model, case, args.model_batch, args.resolution, device)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        return [Row(**base, mode=mode, error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                for mode in ("infer", "train")]
+    for mode, step in steps.items():
+        try:
+            timing, error = measure(step, device, args.warmup, args.repeats, args.budget), None
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            timing, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        row = _row_from(timing, {**base, "mode": mode}, None, 0.0, error)
+        if timing is not None:
+            row.images_per_s = args.model_batch / (timing.median_ms * 1e-3)
+        rows.append(row)
+    del model, steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device
@@ -148,15 +197,19 @@ def main(argv: list[str] | None = None) -> int:
 
     dtypes = [DTYPES[d] for d in args.dtypes]
     rows: list[Row] = []
-    cases = op_suite.stage_cases(args.ops, args.stages, args.batch, dtypes, device)
-    for case in _progress(cases, "ops"):
-        rows += run_case(case, "ops", ("fwd", "bwd", "fwd+bwd"), args, copy_gbps)
-    if args.lengths:
+    if "ops" in args.suites:
+        cases = op_suite.stage_cases(args.ops, args.stages, args.batch, dtypes, device)
+        for case in _progress(cases, "ops"):
+            rows += run_case(case, "ops", ("fwd", "bwd", "fwd+bwd"), args, copy_gbps)
+    if "ops" in args.suites and args.lengths:
         sweep_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         sweep_batch = 32 if device.type == "cuda" and not args.quick else 1
         sweep = op_suite.length_sweep_cases(args.ops, args.lengths, sweep_batch, sweep_dtype, device)
         for case in _progress(sweep, "length sweep"):
             rows += run_case(case, "length", ("fwd",), args, copy_gbps)
+    if "models" in args.suites:
+        for case in _progress(model_suite.model_cases(args.models, device, args.compile), "models"):
+            rows += run_model(case, args)
     add_speedups(rows)
 
     print(format_table(rows))
@@ -166,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         title = f"{meta['device_name']}, torch {meta['torch']}, mamba_adaptor_ops {meta['mamba_adaptor_ops']}"
         plot_length_sweep(args.out / "ops_vs_length.png", rows, copy_gbps, title)
         plot_speedups(args.out / "ops_speedup.png", rows, title)
-        print(f"plots: {args.out / 'ops_vs_length.png'}, {args.out / 'ops_speedup.png'}")
+        plot_model_throughput(args.out / "models_throughput.png", rows, title)
+        print(f"plots: {', '.join(str(p) for p in sorted(args.out.glob('*.png')))}")
     return 0
 
 

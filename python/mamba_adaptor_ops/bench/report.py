@@ -148,3 +148,35 @@ def plot_speedups(path: Path, rows: list[Row], title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_model_throughput(path: Path, rows: list[Row], title: str) -> None:
+    """Images/s of each model and implementation, inference and training side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model_rows = [r for r in rows if r.suite == "models" and r.images_per_s]
+    if not model_rows:
+        return
+    labels = list(dict.fromkeys(f"{r.name}\n{r.impl}" for r in model_rows))
+    modes = list(dict.fromkeys(r.mode for r in model_rows))
+    width = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.6))
+    for i, mode in enumerate(modes):
+        values = {f"{r.name}\n{r.impl}": r.images_per_s for r in model_rows if r.mode == mode}
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(xs, [values.get(label, 0.0) for label in labels], width, label=mode)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    shape = model_rows[0].shape
+    ax.set_ylabel(f"images / s ({shape}, {model_rows[0].dtype})")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
