@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/cpu_vec.h"
 #include "state_gather_args.h"
 
 namespace mamba_adaptor {
@@ -29,11 +30,6 @@ inline Sample<Acc> make_sample(int64_t t, Acc offset, Acc weight, int64_t L) {
   const int64_t i0 = lo >= Acc(0) && lo <= static_cast<Acc>(L - 1) ? static_cast<int64_t>(lo) : -1;
   const int64_t i1 = lo >= Acc(-1) && lo <= static_cast<Acc>(L - 2) ? static_cast<int64_t>(lo) + 1 : -1;
   return Sample<Acc>{i0, i1, p - lo, weight};
-}
-
-template <typename T>
-inline acc_t<T> read(const T* row, int64_t i) {
-  return i >= 0 ? static_cast<acc_t<T>>(row[i]) : acc_t<T>(0);
 }
 
 // The samples of every (b, s), laid out (b*S, L, K); offsets and weights are read through their strides.
@@ -60,6 +56,31 @@ std::vector<Sample<acc_t<T>>> make_samples(const StateGatherParams& p) {
   return samples;
 }
 
+// The backward works position-major: a (b, s) slice of h or grad_out, (D, L), is transposed to (L, D), so
+// that a sample, which reads all D channels of one position, is one vector loop over D.
+constexpr int64_t kTile = 64;  // positions per task
+
+// (b*S, D, L) in T -> (b*S, L, D) in the accumulation type.
+template <typename T>
+std::vector<acc_t<T>> position_major(const void* data, int64_t BS, int64_t D, int64_t L) {
+  std::vector<acc_t<T>> out(static_cast<size_t>(BS * L * D));
+  const int64_t tiles = (L + kTile - 1) / kTile;
+  cpu::parallel_over(BS * tiles, kTile * D * 2, [&](int64_t task) {
+    const int64_t bs = task / tiles, t0 = task % tiles * kTile, t1 = std::min(L, t0 + kTile);
+    const T* src = static_cast<const T*>(data) + bs * D * L;
+    acc_t<T>* dst = out.data() + bs * L * D;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t t = t0; t < t1; ++t) dst[t * D + d] = static_cast<acc_t<T>>(src[d * L + t]);
+    }  });
+  return out;
+}
+
+template <typename T>
+inline acc_t<T> read(const T* row, int64_t i) {
+  return i >= 0 ? static_cast<acc_t<T>>(row[i]) : acc_t<T>(0);
+}
+
+// The forward reads each row of h in place, its samples' neighbours from the same row.
 template <typename T>
 void gather_fwd(const StateGatherParams& p) {
   using Acc = acc_t<T>;
@@ -80,60 +101,58 @@ void gather_fwd(const StateGatherParams& p) {
   });
 }
 
-// grad_h is a scatter within each row; grad_offsets and grad_weights reduce over D. Both are computed
-// without atomics, so the CPU backward is deterministic whatever `deterministic` says.
+// grad_weights and grad_offsets come from two dot products per sample, dot(grad_out[t], h[i0]) and
+// dot(grad_out[t], h[i1]) over D; grad_h is a scatter of grad_out rows to the neighbours, done by tasks that
+// each own a block of channels of one (b, s), so no two tasks write the same element. No atomics: the same
+// result on every run whatever `deterministic` says.
 template <typename T>
 void gather_bwd(const StateGatherBwdParams& bp) {
   using Acc = acc_t<T>;
   const StateGatherParams& p = bp.fwd;
-  const int64_t K = p.n_points, L = p.seqlen, D = p.dim;
+  const int64_t K = p.n_points, L = p.seqlen, D = p.dim, BS = p.batch * p.n_seq;
   const auto samples = make_samples<T>(p);
-  const auto* h = static_cast<const T*>(p.h);
-  const auto* grad = static_cast<const T*>(bp.grad_out);
+  const auto h = position_major<T>(p.h, BS, D, L);
+  const auto g = position_major<T>(bp.grad_out, BS, D, L);
 
-  cpu::parallel_over(p.batch * p.n_seq * D, L * K * 6, [&](int64_t row) {
-    const Sample<Acc>* sample = samples.data() + row / D * L * K;
-    const T* g = grad + row * L;
-    std::vector<Acc> acc(L);
-    for (int64_t t = 0; t < L; ++t) acc[t] = p.residual ? static_cast<Acc>(g[t]) : Acc(0);
-    for (int64_t t = 0; t < L; ++t) {
-      const Acc gt = static_cast<Acc>(g[t]);
-      for (int64_t k = 0; k < K; ++k) {
-        const Sample<Acc>& s = sample[t * K + k];
-        if (s.i0 >= 0) acc[s.i0] += s.weight * (Acc(1) - s.frac) * gt;
-        if (s.i1 >= 0) acc[s.i1] += s.weight * s.frac * gt;
-      }
-    }
-    T* grad_h = static_cast<T*>(bp.grad_h) + row * L;
-    for (int64_t t = 0; t < L; ++t) grad_h[t] = static_cast<T>(acc[t]);
-  });
-
-  constexpr int64_t kChunk = 256;  // positions t per task: reads rows of h and grad_out in runs
-  const int64_t chunks = (L + kChunk - 1) / kChunk;
-  cpu::parallel_over(p.batch * p.n_seq * chunks, D * kChunk * K * 8, [&](int64_t task) {
-    const int64_t bs = task / chunks, t0 = task % chunks * kChunk, t1 = std::min(L, t0 + kChunk);
+  const int64_t tiles = (L + kTile - 1) / kTile;
+  cpu::parallel_over(BS * tiles, kTile * K * D * 2, [&](int64_t task) {
+    const int64_t bs = task / tiles, t0 = task % tiles * kTile, t1 = std::min(L, t0 + kTile);
     const Sample<Acc>* sample = samples.data() + bs * L * K;
-    std::vector<Acc> dweight((t1 - t0) * K, Acc(0)), dpos((t1 - t0) * K, Acc(0));
-    for (int64_t d = 0; d < D; ++d) {
-      const T* x = h + (bs * D + d) * L;
-      const T* g = grad + (bs * D + d) * L;
-      for (int64_t t = t0; t < t1; ++t) {
-        const Acc gt = static_cast<Acc>(g[t]);
-        for (int64_t k = 0; k < K; ++k) {
-          const Sample<Acc>& s = sample[t * K + k];
-          const Acc v0 = read(x, s.i0), v1 = read(x, s.i1);
-          dweight[(t - t0) * K + k] += gt * ((Acc(1) - s.frac) * v0 + s.frac * v1);
-          dpos[(t - t0) * K + k] += gt * (v1 - v0);
-        }
-      }
-    }
+    const Acc* hs = h.data() + bs * L * D;
     T* grad_weights = static_cast<T*>(bp.grad_weights) + bs * K * L;
     T* grad_offsets = static_cast<T*>(bp.grad_offsets) + bs * K * L;
     for (int64_t t = t0; t < t1; ++t) {
+      const Acc* gt = g.data() + (bs * L + t) * D;
       for (int64_t k = 0; k < K; ++k) {
-        grad_weights[k * L + t] = static_cast<T>(dweight[(t - t0) * K + k]);
-        grad_offsets[k * L + t] = static_cast<T>(sample[t * K + k].weight * dpos[(t - t0) * K + k]);
+        const Sample<Acc>& s = sample[t * K + k];
+        const Acc v0 = s.i0 >= 0 ? cpu::dot(gt, hs + s.i0 * D, D) : Acc(0);
+        const Acc v1 = s.i1 >= 0 ? cpu::dot(gt, hs + s.i1 * D, D) : Acc(0);
+        grad_weights[k * L + t] = static_cast<T>((Acc(1) - s.frac) * v0 + s.frac * v1);
+        grad_offsets[k * L + t] = static_cast<T>(s.weight * (v1 - v0));
       }
+    }
+  });
+
+  constexpr int64_t kChannels = 64;  // channels per grad_h task
+  const int64_t blocks = (D + kChannels - 1) / kChannels;
+  cpu::parallel_over(BS * blocks, L * K * kChannels * 2, [&](int64_t task) {
+    const int64_t bs = task / blocks, d0 = task % blocks * kChannels, n = std::min(kChannels, D - d0);
+    const Sample<Acc>* sample = samples.data() + bs * L * K;
+    const Acc* gs = g.data() + bs * L * D + d0;
+    std::vector<Acc> gh(L * n);  // this task's channels of grad_h, position-major (L, n)
+    for (int64_t t = 0; t < L; ++t) {
+      for (int64_t d = 0; d < n; ++d) gh[t * n + d] = p.residual ? gs[t * D + d] : Acc(0);
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      for (int64_t k = 0; k < K; ++k) {
+        const Sample<Acc>& s = sample[t * K + k];
+        if (s.i0 >= 0) cpu::axpy(gh.data() + s.i0 * n, s.weight * (Acc(1) - s.frac), gs + t * D, n);
+        if (s.i1 >= 0) cpu::axpy(gh.data() + s.i1 * n, s.weight * s.frac, gs + t * D, n);
+      }
+    }
+    T* grad_h = static_cast<T*>(bp.grad_h) + (bs * D + d0) * L;
+    for (int64_t d = 0; d < n; ++d) {
+      for (int64_t t = 0; t < L; ++t) grad_h[d * L + t] = static_cast<T>(gh[t * n + d]);
     }
   });
 }

@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also time torch.compile'd models (default: on a GPU, not on the CPU)")
     p.add_argument("--quick", action="store_true", help="one stage shape, float32, few repeats (implied on the CPU)")
     p.add_argument("--full", action="store_true", help="no --quick on the CPU")
-    p.add_argument("--warmup", type=int, help="untimed runs before timing (default 5 on a GPU, 1 on the CPU)")
-    p.add_argument("--repeats", type=int, help="timed runs at most (default 30 on a GPU, 5 on the CPU)")
+    p.add_argument("--warmup", type=int, help="untimed runs before timing (default 5 on a GPU, 3 on the CPU)")
+    p.add_argument("--repeats", type=int, help="timed runs at most (default 30 on a GPU, 10 on the CPU)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds one measurement may take; slow ones get fewer runs")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and the plots")
     p.add_argument("--json", type=Path, help="JSON path (default OUT/bench.json)")
@@ -90,8 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.resolution = args.resolution or (224 if on_gpu and not args.quick else 64)
     args.model_batch = args.model_batch or (64 if on_gpu and not args.quick else 2)
     args.compile = on_gpu if args.compile is None else args.compile
-    args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
-    args.repeats = args.repeats or (30 if on_gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 3)
+    args.repeats = args.repeats or (30 if on_gpu else 10)
     args.json = args.json or args.out / "bench.json"
     return args
 
