@@ -18,7 +18,9 @@ void unsupported_float64(const char* op) {
 }
 
 int sm_count() {
-  static std::vector<int> counts;
+  // Per thread: ops may run concurrently on several threads (DataParallel), and a shared vector would be
+  // resized under another thread's read.
+  static thread_local std::vector<int> counts;
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   if (device >= static_cast<int>(counts.size())) counts.resize(device + 1, 0);

@@ -17,7 +17,7 @@ namespace mamba_adaptor::cuda {
 void check(cudaError_t err, const char* what);
 // Checks the last kernel launch.
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
-// Number of SMs of the current device (cached per device).
+// Number of SMs of the current device (cached per device and thread).
 int sm_count();
 
 [[noreturn]] void unsupported_float64(const char* op);
