@@ -15,7 +15,7 @@ GetStreamFn resolve_get_stream() {
   void* fn = lib ? dlsym(lib, "aoti_torch_get_current_cuda_stream") : nullptr;
   if (!fn) {
     fail("mamba_adaptor_ops: cannot find aoti_torch_get_current_cuda_stream in libtorch_cuda.so: CUDA tensors "
-         "need a CUDA build of torch (", dlerror() ? "symbol lookup failed" : "library not loaded", ")");
+         "need a CUDA build of torch (", lib ? "symbol lookup failed" : "library not loaded", ")");
   }
   return reinterpret_cast<GetStreamFn>(fn);
 }
