@@ -82,18 +82,41 @@ def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
     path.write_text(json.dumps({"schema": SCHEMA, "meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
 
 
-def plot_length_sweep(path: Path, rows: list[Row], copy_gbps: float, title: str) -> None:
-    """Forward time against sequence length per op, every implementation, with the memory-bandwidth floor."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def _grouped_bars(ax, labels: list[str], series: dict[str, list[float]], value_fmt: str | None = None) -> None:
+    """One group of bars per label, one bar per series, the series in the legend."""
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(xs, values, width, label=name)
+        if value_fmt:
+            ax.bar_label(bars, fmt=value_fmt, fontsize=7)
+    ax.set_xticks(range(len(labels)))
+    ax.legend(fontsize=8)
+
+
+def plot_length_sweep(path: Path, rows: list[Row], copy_gbps: float, title: str) -> None:
+    """Forward time against sequence length per op, every implementation, with the memory-bandwidth floor."""
     sweep = [r for r in rows if r.suite == "length" and r.median_ms]
     ops = list(dict.fromkeys(r.name for r in sweep))
     if not ops:
         return
-    fig, axes = plt.subplots(1, len(ops), figsize=(5.2 * len(ops), 4.2), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(ops), figsize=(5.2 * len(ops), 4.2), squeeze=False)
     for ax, op in zip(axes[0], ops):
         op_rows = [r for r in sweep if r.name == op]
         for impl in dict.fromkeys(r.impl for r in op_rows):
@@ -113,70 +136,42 @@ def plot_length_sweep(path: Path, rows: list[Row], copy_gbps: float, title: str)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_speedups(path: Path, rows: list[Row], title: str) -> None:
     """Our speedup over each baseline on the paper's stage shapes, one bar group per case and mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ours = [r for r in rows if r.suite == "ops" and r.impl == OURS_PREFIX and r.speedup]
     if not ours:
         return
     baselines = list(dict.fromkeys(b for r in ours for b in r.speedup))
-    labels = [f"{r.name}\n{r.shape} {r.dtype} {r.mode}" for r in ours]
-    width = 0.8 / len(baselines)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(ours) + 2), 4.8))
-    for i, baseline in enumerate(baselines):
-        xs = [j + (i - (len(baselines) - 1) / 2) * width for j in range(len(ours))]
-        ax.bar(xs, [r.speedup.get(baseline, 0.0) for r in ours], width, label=f"vs {baseline}")
+    fig, ax = _pyplot().subplots(figsize=(max(6.0, 0.75 * len(ours) + 2), 4.8))
+    series = {f"vs {b}": [r.speedup.get(b, 0.0) for r in ours] for b in baselines}
+    _grouped_bars(ax, [f"{r.name}\n{r.shape} {r.dtype} {r.mode}" for r in ours], series)
     ax.axhline(1.0, color="k", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_ylabel("speedup (baseline time / our time)")
-    ax.set_xticks(range(len(ours)))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([f"{r.name}\n{r.shape} {r.dtype} {r.mode}" for r in ours], rotation=60, ha="right",
+                       fontsize=7)
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_model_throughput(path: Path, rows: list[Row], title: str) -> None:
     """Images/s of each model and implementation, inference and training side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     model_rows = [r for r in rows if r.suite == "models" and r.images_per_s]
     if not model_rows:
         return
     labels = list(dict.fromkeys(f"{r.name}\n{r.impl}" for r in model_rows))
-    modes = list(dict.fromkeys(r.mode for r in model_rows))
-    width = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.6))
-    for i, mode in enumerate(modes):
+    series = {}
+    for mode in dict.fromkeys(r.mode for r in model_rows):
         values = {f"{r.name}\n{r.impl}": r.images_per_s for r in model_rows if r.mode == mode}
-        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(labels))]
-        bars = ax.bar(xs, [values.get(label, 0.0) for label in labels], width, label=mode)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    shape = model_rows[0].shape
-    ax.set_ylabel(f"images / s ({shape}, {model_rows[0].dtype})")
-    ax.set_xticks(range(len(labels)))
+        series[mode] = [values.get(label, 0.0) for label in labels]
+    fig, ax = _pyplot().subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.6))
+    _grouped_bars(ax, labels, series, value_fmt="%.0f")
+    ax.set_ylabel(f"images / s ({model_rows[0].shape}, {model_rows[0].dtype})")
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
