@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a machine with a GPU and a CUDA torch (e.g. the device tool's H100):
 # build (or install a wheel carried from elsewhere), every test (the CUDA ones included), compute-sanitizer
-# memcheck and racecheck on a small forward + backward of every op, then the benchmark.
+# (memcheck, racecheck, initcheck, synccheck) on a small forward + backward of every op, then the benchmark.
 #
 #   bash tools/gpu_check.sh                 # build from this checkout against the installed torch
 #   WHEEL=.whl/mamba_adaptor_ops-*.whl bash tools/gpu_check.sh   # test a wheel built on another machine
@@ -47,7 +47,7 @@ fi
 
 if wants sanitizer; then
   step "compute-sanitizer"
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck initcheck synccheck; do
     echo "--- $tool" >> "$OUT/sanitizer.log"
     compute-sanitizer --tool "$tool" --error-exitcode 1 \
       "$PYTHON" tools/sanitizer_smoke.py >> "$OUT/sanitizer.log" 2>&1
