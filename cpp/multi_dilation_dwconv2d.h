@@ -40,7 +40,8 @@ struct DwConvBwdParams {
   void* grad_weight;  // contiguous (n_dilations, C, k, k)
   void* grad_bias;    // contiguous (C,), nullptr without bias
 
-  // CUDA only: dwconv_bwd_workspace_bytes(*this) bytes of device memory for the launcher's use.
+  // CUDA only: dwconv_bwd_workspace_bytes(*this) bytes of device memory for the launcher's use,
+  // computed with the launch's device current (the tiling follows its shared memory per block).
   void* workspace;
 };
 

@@ -37,7 +37,8 @@ struct StateGatherBwdParams {
   void* grad_offsets;  // (b, S, K, L)
   void* grad_weights;  // (b, S, K, L)
 
-  // CUDA only: state_gather_bwd_workspace_bytes(*this) bytes of device memory for the launcher's use.
+  // CUDA only: state_gather_bwd_workspace_bytes(*this) bytes of device memory for the launcher's use,
+  // computed with the launch's device current (the layout follows its shared memory per block).
   void* workspace;
 };
 

@@ -17,17 +17,29 @@ void unsupported_float64(const char* op) {
                            ": float64 runs on the CPU only; use float32, float16 or bfloat16 on CUDA");
 }
 
-int sm_count() {
-  // Per thread: ops may run concurrently on several threads (DataParallel), and a shared vector would be
-  // resized under another thread's read.
-  static thread_local std::vector<int> counts;
+namespace {
+
+// The attribute `attr` of the current device, read once per device into `cache` (indexed by device). The
+// caches are per thread: ops may run concurrently on several threads (DataParallel), and a shared vector
+// would be resized under another thread's read.
+int device_attribute(std::vector<int>& cache, cudaDeviceAttr attr) {
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
-  if (device >= static_cast<int>(counts.size())) counts.resize(device + 1, 0);
-  if (counts[device] == 0) {
-    check(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  }
-  return counts[device];
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, 0);
+  if (cache[device] == 0) check(cudaDeviceGetAttribute(&cache[device], attr, device), "cudaDeviceGetAttribute");
+  return cache[device];
+}
+
+}  // namespace
+
+int sm_count() {
+  static thread_local std::vector<int> counts;
+  return device_attribute(counts, cudaDevAttrMultiProcessorCount);
+}
+
+size_t max_block_smem() {
+  static thread_local std::vector<int> limits;
+  return static_cast<size_t>(device_attribute(limits, cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
 unsigned grid_size(int64_t blocks, const char* kernel) {

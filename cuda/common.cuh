@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -19,6 +20,10 @@ void check(cudaError_t err, const char* what);
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
 // Number of SMs of the current device (cached per device and thread).
 int sm_count();
+// The most shared memory, static and dynamic together, one block may use on the current device
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin: 163 KiB on sm_80, 227 KiB on sm_90, 99 KiB on sm_86, sm_89 and
+// sm_120; cached per device and thread). The kernels' shared-memory plans are computed from it.
+size_t max_block_smem();
 
 [[noreturn]] void unsupported_float64(const char* op);
 
@@ -70,11 +75,16 @@ __device__ __forceinline__ void unpack_word(uint32_t word, float* out, __nv_bflo
   out[1] = __uint_as_float(word & 0xffff0000u);
 }
 
-// Lets `kernel` take `bytes` of dynamic shared memory, above the default 48 KiB where needed.
+// Lets `kernel`, which declares `static_bytes` of static shared memory, be launched with `bytes` of dynamic
+// shared memory where the two together exceed the default 48 KiB. The caller's plan keeps
+// static_bytes + bytes <= max_block_smem(). The attribute is set to all the device allows,
+// max_block_smem() - static_bytes, the same value on every call: a launch on another thread never finds it
+// lowered by a smaller one.
 template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+void allow_dynamic_smem(Kernel kernel, size_t bytes, size_t static_bytes) {
+  if (static_bytes + bytes > 48 * 1024) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(max_block_smem() - static_bytes)),
           "cudaFuncSetAttribute");
   }
 }

@@ -14,11 +14,12 @@
 //   weight_grad_kernel: per block, sum over its pixels of grad_out * shifted x for every tap (and grad_out for
 //     the bias), reduced over the block in a fixed order and written as one row of partial sums per
 //     (b, tile); reduce_partials_kernel then sums the rows in order: no atomics, bit-identical runs.
-// Direct path, when the halo tile does not fit in shared memory (very large dilations): one thread per output
-// reading global memory, and a block per weight-gradient element with a fixed-order reduction.
+// Direct path, when the halo tile does not fit in the device's shared memory (very large dilations): one thread
+// per output reading global memory, and a block per weight-gradient element with a fixed-order reduction.
 // Index arithmetic: element offsets int64 (strides are int64); in-tile indices int.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -30,12 +31,15 @@ namespace mamba_adaptor::cuda::dwconv {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnits = 16;                 // output words (pixel x channel word) per thread of a staged block
-constexpr int kSmemBudget = 100 * 1024;    // per block: two or more blocks per SM
+constexpr int kSmemBudget = 100 * 1024;    // most bytes of a staged block's tile and weights (see plan)
 
 template <typename T>
 constexpr int kWordChannels = 4 / static_cast<int>(sizeof(T));  // channels per 32-bit word
 template <typename T>
 using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
+
+// Static shared memory of weight_grad_kernel<T, k>: the scratch of reduce_over_pixels.
+constexpr size_t weight_grad_static_smem(int64_t k) { return static_cast<size_t>(kWarps * 32 * k) * sizeof(float); }
 
 struct Tiling {
   bool staged;         // false: the halo tile does not fit in shared memory, use the direct kernels
@@ -53,8 +57,12 @@ struct Tiling {
 };
 
 // The tiling of a staged block for the input read through `strides` (x for the forward and the weight
-// gradient, grad_out for grad_x); the same function sizes the workspace, so both always agree.
-inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size) {
+// gradient, grad_out for grad_x) on a device with `block_smem` bytes of shared memory per block; the same
+// function sizes the workspace, so both always agree. The tile with its halo and the weights (conv_kernel)
+// stay within kSmemBudget and block_smem, the tile and the static scratch (weight_grad_kernel) within
+// block_smem: the tile shrinks to at most 8 x 8 pixels, then to fewer channel words, until they do, and the
+// direct kernels take over where a halo over 1024 or one channel word of such a tile does not fit.
+inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size, size_t block_smem) {
   const int per_word = 4 / elem_size;
   Tiling t{};
   int64_t max_dilation = 1;
@@ -77,7 +85,8 @@ inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size)
   }
   t.staged = halo <= 1024;
   t.halo = static_cast<int>(t.staged ? halo : 0);
-  while (t.staged && t.tile_bytes() + t.weight_bytes(p) > kSmemBudget) {
+  const size_t budget = std::min<size_t>(kSmemBudget, block_smem), scratch = weight_grad_static_smem(p.kernel_size);
+  while (t.staged && (t.tile_bytes() + t.weight_bytes(p) > budget || t.tile_bytes() + scratch > block_smem)) {
     if (t.tile_h > 8 && t.tile_h >= t.tile_w) {
       t.tile_h = (t.tile_h + 1) / 2;
     } else if (t.tile_w > 8) {
@@ -279,7 +288,7 @@ template <typename T, int kK>
 __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const DwConvBwdParams bp, const Tiling t, float* partials) {
   constexpr int kPerWord = kWordChannels<T>, r = (kK - 1) / 2, kTaps = kK * kK;
   extern __shared__ uint32_t smem_words[];
-  __shared__ float scratch[kWarps * 32 * kK];
+  __shared__ float scratch[weight_grad_static_smem(kK) / sizeof(float)];
   const DwConvParams& p = bp.fwd;
   const Block blk = make_block(p, t);
   stage_tile<T>(reinterpret_cast<Bits<T>*>(smem_words), p.x, p.x_strides, p, t, blk);
@@ -450,7 +459,7 @@ inline unsigned stride_grid(int64_t work) {
 // out = conv(x) (flip = false) or grad_x = conv^T(grad_out) (flip = true, p.x = grad_out, p.bias = nullptr).
 template <typename T>
 void launch_conv(const DwConvParams& p, bool flip, cudaStream_t stream) {
-  const Tiling t = plan(p, p.x_strides, sizeof(T));
+  const Tiling t = plan(p, p.x_strides, sizeof(T), max_block_smem());
   if (!t.staged) {
     direct_conv_kernel<T><<<stride_grid(p.batch * p.channels * p.height * p.width), kThreads, 0, stream>>>(p, flip);
     check_launch("multi_dilation_dwconv2d (direct)");
@@ -459,7 +468,7 @@ void launch_conv(const DwConvParams& p, bool flip, cudaStream_t stream) {
   const size_t smem = t.tile_bytes() + t.weight_bytes(p);
   const unsigned grid = grid_size(t.blocks(p.batch), "multi_dilation_dwconv2d");
   kernel_size_switch(p.kernel_size, [&](auto k) {
-    allow_dynamic_smem(conv_kernel<T, decltype(k)::value>, smem);
+    allow_dynamic_smem(conv_kernel<T, decltype(k)::value>, smem, 0);
     conv_kernel<T, decltype(k)::value><<<grid, kThreads, smem, stream>>>(p, t, flip);
   });
   check_launch("multi_dilation_dwconv2d");
@@ -469,7 +478,7 @@ void launch_conv(const DwConvParams& p, bool flip, cudaStream_t stream) {
 template <typename T>
 void launch_weight_grad(const DwConvBwdParams& bp, cudaStream_t stream) {
   const DwConvParams& p = bp.fwd;
-  const Tiling t = plan(p, p.x_strides, sizeof(T));
+  const Tiling t = plan(p, p.x_strides, sizeof(T), max_block_smem());
   if (!t.staged) {
     direct_weight_grad_kernel<T><<<grid_size(partial_row(p), "multi_dilation_dwconv2d_backward"), kThreads, 0, stream>>>(bp);
     check_launch("multi_dilation_dwconv2d_backward (direct weight gradient)");
@@ -479,7 +488,7 @@ void launch_weight_grad(const DwConvBwdParams& bp, cudaStream_t stream) {
   const size_t smem = t.tile_bytes();
   const unsigned grid = grid_size(t.blocks(p.batch), "multi_dilation_dwconv2d_backward");
   kernel_size_switch(p.kernel_size, [&](auto k) {
-    allow_dynamic_smem(weight_grad_kernel<T, decltype(k)::value>, smem);
+    allow_dynamic_smem(weight_grad_kernel<T, decltype(k)::value>, smem, weight_grad_static_smem(k));
     weight_grad_kernel<T, decltype(k)::value><<<grid, kThreads, smem, stream>>>(bp, t, partials);
   });
   check_launch("multi_dilation_dwconv2d_backward (weight gradient)");
@@ -487,9 +496,10 @@ void launch_weight_grad(const DwConvBwdParams& bp, cudaStream_t stream) {
   check_launch("multi_dilation_dwconv2d_backward (weight gradient sums)");
 }
 
-// Bytes of DwConvBwdParams::workspace: the partial rows of the staged weight gradient.
+// Bytes of DwConvBwdParams::workspace: the partial rows of the staged weight gradient, planned for the current
+// device like launch_weight_grad.
 inline size_t weight_grad_workspace_bytes(const DwConvParams& p, int elem_size) {
-  const Tiling t = plan(p, p.x_strides, elem_size);
+  const Tiling t = plan(p, p.x_strides, elem_size, max_block_smem());
   return t.staged ? static_cast<size_t>(n_partials(p, t) * partial_row(p)) * 4 : 0;
 }
 

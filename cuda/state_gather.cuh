@@ -5,8 +5,9 @@
 //
 // Staging: a block works on kRows rows (channels d) of one (b, s), kRows * sizeof(T) = 32 bytes, and copies a
 // window of positions of those rows into shared memory transposed, [position][row], so that one position of
-// all its rows is two 16-byte loads. The window is the whole row when L <= kMaxWindow (every sample then reads
-// shared memory), else a tile with a halo on each side; samples outside the window read global memory.
+// all its rows is two 16-byte loads. The window is the whole row when it fits (every sample then reads shared
+// memory), else a tile with a halo on each side; samples outside the window read global memory. The window
+// size follows the device's shared memory per block (row_tiling).
 //
 // Forward: block (b, s, row chunk, tile) stages h; thread per position t: residual + K samples, kRows rows.
 // Backward, with no float atomics, so it is bit-identical across runs whatever `deterministic` says:
@@ -32,12 +33,13 @@ namespace mamba_adaptor::cuda::state_gather {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPositionBytes = 32;           // staged bytes per position: kRows rows of T
-constexpr int kMaxWindow = 3584;             // positions: 112 KiB of shared memory, two blocks per SM
-constexpr int kTile = 2048, kHalo = 768;     // rows longer than kMaxWindow: kTile + 2 * kHalo == kMaxWindow
+constexpr int kMaxWindow = 3584;             // positions: 112 KiB of shared memory (two blocks per SM on sm_90)
+constexpr int kHalo = 768;                   // rows longer than the window: tiles with this halo each side
 constexpr int kPointsTile = kThreads;        // grad_points_kernel: one position per thread ...
 constexpr int kPointsHalo = 128;             // ... and this halo each side
 constexpr int kPointGroup = 4;               // points k per pass of grad_points_kernel (registers)
 constexpr int kCursorSmem = 112 * 1024;      // buckets_kernel keeps its per-warp cursors in shared memory up to this
+constexpr size_t kBucketsStaticSmem = kWarps * sizeof(int);  // buckets_kernel's static shared memory (scan scratch)
 
 template <typename T>
 struct Staged {
@@ -51,9 +53,16 @@ struct Tiling {
   int tile, halo, n_tiles;
 };
 
-inline Tiling row_tiling(int64_t L) {
-  if (L <= kMaxWindow) return {static_cast<int>(L), 0, 1};
-  return {kTile, kHalo, static_cast<int>(ceil_div(L, kTile))};
+// The tiling of fwd_kernel and grad_h_kernel on a device with `block_smem` bytes of shared memory per block.
+// The window is kMaxWindow positions, or the most multiple of 8 that fits where that is fewer: the whole row
+// when L fits, else a tile and a halo of kHalo each side (a quarter of the window where that is less),
+// tile + 2 * halo == window. Tiles, halos and so window starts are multiples of 8 positions (vector_staging).
+// sm_80, sm_90: windows of 3584 positions (112 KiB), tiles of 2048; sm_86, sm_89, sm_120: 3168 (99 KiB), 1632.
+inline Tiling row_tiling(int64_t L, size_t block_smem) {
+  const int window = static_cast<int>(std::min<size_t>(kMaxWindow, block_smem / kPositionBytes / 8 * 8));
+  if (L <= window) return {static_cast<int>(L), 0, 1};
+  const int halo = std::min(kHalo, window / 4 / 8 * 8), tile = window - 2 * halo;
+  return {tile, halo, static_cast<int>(ceil_div(L, tile))};
 }
 
 inline Tiling points_tiling(int64_t L) { return {kPointsTile, kPointsHalo, static_cast<int>(ceil_div(L, kPointsTile))}; }
@@ -70,17 +79,19 @@ bool vector_staging(const void* data, int64_t L) {
 }
 
 // The workspace of the backward: per (b, s), the bucket entries and starts (and the per-warp cursors when
-// they do not fit in shared memory). Offsets in bytes, each 256-byte aligned.
+// they do not fit in shared memory: more than kCursorSmem, or than the device's `block_smem` bytes per block
+// with buckets_kernel's static shared memory). Offsets in bytes, each 256-byte aligned.
 struct BucketLayout {
   int64_t entry_t, entry_c, starts, cursors, total;
   bool cursors_in_smem;
 };
 
-inline BucketLayout bucket_layout(const StateGatherParams& p) {
+inline BucketLayout bucket_layout(const StateGatherParams& p, size_t block_smem) {
   const auto align = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
   const int64_t segments = p.batch * p.n_seq, entries = p.n_points * p.seqlen, buckets = p.seqlen + 1;
   BucketLayout layout{};
-  layout.cursors_in_smem = kWarps * buckets * 4 <= kCursorSmem;
+  const int64_t cursor_bytes = kWarps * buckets * 4;
+  layout.cursors_in_smem = cursor_bytes <= kCursorSmem && kBucketsStaticSmem + cursor_bytes <= block_smem;
   layout.entry_t = 0;
   layout.entry_c = align(segments * entries * 4);
   layout.starts = layout.entry_c + align(segments * entries * 8);
@@ -299,6 +310,7 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
                                                          char* workspace) {
   extern __shared__ uint4 smem[];
   __shared__ int scratch[kWarps];
+  static_assert(sizeof(scratch) == kBucketsStaticSmem, "bucket_layout plans with kBucketsStaticSmem");
   const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen), buckets = L + 1;
   const int64_t segment = blockIdx.x, b = segment / p.n_seq, s = segment % p.n_seq;
   int* entry_t = reinterpret_cast<int*>(workspace + layout.entry_t) + segment * n;
@@ -491,11 +503,11 @@ __global__ void __launch_bounds__(kThreads) grad_points_kernel(const StateGather
 // Host launchers, instantiated per dtype in state_gather_{fwd,bwd}_<dtype>.cu.
 template <typename T>
 void launch_fwd(const StateGatherParams& p, cudaStream_t stream) {
-  const Tiling tiling = row_tiling(p.seqlen);
+  const Tiling tiling = row_tiling(p.seqlen, max_block_smem());
   const size_t smem = window_bytes(tiling, p.seqlen);
   const unsigned grid = grid_size(p.batch * p.n_seq * ceil_div(p.dim, Staged<T>::kRows) * tiling.n_tiles, "state_gather");
   const auto launch = [&](auto kernel) {
-    allow_dynamic_smem(kernel, smem);
+    allow_dynamic_smem(kernel, smem, 0);
     kernel<<<grid, kThreads, smem, stream>>>(p, tiling);
   };
   if (vector_staging<T>(p.h, p.seqlen)) {
@@ -511,12 +523,13 @@ void launch_bwd(const StateGatherBwdParams& bp, cudaStream_t stream) {
   const StateGatherParams& p = bp.fwd;
   const bool vector = vector_staging<T>(p.h, p.seqlen) && vector_staging<T>(bp.grad_out, p.seqlen);
   const int64_t segments = p.batch * p.n_seq;
+  const size_t block_smem = max_block_smem();
 
   const Tiling points = points_tiling(p.seqlen);
   const size_t points_smem = window_bytes(points, p.seqlen);
   const unsigned points_grid = grid_size(segments * points.n_tiles, "state_gather backward");
   const auto launch_points = [&](auto kernel) {
-    allow_dynamic_smem(kernel, points_smem);
+    allow_dynamic_smem(kernel, points_smem, 0);
     kernel<<<points_grid, kThreads, points_smem, stream>>>(bp, points);
   };
   if (vector) {
@@ -527,18 +540,18 @@ void launch_bwd(const StateGatherBwdParams& bp, cudaStream_t stream) {
   check_launch("state_gather backward (grad_offsets, grad_weights)");
   if (p.dim == 0) return;  // grad_h is empty
 
-  const BucketLayout layout = bucket_layout(p);
+  const BucketLayout layout = bucket_layout(p, block_smem);
   char* workspace = static_cast<char*>(bp.workspace);
   const size_t cursor_smem = layout.cursors_in_smem ? static_cast<size_t>(kWarps) * (p.seqlen + 1) * 4 : 0;
-  allow_dynamic_smem(buckets_kernel<T>, cursor_smem);
+  allow_dynamic_smem(buckets_kernel<T>, cursor_smem, kBucketsStaticSmem);
   buckets_kernel<T><<<grid_size(segments, "state_gather backward"), kThreads, cursor_smem, stream>>>(p, layout, workspace);
   check_launch("state_gather backward (buckets)");
 
-  const Tiling rows = row_tiling(p.seqlen);
+  const Tiling rows = row_tiling(p.seqlen, block_smem);
   const size_t rows_smem = window_bytes(rows, p.seqlen);
   const unsigned rows_grid = grid_size(segments * ceil_div(p.dim, Staged<T>::kRows) * rows.n_tiles, "state_gather backward");
   const auto launch_grad_h = [&](auto kernel) {
-    allow_dynamic_smem(kernel, rows_smem);
+    allow_dynamic_smem(kernel, rows_smem, 0);
     kernel<<<rows_grid, kThreads, rows_smem, stream>>>(bp, rows, layout, workspace);
   };
   if (vector) {

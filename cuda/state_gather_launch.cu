@@ -33,7 +33,7 @@ void state_gather_bwd_cuda(const StateGatherBwdParams& params, void* stream) {
 size_t state_gather_bwd_workspace_bytes(const StateGatherBwdParams& params) {
   const StateGatherParams& p = params.fwd;
   if (p.batch * p.n_seq * p.dim * p.n_points * p.seqlen == 0) return 0;  // no grad_h to compute
-  return static_cast<size_t>(cuda::state_gather::bucket_layout(p).total);
+  return static_cast<size_t>(cuda::state_gather::bucket_layout(p, cuda::max_block_smem()).total);
 }
 
 }  // namespace mamba_adaptor
