@@ -1,6 +1,7 @@
 """CUDA-only checks of state_gather (Adaptor-T) and multi_dilation_dwconv2d (Adaptor-S) beyond the shared
 device-parametrised tests: the deterministic backward, float64 refusal, > 2^31-element tensors, the tiled and
-direct kernel paths, channels_last with odd C, a non-default stream and torch.compile."""
+direct kernel paths, shapes near the shared memory per block, channels_last with odd C, a non-default stream
+and torch.compile."""
 
 from __future__ import annotations
 
@@ -68,6 +69,16 @@ def test_gather_deterministic_backward_is_bit_identical(dtype, L):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gather_kernel_paths(b, S, D, L, K, spread, dtype):
     inputs = gather_inputs(b, S, D, L, K, dtype, spread=spread)
+    check_against_reference(mao.state_gather, reference.state_gather, inputs, grad_like(inputs["h"]), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [3200, 4096])
+def test_gather_long_rows_within_the_device_shared_memory(dtype, L):
+    """The staged windows and the bucket cursors follow the device's shared memory per block: L = 3200 is one
+    window on sm_80 / sm_90 (163 / 227 KiB) but tiles on sm_86 / sm_89 / sm_120 (99 KiB), and L = 4096 tiles
+    on every device. Forward and backward against the reference."""
+    inputs = gather_inputs(1, 2, 17, L, 3, dtype, spread=300.0)
     check_against_reference(mao.state_gather, reference.state_gather, inputs, grad_like(inputs["h"]), dtype)
 
 
@@ -173,6 +184,26 @@ def test_conv_large_plane(channels_last):
         grad_like(inputs["x"]),
         torch.bfloat16,
         dilations=(1, 2, 3),
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dilations", [(1, 3), (1, 7)])
+def test_conv_k7_within_the_device_shared_memory(dilations, dtype, channels_last):
+    """k = 7, where blocks come near the shared memory per block: (1, 3) channels_last float32 stages 97 KiB
+    of tile and weights; (1, 7) NCHW gives the weight gradient a 44 KiB tile besides its 7 KiB of static
+    scratch, past the default 48 KiB. Forward and backward against the reference."""
+    inputs = conv_inputs(2, 40, 70, 70, k=7, n_dilations=2, dtype=dtype)
+    if channels_last:
+        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+    check_against_reference(
+        mao.multi_dilation_dwconv2d,
+        reference.multi_dilation_dwconv2d,
+        inputs,
+        grad_like(inputs["x"]),
+        dtype,
+        dilations=dilations,
     )
 
 
