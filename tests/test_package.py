@@ -59,3 +59,7 @@ def test_cuda_module_loads_where_it_was_built():
     if os.environ.get("MAMBA_ADAPTOR_REQUIRE_CUDA_KERNELS") == "1":
         assert mao.CUDA_KERNELS_BUILT, "MAMBA_ADAPTOR_REQUIRE_CUDA_KERNELS=1 but the CUDA module was not built"
     assert mao.CUDA_KERNELS_LOADED == mao.CUDA_KERNELS_BUILT, mao._library.CUDA_KERNELS_ERROR
+    if mao.CUDA_KERNELS_LOADED:
+        for op in OPS:
+            for name in (op, f"{op}_backward"):
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mamba_adaptor::{name}", "CUDA"), name
