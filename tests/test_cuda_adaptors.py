@@ -156,35 +156,27 @@ def test_gather_more_than_2_pow_31_elements():
     torch.testing.assert_close(grad_h[0, 0, :, i].double(), expected, atol=0.05, rtol=0.02)
 
 
+def check_conv(inputs: dict, dtype: torch.dtype, dilations: tuple[int, ...], channels_last: bool = False) -> None:
+    """multi_dilation_dwconv2d forward and backward against the reference, x in NCHW or channels_last."""
+    if channels_last:
+        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+    check_against_reference(
+        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad_like(inputs["x"]), dtype,
+        dilations=dilations,
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [7, 37])  # odd channel counts: a partial channel word and block
 def test_conv_channels_last_odd_channels(dtype, C):
-    inputs = conv_inputs(2, C, 19, 23, dtype=dtype)
-    inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
-    check_against_reference(
-        mao.multi_dilation_dwconv2d,
-        reference.multi_dilation_dwconv2d,
-        inputs,
-        grad_like(inputs["x"]),
-        dtype,
-        dilations=(1, 2),
-    )
+    check_conv(conv_inputs(2, C, 19, 23, dtype=dtype), dtype, (1, 2), channels_last=True)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_large_plane(channels_last):
     """A plane of many tiles (partial tiles at both edges), fwd and bwd against the reference."""
     inputs = conv_inputs(1, 5, 1500, 1700, k=5, n_dilations=3, dtype=torch.bfloat16)
-    if channels_last:
-        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
-    check_against_reference(
-        mao.multi_dilation_dwconv2d,
-        reference.multi_dilation_dwconv2d,
-        inputs,
-        grad_like(inputs["x"]),
-        torch.bfloat16,
-        dilations=(1, 2, 3),
-    )
+    check_conv(inputs, torch.bfloat16, (1, 2, 3), channels_last)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -194,17 +186,7 @@ def test_conv_k7_within_the_device_shared_memory(dilations, dtype, channels_last
     """k = 7, where blocks come near the shared memory per block: (1, 3) channels_last float32 stages 97 KiB
     of tile and weights; (1, 7) NCHW gives the weight gradient a 44 KiB tile besides its 7 KiB of static
     scratch, past the default 48 KiB. Forward and backward against the reference."""
-    inputs = conv_inputs(2, 40, 70, 70, k=7, n_dilations=2, dtype=dtype)
-    if channels_last:
-        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
-    check_against_reference(
-        mao.multi_dilation_dwconv2d,
-        reference.multi_dilation_dwconv2d,
-        inputs,
-        grad_like(inputs["x"]),
-        dtype,
-        dilations=dilations,
-    )
+    check_conv(conv_inputs(2, 40, 70, 70, k=7, n_dilations=2, dtype=dtype), dtype, dilations, channels_last)
 
 
 def test_conv_more_than_2_pow_31_elements():
@@ -228,15 +210,7 @@ def test_conv_more_than_2_pow_31_elements():
 
 def test_conv_direct_path_for_huge_dilations():
     """A halo beyond the shared-memory tile (r * dilation > 1024) takes the direct kernels."""
-    inputs = conv_inputs(2, 3, 50, 1200, k=7, n_dilations=2)
-    check_against_reference(
-        mao.multi_dilation_dwconv2d,
-        reference.multi_dilation_dwconv2d,
-        inputs,
-        grad_like(inputs["x"]),
-        torch.float32,
-        dilations=(1, 400),
-    )
+    check_conv(conv_inputs(2, 3, 50, 1200, k=7, n_dilations=2), torch.float32, (1, 400))
 
 
 def test_conv_backward_is_bit_identical():
