@@ -41,11 +41,6 @@ MA_INLINE void row_taps_impl(T* y, const T* w, int64_t k, const T* x, int64_t st
   }
 }
 
-template <typename T>
-MA_INLINE void fma_add_impl(T* __restrict y, const T* __restrict a, const T* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a[i] * x[i];
-}
-
 // 16 independent partial sums, added pairwise at the end: vectorisable, and the same order on every run.
 template <typename T>
 MA_INLINE T dot_impl(const T* __restrict a, const T* __restrict x, int64_t n) {
@@ -70,8 +65,6 @@ MA_AVX2 void row_taps_avx2(T* y, const T* w, int64_t k, const T* x, int64_t step
   row_taps_impl(y, w, k, x, step, n);
 }
 template <typename T>
-MA_AVX2 void fma_add_avx2(T* y, const T* a, const T* x, int64_t n) { fma_add_impl(y, a, x, n); }
-template <typename T>
 MA_AVX2 T dot_avx2(const T* a, const T* x, int64_t n) { return dot_impl(a, x, n); }
 
 bool has_avx2() {
@@ -93,8 +86,6 @@ void row_taps(float* y, const float* w, int64_t k, const float* x, int64_t step,
 void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t step, int64_t n) {
   MA_DISPATCH(row_taps, y, w, k, x, step, n);
 }
-void fma_add(float* y, const float* a, const float* x, int64_t n) { MA_DISPATCH(fma_add, y, a, x, n); }
-void fma_add(double* y, const double* a, const double* x, int64_t n) { MA_DISPATCH(fma_add, y, a, x, n); }
 float dot(const float* a, const float* x, int64_t n) { MA_DISPATCH(dot, a, x, n); }
 double dot(const double* a, const double* x, int64_t n) { MA_DISPATCH(dot, a, x, n); }
 

@@ -12,9 +12,6 @@ void axpy(double* y, double a, const double* x, int64_t n);
 // y[i] += sum_{j < k} w[j] * x[i + j * step], for k in {1, 3, 5, 7} (one row of a convolution kernel)
 void row_taps(float* y, const float* w, int64_t k, const float* x, int64_t step, int64_t n);
 void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t step, int64_t n);
-// y[i] += a[i] * x[i]
-void fma_add(float* y, const float* a, const float* x, int64_t n);
-void fma_add(double* y, const double* a, const double* x, int64_t n);
 // sum_i a[i] * x[i], in a fixed order (the same result on every run)
 float dot(const float* a, const float* x, int64_t n);
 double dot(const double* a, const double* x, int64_t n);
