@@ -15,7 +15,7 @@ from torch import nn
 from .. import reference
 from ..models import create_model
 from ..nn import ss2d
-from .ops import OURS
+from .report import OURS
 
 MODELS = ("vmamba_tiny", "mamba_adaptor_b1", "mamba_adaptor_b2")
 

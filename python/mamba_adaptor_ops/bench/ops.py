@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import reference
 from ..ops import multi_dilation_dwconv2d, selective_scan, state_gather
+from .report import OURS
 
 # stage name -> (channels per direction C, map side H = W) at 224x224 input
 STAGES: dict[str, tuple[int, int]] = {
@@ -33,7 +34,6 @@ DIRECTIONS = 4  # S: the cross-scan's four sequences
 POINTS = 4  # K: Adaptor-T's gathered states per position
 DILATIONS = (1, 2)
 OPS = ("selective_scan", "state_gather", "multi_dilation_dwconv2d")
-OURS = "mamba_adaptor_ops"
 
 
 @dataclass
@@ -62,8 +62,8 @@ class OpCase:
     info: dict = field(default_factory=dict)
 
 
-def _mamba_ssm_scan() -> object | None:
-    """mamba_ssm's compiled scan module, or None."""
+def _mamba_ssm_cuda_module() -> object | None:
+    """mamba_ssm's compiled scan module (`selective_scan_cuda`), or None."""
     try:
         return importlib.import_module("selective_scan_cuda")
     except ImportError:
@@ -94,7 +94,7 @@ def _scan_case(shape: str, batch: int, C: int, side: int, dtype, device, d_state
         Impl(OURS, lambda x: selective_scan(**x, delta_softplus=True), ours_backward),
         Impl("reference", lambda x: reference.selective_scan(**x, delta_softplus=True)),
     ]
-    peer = _mamba_ssm_scan() if torch.device(device).type == "cuda" else None
+    peer = _mamba_ssm_cuda_module() if torch.device(device).type == "cuda" else None
     if peer is not None:
         impls.append(_mamba_ssm_impl(peer))
     reads_writes_fwd = 3 * batch * dim * L + 2 * batch * G * N * L  # u, delta, B, C in; y out

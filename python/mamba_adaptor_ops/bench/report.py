@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SCHEMA = "mamba-adaptor-bench/1"
-OURS_PREFIX = "mamba_adaptor_ops"
+OURS = "mamba_adaptor_ops"  # the name of this library's rows; variants ("... compiled") start with it
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Row:
 
 
 def is_ours(impl: str) -> bool:
-    return impl.startswith(OURS_PREFIX)
+    return impl.startswith(OURS)
 
 
 def add_speedups(rows: list[Row]) -> None:
@@ -141,7 +141,7 @@ def plot_length_sweep(path: Path, rows: list[Row], copy_gbps: float, title: str)
 
 def plot_speedups(path: Path, rows: list[Row], title: str) -> None:
     """Our speedup over each baseline on the paper's stage shapes, one bar group per case and mode."""
-    ours = [r for r in rows if r.suite == "ops" and r.impl == OURS_PREFIX and r.speedup]
+    ours = [r for r in rows if r.suite == "ops" and r.impl == OURS and r.speedup]
     if not ours:
         return
     baselines = list(dict.fromkeys(b for r in ours for b in r.speedup))
