@@ -1,0 +1,237 @@
+"""Builds the library's CUDA kernels for the CPU emulator (emu.h): a torch library whose ops,
+torch.ops.mamba_adaptor_emu.*, run the CUDA registration, argument checks, launchers and kernels of cuda/ on
+CPU tensors. Tests only; the wheel never contains it.
+
+The sources are copied and rewritten where C++ cannot read CUDA (launches, shared memory), the registrations
+are moved to the CPU dispatch key of the mamba_adaptor_emu namespace, and everything is compiled with g++
+against the CUDA headers (no GPU, driver or libcudart needed). Builds are cached under build/cuda-emu/ by a
+hash of the inputs.
+
+    python tests/cuda_emu/build.py        # prints the path of the built library
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EMU = Path(__file__).resolve().parent
+CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+TORCH_TARGET_VERSION = "0x020a000000000000"  # as CMakeLists.txt
+LIBRARY = "libmamba_adaptor_emu.so"
+
+
+def available() -> str | None:
+    """None when the emulator can be built here, else why not."""
+    if shutil.which("g++") is None:
+        return "needs g++"
+    if not (CUDA_HOME / "include" / "cuda_runtime.h").exists():
+        return f"needs the CUDA headers ({CUDA_HOME}/include; set CUDA_HOME)"
+    if sysconfig.get_config_var("HOST_GNU_TYPE") and "x86_64" not in sysconfig.get_config_var(
+        "HOST_GNU_TYPE"
+    ):
+        return "the emulator's thread switch is x86-64 assembly"
+    return None
+
+
+# ---- source rewriting --------------------------------------------------------------------------------------
+
+
+def _kernel_expression_start(text: str, end: int) -> int:
+    """Start of the kernel expression ending at `end` (just before `<<<`): a name, possibly qualified, with
+    template arguments, e.g. `conv_kernel<T, decltype(k)::value>`."""
+    i = end
+    while True:
+        while i > 0 and text[i - 1].isspace():
+            i -= 1
+        if text[i - 1] == ">":
+            depth = 0
+            while True:
+                i -= 1
+                depth += {">": 1, "<": -1}.get(text[i], 0)
+                if depth == 0:
+                    break
+        j = i
+        while j > 0 and (text[j - 1].isalnum() or text[j - 1] in "_:"):
+            j -= 1
+        if j == i:
+            raise ValueError(f"cannot read the kernel before <<< at offset {end}")
+        return j
+
+
+def rewrite_launches(text: str) -> str:
+    """k<<<grid, block, smem, stream>>>(args) -> ::emu::Launch(grid, block, smem, stream).run(k, args)."""
+    while (start := text.find("<<<")) >= 0:
+        close = text.index(">>>", start)
+        paren = close + 3
+        while text[paren].isspace():
+            paren += 1
+        assert text[paren] == "(", "a launch's >>> is followed by its arguments"
+        k0 = _kernel_expression_start(text, start)
+        kernel, config = text[k0:start].strip(), text[start + 3 : close]
+        rest = text[paren + 1 :]
+        separator = "" if rest.lstrip().startswith(")") else ", "
+        text = f"{text[:k0]}::emu::Launch({config}).run({kernel}{separator}{rest}"
+    return text
+
+
+_SHARED_SITES = iter(range(1, 1 << 30))
+
+
+def rewrite_shared(text: str) -> str:
+    text = re.sub(
+        r"extern\s+__shared__\s+([\w:]+)\s+(\w+)\[\];",
+        lambda m: f"{m[1]}* {m[2]} = ::emu::dynamic_shared<{m[1]}>();",
+        text,
+    )
+    return re.sub(
+        r"__shared__\s+([\w:]+)\s+(\w+)\[(.+?)\];",
+        lambda m: f"auto& {m[2]} = ::emu::static_shared<{m[1]}[{m[3]}]>({next(_SHARED_SITES)});",
+        text,
+    )
+
+
+def rewrite_registration(text: str) -> str:
+    """The CUDA registration as CPU ops of mamba_adaptor_emu: the same checks, params and launches."""
+    text = text.replace(
+        "STABLE_TORCH_LIBRARY_IMPL(mamba_adaptor, CUDA, m)",
+        "STABLE_TORCH_LIBRARY_IMPL(mamba_adaptor_emu, CPU, m)",
+    )
+    return text.replace("Backend::CUDA", "Backend::CPU")
+
+
+def schemas(cpp: Path) -> str:
+    """The op schemas of cpp/*.cpp, defined again in the mamba_adaptor_emu namespace."""
+    defs = []
+    for source in sorted(cpp.glob("*.cpp")):
+        for block in re.findall(
+            r"STABLE_TORCH_LIBRARY_FRAGMENT\(mamba_adaptor, m\) \{(.*?)\n\}", source.read_text(), re.S
+        ):
+            defs.append(block)
+    if not defs:
+        raise RuntimeError("no op schema found in cpp/*.cpp")
+    return (
+        "#include <torch/csrc/stable/library.h>\n\nSTABLE_TORCH_LIBRARY_FRAGMENT(mamba_adaptor_emu, m) {"
+        + "".join(defs)
+        + "\n}\n"
+    )
+
+
+CONTEXT_STUB = """// Emulator stand-in for cuda/context.h: no device to guard, no stream.
+#pragma once
+#include <torch/csrc/stable/tensor.h>
+namespace mamba_adaptor {
+class CudaScope {
+ public:
+  explicit CudaScope(const torch::stable::Tensor&) {}
+  void* stream() const { return nullptr; }
+};
+}  // namespace mamba_adaptor
+"""
+
+
+def prepare_sources(src: Path) -> list[Path]:
+    """Copies cpp/ and cuda/ into `src`, rewritten; returns the files to compile."""
+    shutil.copytree(ROOT / "cpp", src / "cpp")
+    (src / "cuda").mkdir()
+    units = [src / "cpp" / "common" / "check.cpp", *sorted((src / "cpp").glob("*_args.cpp"))]
+    for path in sorted((ROOT / "cuda").iterdir()):
+        if path.name in ("context.cpp", "sources.cmake"):
+            continue
+        target = src / "cuda" / path.name
+        text = path.read_text()
+        if path.name == "context.h":
+            text = CONTEXT_STUB
+        elif path.suffix in (".cu", ".cuh"):
+            text = rewrite_shared(rewrite_launches(text))
+        elif path.suffix == ".cpp":
+            text = rewrite_registration(text)
+        target.write_text(text)
+        if path.suffix in (".cu", ".cpp"):
+            units.append(target)
+    (src / "schemas.cpp").write_text(schemas(ROOT / "cpp"))
+    (src / "selftest.cu").write_text(rewrite_shared(rewrite_launches((EMU / "selftest.cu").read_text())))
+    shutil.copy(EMU / "emu.cpp", src / "emu.cpp")
+    return [*units, src / "schemas.cpp", src / "selftest.cu", src / "emu.cpp"]
+
+
+# ---- compiling ---------------------------------------------------------------------------------------------
+
+
+def _torch_paths() -> tuple[list[str], str]:
+    from torch.utils import cpp_extension
+
+    return cpp_extension.include_paths(), str(Path(cpp_extension.library_paths()[0]))
+
+
+def _flags(src: Path, sanitize: bool) -> list[str]:
+    includes, _ = _torch_paths()
+    flags = [
+        "-std=c++17", "-O2", "-fPIC", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-attributes",
+        f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}", "-DPy_LIMITED_API=0x030a0000",
+        f"-I{src / 'cpp'}", f"-I{src / 'cuda'}", f"-I{EMU}",
+        *[f"-isystem{p}" for p in includes], f"-isystem{CUDA_HOME / 'include'}",
+    ]  # fmt: skip
+    return flags + (["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else [])
+
+
+def _inputs_hash(sanitize: bool) -> str:
+    digest = hashlib.sha256(f"{sanitize} {sys.version} {_torch_paths()}".encode())
+    for folder in (ROOT / "cpp", ROOT / "cuda", EMU):
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix in (".h", ".cpp", ".cu", ".cuh", ".py"):
+                digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build(sanitize: bool = False, jobs: int | None = None, verbose: bool = False) -> Path:
+    """The built library (cached); `sanitize` builds it with AddressSanitizer."""
+    reason = available()
+    if reason:
+        raise RuntimeError(f"cannot build the CUDA emulator: {reason}")
+    out = ROOT / "build" / "cuda-emu" / (("asan-" if sanitize else "") + _inputs_hash(sanitize))
+    library = out / LIBRARY
+    if library.exists():
+        return library
+    work = out.with_name(out.name + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    units = prepare_sources(work / "src")
+    flags = _flags(work / "src", sanitize)
+
+    def compile_unit(unit: Path) -> Path:
+        obj = work / (unit.parent.name + "_" + unit.name + ".o")
+        language = ["-x", "c++", "-include", str(EMU / "emu.h")] if unit.suffix == ".cu" else []
+        command = ["g++", *flags, *language, "-c", str(unit), "-o", str(obj)]
+        if verbose:
+            print(" ".join(command), flush=True)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {unit.name} for the emulator failed:\n{result.stderr[-6000:]}")
+        return obj
+
+    with concurrent.futures.ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
+        objects = list(pool.map(compile_unit, units))
+    _, torch_lib = _torch_paths()
+    link = ["g++", "-shared", "-o", str(work / LIBRARY), *map(str, objects), f"-L{torch_lib}", "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_lib}"]  # fmt: skip
+    if sanitize:
+        link.append("-fsanitize=address")
+    result = subprocess.run(link, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"linking the emulator failed:\n{result.stderr[-6000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)
+    return library
+
+
+if __name__ == "__main__":
+    print(build(sanitize="--asan" in sys.argv, verbose="-v" in sys.argv))

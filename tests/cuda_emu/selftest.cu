@@ -1,0 +1,58 @@
+// Kernels with the faults the emulator must expose, run by tests/test_cuda_emulated.py so that its passing
+// kernels mean something: a missing barrier, a barrier not all threads reach, a shuffle naming an exited lane,
+// too much shared memory for a launch, shared memory read before it is written.
+#include <cstdio>
+#include <exception>
+
+namespace {
+
+__global__ void unsynchronised_broadcast(float* out) {
+  __shared__ float value[1];
+  if (threadIdx.x == 0) value[0] = 1.f;
+  out[threadIdx.x] = value[0];  // no __syncthreads() between the write and the reads
+}
+
+__global__ void divergent_barrier(float* out) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+  out[threadIdx.x] = 1.f;
+}
+
+__global__ void shuffle_from_exited_lane(float* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_sync(0xffffffffu, static_cast<float>(threadIdx.x), 0);
+}
+
+__global__ void read_dynamic_shared(float* out) {
+  extern __shared__ float buffer[];
+  out[threadIdx.x] = buffer[threadIdx.x];  // never written
+}
+
+}  // namespace
+
+// Runs fault `which` (0 to 4 above, 4 being read_dynamic_shared with a valid launch) writing `out` (64 floats);
+// returns 0, 1 with the launch error or 2 with the emulator's fault in `message`.
+extern "C" __attribute__((visibility("default"))) int mamba_emu_selftest(int which, float* out, char* message,
+                                                                         int size) {
+  try {
+    switch (which) {
+      case 0: unsynchronised_broadcast<<<1, 64>>>(out); break;
+      case 1: divergent_barrier<<<1, 64>>>(out); break;
+      case 2: shuffle_from_exited_lane<<<1, 32>>>(out); break;
+      case 3: read_dynamic_shared<<<1, 32, 64 * 1024>>>(out); break;  // over 48 KiB without the attribute
+      default: read_dynamic_shared<<<1, 32, 32 * sizeof(float)>>>(out); break;
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) {
+      snprintf(message, size, "%s", cudaGetErrorString(err));
+      return 1;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    snprintf(message, size, "%s", e.what());
+    return 2;
+  }
+}

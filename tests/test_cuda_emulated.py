@@ -1,0 +1,322 @@
+"""The CUDA kernels of cuda/, run on the CPU by the emulator in tests/cuda_emu, against the reference.
+
+No GPU needed: tests/cuda_emu/build.py compiles the CUDA registration, argument checks, launchers and kernels
+with g++ against the CUDA headers, as ops torch.ops.mamba_adaptor_emu.* that take CPU tensors. This checks the
+kernels' index arithmetic, tilings, shared-memory plans, barriers and warp shuffles on every path (segments and
+carries, staged windows and tiles, direct and staged convolutions, both shared-memory sizes a device may have),
+and that their results do not depend on the order in which threads run (a missing barrier would). It does not
+check what only a GPU shows: the fast-math intrinsics' accuracy, the memory model between blocks, speed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_multi_dilation_dwconv2d import make_inputs as conv_inputs
+from test_selective_scan import grad_like as scan_grad
+from test_selective_scan import make_inputs as scan_inputs
+from test_state_gather import make_inputs as gather_inputs
+
+from helpers import check_against_reference
+from mamba_adaptor_ops import reference
+
+sys.path.insert(0, str(Path(__file__).parent / "cuda_emu"))
+import build as emu_build  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    emu_build.available() is not None, reason=f"CUDA emulator: {emu_build.available()}"
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FORWARD_ORDER, REVERSE_ORDER, SHUFFLED = 0, 1, 2
+
+
+class Emulator:
+    """The emulated ops, with the emulator's controls: device (0: 227 KiB of shared memory per block, 1: 99 KiB)
+    and thread schedule."""
+
+    def __init__(self, library: Path):
+        torch.ops.load_library(str(library))
+        self.controls = ctypes.CDLL(str(library))
+        self.controls.mamba_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
+
+    def configure(self, device: int = 0, schedule: int = FORWARD_ORDER, seed: int = 0) -> None:
+        self.controls.mamba_emu_set_device(device)
+        self.controls.mamba_emu_set_schedule(schedule, seed)
+
+    def selftest(self, which: int) -> tuple[int, str, torch.Tensor]:
+        """Runs fault `which` of tests/cuda_emu/selftest.cu: (status, message, output)."""
+        out = torch.zeros(64)
+        message = ctypes.create_string_buffer(1024)
+        status = self.controls.mamba_emu_selftest(
+            which, ctypes.c_void_p(out.data_ptr()), message, len(message)
+        )
+        return status, message.value.decode(), out
+
+    @staticmethod
+    def op(name: str, params: dict):
+        """`name` as a differentiable function of keyword arguments, `params` naming them with their defaults:
+        forward and backward emulated. Every op's tensor arguments come first, and its backward returns one
+        gradient per tensor argument."""
+        forward = getattr(torch.ops.mamba_adaptor_emu, name)
+        backward = getattr(torch.ops.mamba_adaptor_emu, name + "_backward")
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                ctx.args = args
+                return forward(*args)
+
+            @staticmethod
+            def backward(ctx, grad):
+                grads = backward(grad, *ctx.args)
+                return (*grads, *[None] * (len(ctx.args) - len(grads)))
+
+        def call(**kwargs):
+            return Function.apply(*[kwargs.get(p, default) for p, default in params.items()])
+
+        return call
+
+
+# Set by test_kernels_under_address_sanitizer for the run it starts: the library built with AddressSanitizer.
+SANITIZE = os.environ.get("MAMBA_EMU_SANITIZE") == "1"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    emulator = Emulator(emu_build.build(sanitize=SANITIZE))
+    yield emulator
+    emulator.configure()
+
+
+def scan_op(emu):
+    params = dict(u=None, delta=None, A=None, B=None, C=None, D=None, delta_bias=None, delta_softplus=False)
+    return emu.op("selective_scan", params)
+
+
+def gather_op(emu):
+    return emu.op(
+        "state_gather", dict(h=None, offsets=None, weights=None, residual=True, deterministic=False)
+    )
+
+
+def conv_op(emu):
+    return emu.op("multi_dilation_dwconv2d", dict(x=None, weight=None, bias=None, dilations=(1, 2)))
+
+
+def random_like(t: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---- selective_scan ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "b,dim,L,N,G,with_C,softplus",
+    [
+        (2, 8, 300, 1, 2, True, True),  # d_state 1 path, two forward segments
+        (2, 8, 1003, 16, 4, True, True),  # general path, 8 backward segments, a 2-byte aligned row
+        (1, 5, 1, 1, 1, True, False),  # L = 1; 5 channels: blocks with channel-less warps
+        (2, 20, 257, 1, 2, False, True),  # states mode, d_state 1, 10 channels per group
+        (1, 4, 600, 40, 2, False, True),  # states mode, d_state > 32 (lanes loop over the states)
+        (1, 3, 1000, 3, 3, True, True),  # one channel per group
+    ],
+)
+def test_selective_scan(emu, dtype, b, dim, L, N, G, with_C, softplus):
+    inputs = scan_inputs(b=b, dim=dim, L=L, N=N, G=G, dtype=dtype, with_C=with_C)
+    check_against_reference(
+        scan_op(emu), reference.selective_scan, inputs, scan_grad(inputs), dtype, delta_softplus=softplus
+    )
+
+
+def test_selective_scan_strided_inputs_and_no_optional_args(emu):
+    inputs = scan_inputs(b=2, dim=6, L=513, N=2, G=3, with_D=False, with_bias=False)
+    inputs["u"] = inputs["u"].transpose(0, 1).contiguous().transpose(0, 1)  # (b, dim) strides swapped
+    inputs["B"] = torch.cat([inputs["B"], inputs["B"]], dim=2)[:, :, ::2]  # N stride 2, L stride 1
+    check_against_reference(scan_op(emu), reference.selective_scan, inputs, scan_grad(inputs), torch.float32)
+
+
+# ---- state_gather ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "b,S,D,L,K,spread,residual",
+    [
+        (2, 4, 20, 296, 4, 4.0, True),  # one staged window, 16-byte staging (L % 8 == 0), a short row chunk
+        (1, 2, 17, 3137, 3, 6.0, False),  # odd L: element-wise staging
+        (1, 1, 9, 5000, 2, 900.0, True),  # tiles with halos; many samples outside the window
+        (2, 1, 3, 40, 9, 30.0, True),  # more points than one group of the grad_offsets kernel
+        (1, 3, 1, 1, 1, 1.0, True),  # L = 1, D = 1
+    ],
+)
+def test_state_gather(emu, dtype, b, S, D, L, K, spread, residual):
+    inputs = gather_inputs(b, S, D, L, K, dtype=dtype, spread=spread)
+    check_against_reference(
+        gather_op(emu), reference.state_gather, inputs, random_like(inputs["h"]), dtype, residual=residual
+    )
+
+
+def test_state_gather_expanded_weights_and_non_finite_offsets(emu):
+    """Weights broadcast over (b, L) read in place; offsets far outside the row read nothing; NaN and inf
+    offsets read nothing out of bounds and give what the CPU kernel gives (NaN where such a sample is used)."""
+    inputs = gather_inputs(2, 2, 12, 64, 3, spread=10.0)
+    inputs["weights"] = (
+        torch.softmax(torch.randn(1, 2, 3, 1, dtype=torch.float64), dim=2).float().expand(2, 2, 3, 64)
+    )
+    inputs["offsets"][0, 0, 0, 5], inputs["offsets"][1, 0, 2, 9] = 1e30, -1e30
+    grad = random_like(inputs["h"])
+    check_against_reference(gather_op(emu), reference.state_gather, inputs, grad, torch.float32)
+    offsets = inputs["offsets"]
+    offsets[0, 0, 1, 5], offsets[0, 1, 1, 7], offsets[1, 1, 0, 3] = float("inf"), float("-inf"), float("nan")
+    args = [*inputs.values(), True, False]
+    for name in ("state_gather", "state_gather_backward"):
+        emulated, cpu = getattr(torch.ops.mamba_adaptor_emu, name), getattr(torch.ops.mamba_adaptor, name)
+        grad_args = [grad.float()] if name.endswith("backward") else []
+        for a, b in zip(emulated(*grad_args, *args), cpu(*grad_args, *args)):
+            torch.testing.assert_close(a, b, equal_nan=True, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("L", [3200, 4096])
+def test_state_gather_on_a_99_kib_device(emu, L):
+    """With 99 KiB of shared memory per block (sm_86, sm_89, sm_120), L = 3200 no longer fits one window."""
+    emu.configure(device=1)
+    try:
+        inputs = gather_inputs(1, 2, 17, L, 3, dtype=torch.bfloat16, spread=300.0)
+        check_against_reference(
+            gather_op(emu), reference.state_gather, inputs, random_like(inputs["h"]), torch.bfloat16
+        )
+    finally:
+        emu.configure()
+
+
+# ---- multi_dilation_dwconv2d --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "b,C,H,W,k,dilations,bias",
+    [
+        (2, 5, 13, 17, 3, (1, 2), True),  # odd channels and sides
+        (1, 40, 70, 70, 7, (1, 3), False),  # several tiles and channel blocks, k = 7
+        (2, 3, 9, 8, 5, (1, 2, 4), True),  # three dilations, halo larger than the plane
+        (1, 2, 6, 5, 3, (1, 1100), True),  # halo over 1024: the direct kernels
+    ],
+)
+def test_multi_dilation_dwconv2d(emu, dtype, channels_last, b, C, H, W, k, dilations, bias):
+    inputs = conv_inputs(b, C, H, W, k=k, n_dilations=len(dilations), dtype=dtype, bias=bias)
+    if channels_last:
+        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+    check_against_reference(
+        conv_op(emu), reference.multi_dilation_dwconv2d, inputs, random_like(inputs["x"]), dtype,
+        dilations=dilations,
+    )  # fmt: skip
+
+
+def test_multi_dilation_dwconv2d_views_and_a_99_kib_device(emu):
+    """A strided view of x; k = 7 channels_last near 99 KiB of shared memory per block."""
+    emu.configure(device=1)
+    try:
+        inputs = conv_inputs(1, 12, 30, 46, k=3)
+        inputs["x"] = inputs["x"][:, :, :, ::2]
+        check_against_reference(
+            conv_op(emu), reference.multi_dilation_dwconv2d, inputs, random_like(inputs["x"]), torch.float32
+        )
+        inputs = conv_inputs(1, 40, 40, 40, k=7)
+        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+        check_against_reference(
+            conv_op(emu), reference.multi_dilation_dwconv2d, inputs, random_like(inputs["x"]), torch.float32,
+            dilations=(1, 3),
+        )  # fmt: skip
+    finally:
+        emu.configure()
+
+
+# ---- thread order --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_results_do_not_depend_on_thread_order(emu, dtype):
+    """Each op run with its threads in index order, in reverse order and shuffled: bit-identical outputs, but
+    for the scan backward's dA, dB, dC, dD, ddelta_bias, which are float atomic sums (order-dependent)."""
+    ops = torch.ops.mamba_adaptor_emu
+    scan = scan_inputs(b=1, dim=10, L=700, N=3, G=2, dtype=dtype)
+    scan_args = [*scan.values(), True]
+    gather = gather_inputs(1, 2, 17, 5000, 3, dtype=dtype, spread=300.0)
+    conv = conv_inputs(1, 40, 30, 30, k=5, dtype=dtype)
+    conv_cl = {**conv, "x": conv["x"].to(memory_format=torch.channels_last)}
+
+    def outputs():
+        results = [ops.selective_scan(*scan_args)]
+        results += ops.selective_scan_backward(scan_grad(scan).to(dtype), *scan_args)[:2]  # du, ddelta
+        results.append(ops.state_gather(*gather.values(), True, False))
+        results += ops.state_gather_backward(
+            random_like(gather["h"]).to(dtype), *gather.values(), True, False
+        )
+        for c in (conv, conv_cl):
+            results.append(ops.multi_dilation_dwconv2d(*c.values(), [1, 2]))
+            results += ops.multi_dilation_dwconv2d_backward(
+                random_like(c["x"]).to(dtype), *c.values(), [1, 2]
+            )
+        return results
+
+    try:
+        emu.configure(schedule=FORWARD_ORDER)
+        expected = outputs()
+        for schedule, seed in [(REVERSE_ORDER, 0), (SHUFFLED, 1), (SHUFFLED, 2)]:
+            emu.configure(schedule=schedule, seed=seed)
+            for i, (a, b) in enumerate(zip(outputs(), expected)):
+                assert torch.equal(a, b), f"output {i} differs between thread orders {schedule}/{seed} and 0"
+    finally:
+        emu.configure()
+
+
+# ---- the emulator itself -------------------------------------------------------------------------------------
+
+
+def test_emulator_exposes_kernel_faults(emu):
+    """What a GPU would get wrong, the emulator shows: a missing barrier (results change with the thread order),
+    a barrier half the threads never reach, a shuffle from an exited lane, a launch over its shared memory and a
+    read of unwritten shared memory (0xff bytes: NaN)."""
+    try:
+        emu.configure(schedule=FORWARD_ORDER)
+        assert emu.selftest(0)[0] == 0
+        in_order = emu.selftest(0)[2]
+        emu.configure(schedule=REVERSE_ORDER)
+        assert not torch.equal(emu.selftest(0)[2], in_order), "a missing barrier went unnoticed"
+    finally:
+        emu.configure()
+    status, message, _ = emu.selftest(1)
+    assert status == 2 and "cannot go on" in message, message
+    status, message, _ = emu.selftest(2)
+    assert status == 2 and "exited" in message, message
+    status, message, _ = emu.selftest(3)
+    assert status == 1 and "dynamic shared memory" in message, message
+    status, message, out = emu.selftest(4)
+    assert status == 0 and out[:32].isnan().all(), message
+
+
+@pytest.mark.skipif(SANITIZE, reason="this is the sanitized run's launcher")
+def test_kernels_under_address_sanitizer():
+    """The kernel tests above again, built with AddressSanitizer (preloaded into a fresh Python): any read or
+    write outside a tensor, or outside a block's shared memory, is an error. The emulator's memcheck."""
+    runtime = subprocess.run(
+        ["g++", "-print-file-name=libasan.so"], capture_output=True, text=True
+    ).stdout.strip()
+    if not os.path.isabs(runtime):
+        pytest.skip("no AddressSanitizer runtime for g++")
+    emu_build.build(sanitize=True)  # here, so that a build error shows as such
+    env = {**os.environ, "MAMBA_EMU_SANITIZE": "1", "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "not emulator_exposes"],
+        env=env, capture_output=True, text=True, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    assert run.returncode == 0, f"sanitized run failed:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
