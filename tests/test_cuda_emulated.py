@@ -320,3 +320,27 @@ def test_kernels_under_address_sanitizer():
         env=env, capture_output=True, text=True, cwd=Path(__file__).parent,
     )  # fmt: skip
     assert run.returncode == 0, f"sanitized run failed:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
+
+
+# ---- the paper's shapes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["b2-s1", "b2-s4"])
+def test_paper_stage_shapes(emu, stage):
+    """Each op at a b2 stage shape (batch 1, bfloat16), as the models and the benchmark run them: the scan
+    over the four directions' channels with d_state 1, the gather with S = 4, K = 4, Adaptor-S channels_last."""
+    from mamba_adaptor_ops.bench.ops import DIRECTIONS, POINTS, STAGES
+
+    C, side = STAGES[stage]
+    L, dtype = side * side, torch.bfloat16
+    scan = scan_inputs(b=1, dim=DIRECTIONS * C, L=L, N=1, G=DIRECTIONS, dtype=dtype)
+    check_against_reference(
+        scan_op(emu), reference.selective_scan, scan, scan_grad(scan), dtype, delta_softplus=True
+    )
+    gather = gather_inputs(1, DIRECTIONS, C, L, POINTS, dtype=dtype)
+    check_against_reference(gather_op(emu), reference.state_gather, gather, random_like(gather["h"]), dtype)
+    conv = conv_inputs(1, C, side, side, k=3, dtype=dtype)
+    conv["x"] = conv["x"].to(memory_format=torch.channels_last)
+    check_against_reference(
+        conv_op(emu), reference.multi_dilation_dwconv2d, conv, random_like(conv["x"]), dtype
+    )
