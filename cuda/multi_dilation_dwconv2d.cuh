@@ -191,13 +191,32 @@ __device__ __forceinline__ bool unit_offset(const DwConvParams& p, const Tiling&
   return ch < p.channels;
 }
 
+// Calls f(j, kx, v) for each unit j < u.count of this thread and tap kx of kernel row ky at dilation d: v holds
+// the kPerWord channel values of the staged input that tap reads for unit j.
+template <typename T, int kK, typename F>
+__device__ __forceinline__ void for_each_row_tap(const uint32_t* smem_words, const Tiling& t, const Units& u, int ky,
+                                                 int d, F&& f) {
+  constexpr int kPerWord = kWordChannels<T>, r = (kK - 1) / 2;
+  const int row = (ky - r) * d * t.span_w();
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    if (j >= u.count) break;
+#pragma unroll
+    for (int kx = 0; kx < kK; ++kx) {
+      float v[kPerWord];
+      unpack_word(smem_words[u.centre[j] + (row + (kx - r) * d) * t.words], v, T{});
+      f(j, kx, v);
+    }
+  }
+}
+
 // conv_kernel: out = bias + sum_i sum_{ky,kx} weight[i, c, ky, kx] * x[y + s (ky - r) d_i, x + s (kx - r) d_i]
 // with s = 1, or s = -1 when `flip` (grad_x from grad_out: p.x = grad_out, p.out = grad_x, no bias).
 // Shared memory: the tile, then the block's weights as float [dilation][tap][channel] (taps reversed when
 // flip, which turns s = -1 into s = 1).
 template <typename T, int kK>
 __global__ void __launch_bounds__(kThreads) conv_kernel(const DwConvParams p, const Tiling t, const bool flip) {
-  constexpr int kPerWord = kWordChannels<T>, r = (kK - 1) / 2, kTaps = kK * kK;
+  constexpr int kPerWord = kWordChannels<T>, kTaps = kK * kK;
   extern __shared__ uint32_t smem_words[];
   const Block blk = make_block(p, t);
   auto* tile = reinterpret_cast<Bits<T>*>(smem_words);
@@ -231,18 +250,10 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const DwConvParams p, co
 #pragma unroll
         for (int c = 0; c < kPerWord; ++c) w[kx][c] = weights[((i * kK + ky) * kK + kx) * t.channels + u.word * kPerWord + c];
       }
-      const int row = (ky - r) * d * t.span_w();
+      for_each_row_tap<T, kK>(smem_words, t, u, ky, d, [&](int j, int kx, const float (&v)[kPerWord]) {
 #pragma unroll
-      for (int j = 0; j < kUnits; ++j) {
-        if (j >= u.count) break;
-#pragma unroll
-        for (int kx = 0; kx < kK; ++kx) {
-          float v[kPerWord];
-          unpack_word(smem_words[u.centre[j] + (row + (kx - r) * d) * t.words], v, T{});
-#pragma unroll
-          for (int c = 0; c < kPerWord; ++c) acc[j][c] += w[kx][c] * v[c];
-        }
-      }
+        for (int c = 0; c < kPerWord; ++c) acc[j][c] += w[kx][c] * v[c];
+      });
     }
   }
 
@@ -286,7 +297,7 @@ __device__ __forceinline__ bool reduce_over_pixels(float (&v)[kN], int words, fl
 // Writes one row of `partials` per (b, tile) for the block's channels: p.x is x, its tile staged with the halo.
 template <typename T, int kK>
 __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const DwConvBwdParams bp, const Tiling t, float* partials) {
-  constexpr int kPerWord = kWordChannels<T>, r = (kK - 1) / 2, kTaps = kK * kK;
+  constexpr int kPerWord = kWordChannels<T>, kTaps = kK * kK;
   extern __shared__ uint32_t smem_words[];
   __shared__ float scratch[weight_grad_static_smem(kK) / sizeof(float)];
   const DwConvParams& p = bp.fwd;
@@ -328,18 +339,10 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const DwConvBwdPa
       float sums[kK * kPerWord];
 #pragma unroll
       for (int n = 0; n < kK * kPerWord; ++n) sums[n] = 0.f;
-      const int rowoff = (ky - r) * d * t.span_w();
+      for_each_row_tap<T, kK>(smem_words, t, u, ky, d, [&](int j, int kx, const float (&v)[kPerWord]) {
 #pragma unroll
-      for (int j = 0; j < kUnits; ++j) {
-        if (j >= u.count) break;
-#pragma unroll
-        for (int kx = 0; kx < kK; ++kx) {
-          float v[kPerWord];
-          unpack_word(smem_words[u.centre[j] + (rowoff + (kx - r) * d) * t.words], v, T{});
-#pragma unroll
-          for (int c = 0; c < kPerWord; ++c) sums[kx * kPerWord + c] += g[j][c] * v[c];
-        }
-      }
+        for (int c = 0; c < kPerWord; ++c) sums[kx * kPerWord + c] += g[j][c] * v[c];
+      });
       float result;
       if (reduce_over_pixels(sums, t.words, scratch, result)) {
         const int w = threadIdx.x / (kK * kPerWord), n = threadIdx.x % (kK * kPerWord);
