@@ -238,7 +238,29 @@ __device__ __forceinline__ void store_rows(T* rows, int64_t L, int n_rows, int t
   }
 }
 
-// Blocks: segment-major, then row chunk, then tile.
+// A block of fwd_kernel or grad_h_kernel (blocks segment-major, then row chunk, then tile) and the rows of its
+// chunk in `data`, the (b, S, D, L) array it stages (h or grad_out), once its window is staged. Every thread of
+// the block must call it.
+template <typename T>
+struct RowBlock {
+  Block blk;
+  const T* rows;
+};
+
+template <typename T, bool kVectorStage>
+__device__ __forceinline__ RowBlock<T> stage_row_block(typename Staged<T>::Bits* window, const void* data,
+                                                       const StateGatherParams& p, const Tiling& tiling) {
+  constexpr int R = Staged<T>::kRows;
+  const int64_t n_chunks = (p.dim + R - 1) / R;
+  const int64_t block = blockIdx.x;
+  const Block blk = make_block(block / tiling.n_tiles / n_chunks, block / tiling.n_tiles % n_chunks,
+                               static_cast<int>(block % tiling.n_tiles), p, tiling, R);
+  const T* rows = static_cast<const T*>(data) + blk.row0 * p.seqlen;
+  stage_window<T, kVectorStage>(window, rows, p.seqlen, blk.n_rows, blk.w0, blk.w1);
+  __syncthreads();
+  return {blk, rows};
+}
+
 template <typename T, bool kVectorStage>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p, const Tiling tiling) {
   using S = Staged<T>;
@@ -246,13 +268,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
   extern __shared__ uint4 smem[];
   auto* window = reinterpret_cast<typename S::Bits*>(smem);
   const int L = static_cast<int>(p.seqlen);
-  const int64_t n_chunks = (p.dim + R - 1) / R;
-  const int64_t block = blockIdx.x;
-  const Block blk = make_block(block / tiling.n_tiles / n_chunks, block / tiling.n_tiles % n_chunks,
-                               static_cast<int>(block % tiling.n_tiles), p, tiling, R);
-  const T* h = static_cast<const T*>(p.h) + blk.row0 * p.seqlen;
-  stage_window<T, kVectorStage>(window, h, p.seqlen, blk.n_rows, blk.w0, blk.w1);
-  __syncthreads();
+  const auto [blk, h] = stage_row_block<T, kVectorStage>(window, p.h, p, tiling);
 
   const int64_t b = blk.segment / p.n_seq, s = blk.segment % p.n_seq;
   const int64_t *os = p.offsets_strides, *ws = p.weights_strides;
@@ -392,13 +408,7 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
   auto* window = reinterpret_cast<typename S::Bits*>(smem);
   const StateGatherParams& p = bp.fwd;
   const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen);
-  const int64_t n_chunks = (p.dim + R - 1) / R;
-  const int64_t block = blockIdx.x;
-  const Block blk = make_block(block / tiling.n_tiles / n_chunks, block / tiling.n_tiles % n_chunks,
-                               static_cast<int>(block % tiling.n_tiles), p, tiling, R);
-  const T* grad = static_cast<const T*>(bp.grad_out) + blk.row0 * p.seqlen;
-  stage_window<T, kVectorStage>(window, grad, p.seqlen, blk.n_rows, blk.w0, blk.w1);
-  __syncthreads();
+  const auto [blk, grad] = stage_row_block<T, kVectorStage>(window, bp.grad_out, p, tiling);
 
   const int* entry_t = reinterpret_cast<const int*>(workspace + layout.entry_t) + blk.segment * n;
   const float2* entry_c = reinterpret_cast<const float2*>(workspace + layout.entry_c) + blk.segment * n;
