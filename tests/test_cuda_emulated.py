@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_multi_dilation_dwconv2d import make_inputs as conv_inputs
 from test_selective_scan import grad_like as scan_grad
 from test_selective_scan import make_inputs as scan_inputs
@@ -233,9 +235,7 @@ def test_multi_dilation_dwconv2d_views_and_a_99_kib_device(emu):
     try:
         inputs = conv_inputs(1, 12, 30, 46, k=3)
         inputs["x"] = inputs["x"][:, :, :, ::2]
-        check_against_reference(
-            conv_op(emu), conv_reference, inputs, random_like(inputs["x"]), torch.float32
-        )
+        check_against_reference(conv_op(emu), conv_reference, inputs, random_like(inputs["x"]), torch.float32)
         inputs = conv_inputs(1, 40, 40, 40, k=7)
         inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
         check_against_reference(
@@ -283,6 +283,79 @@ def test_results_do_not_depend_on_thread_order(emu, dtype):
                 assert torch.equal(a, b), f"output {i} differs between thread orders {schedule}/{seed} and 0"
     finally:
         emu.configure()
+
+
+# ---- random shapes -----------------------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    channels_per_group=st.integers(1, 6),
+    G=st.integers(1, 3),
+    L=st.integers(1, 600),
+    N=st.sampled_from([1, 2, 5, 16, 33]),
+    states=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_selective_scan_random_shapes(emu, b, channels_per_group, G, L, N, states, seed):
+    inputs = scan_inputs(b=b, dim=G * channels_per_group, L=L, N=N, G=G, with_C=not states, seed=seed)
+    check_against_reference(
+        scan_op(emu),
+        reference.selective_scan,
+        inputs,
+        scan_grad(inputs, seed),
+        torch.float32,
+        delta_softplus=True,
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    S=st.integers(1, 4),
+    D=st.integers(1, 20),
+    L=st.integers(1, 400),
+    K=st.integers(1, 6),
+    spread=st.sampled_from([0.5, 4.0, 100.0]),
+    residual=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_state_gather_random_shapes(emu, b, S, D, L, K, spread, residual, seed):
+    inputs = gather_inputs(b, S, D, L, K, spread=spread, seed=seed)
+    grad = random_like(inputs["h"], seed)
+    check_against_reference(
+        gather_op(emu), reference.state_gather, inputs, grad, torch.float32, residual=residual
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    C=st.integers(1, 40),
+    H=st.integers(1, 30),
+    W=st.integers(1, 30),
+    k=st.sampled_from([3, 5, 7]),
+    dilations=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    bias=st.booleans(),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_multi_dilation_dwconv2d_random_shapes(
+    emu, b, C, H, W, k, dilations, bias, channels_last, dtype, seed
+):
+    inputs = conv_inputs(b, C, H, W, k, len(dilations), dtype, bias=bias, seed=seed)
+    if channels_last:
+        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+    check_against_reference(
+        conv_op(emu),
+        conv_reference,
+        inputs,
+        random_like(inputs["x"], seed),
+        dtype,
+        dilations=tuple(dilations),
+    )
 
 
 # ---- the emulator itself -------------------------------------------------------------------------------------
@@ -347,6 +420,4 @@ def test_paper_stage_shapes(emu, stage):
     check_against_reference(gather_op(emu), reference.state_gather, gather, random_like(gather["h"]), dtype)
     conv = conv_inputs(1, C, side, side, k=3, dtype=dtype)
     conv["x"] = conv["x"].to(memory_format=torch.channels_last)
-    check_against_reference(
-        conv_op(emu), conv_reference, conv, random_like(conv["x"]), dtype
-    )
+    check_against_reference(conv_op(emu), conv_reference, conv, random_like(conv["x"]), dtype)
