@@ -121,7 +121,9 @@ void* initial_stack(char* top) {
   *--sp = 0;                                              // alignment: rsp % 16 == 8 at entry
   *--sp = reinterpret_cast<uint64_t>(&thread_main);       // emu_switch's ret
   for (int i = 0; i < 6; ++i) *--sp = 0;                  // rbp rbx r12 r13 r14 r15
-  *--sp = 0x1f80ull | (0x037full << 32);                  // mxcsr, x87 control word (defaults)
+  // mxcsr: exceptions masked, denormals flushed to zero (FTZ) and read as zero (DAZ), as the kernels compiled
+  // with --use_fast_math treat float32 denormals; the x87 control word at its default.
+  *--sp = 0x9fc0ull | (0x037full << 32);
   return sp;
 }
 
