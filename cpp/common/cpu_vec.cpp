@@ -1,5 +1,9 @@
 #include "common/cpu_vec.h"
 
+#include <algorithm>
+#include <array>
+#include <cstring>
+
 // Each loop is compiled twice, for AVX2 + FMA and for baseline x86-64, and the AVX2 version is called where
 // the CPU has it. (GCC's target_clones picks clones by CPU model for "arch=" targets, which misses AMD CPUs;
 // this checks the features themselves.) The loops are forced inline so each copy is compiled for its target.
@@ -57,6 +61,170 @@ MA_INLINE T dot_impl(const T* __restrict a, const T* __restrict x, int64_t n) {
   return lanes[0];
 }
 
+template <typename T>
+MA_INLINE void fma_add_impl(T* __restrict y, const T* __restrict a, const T* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a[i] * x[i];
+}
+
+// exp and softplus, branch-free so that their loops vectorise.
+
+// The IEEE layout of float and double: unsigned type of the same width, mantissa bits, exponent bias.
+template <typename T>
+struct Ieee;
+template <>
+struct Ieee<float> {
+  using U = uint32_t;
+  static constexpr int kMantissa = 23, kBias = 127;
+};
+template <>
+struct Ieee<double> {
+  using U = uint64_t;
+  static constexpr int kMantissa = 52, kBias = 1023;
+};
+
+template <typename T>
+MA_INLINE typename Ieee<T>::U to_bits(T x) {
+  typename Ieee<T>::U u;
+  std::memcpy(&u, &x, sizeof x);
+  return u;
+}
+
+template <typename T>
+MA_INLINE T from_bits(typename Ieee<T>::U u) {
+  T x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+constexpr long double kLn2 = 0.693147180559945309417232121458176568L;
+
+// c[0] + c[1] x + c[2] x^2 + ...: Horner's scheme in x^2 over the pairs c[2j] + c[2j+1] x, half as many dependent
+// steps as in x (long dependency chains, more than the operation count, bound the loops below).
+template <typename T, size_t K>
+MA_INLINE T poly(T x, const std::array<T, K>& c) {
+  auto pair = [&](size_t j) { return 2 * j + 1 < K ? c[2 * j] + c[2 * j + 1] * x : c[2 * j]; };
+  const T x2 = x * x;
+  T p = pair((K - 1) / 2);
+  for (size_t j = (K - 1) / 2; j-- > 0;) p = p * x2 + pair(j);
+  return p;
+}
+
+// 1/2!, 1/3!, ..., 1/(K+1)!: exp(r) = 1 + r + r^2 (1/2! + r/3! + ...)
+template <typename T, size_t K>
+constexpr std::array<T, K> exp_series() {
+  std::array<T, K> c{};
+  long double f = 1;
+  for (size_t i = 0; i < K; ++i) c[i] = static_cast<T>(1 / (f *= static_cast<long double>(i + 2)));
+  return c;
+}
+
+// 2/3, 2/5, ..., 2/(2K+1): 2 atanh(s) = 2s + s w (2/3 + 2/5 w + ...), w = s^2
+template <typename T, size_t K>
+constexpr std::array<T, K> atanh_series() {
+  std::array<T, K> c{};
+  for (size_t i = 0; i < K; ++i) c[i] = static_cast<T>(2.0L / (2 * i + 3));
+  return c;
+}
+
+// exp(x), within ~1 ulp. x = k ln2 + r with |r| <= ln2/2 (k ln2_hi is exact for the k in range), exp(r) by its
+// Taylor series (to r^7 for float, r^13 for double: truncation < 0.1 ulp), times 2^k applied as 2^(k/2) 2^(k - k/2)
+// so that subnormal results and those just below overflow need no special case. x is first clamped to where the
+// result is already 0 or inf; NaN stays NaN.
+template <typename T>
+MA_INLINE T exp_impl(T x) {
+  using U = typename Ieee<T>::U;
+  constexpr int kBits = Ieee<T>::kMantissa, kBias = Ieee<T>::kBias;
+  constexpr bool kFloat = sizeof(T) == 4;
+  constexpr T kLo = kFloat ? -104 : -746, kHi = kFloat ? 89 : 710;
+  constexpr T kLog2e = static_cast<T>(1 / kLn2);
+  constexpr T kLn2Hi = static_cast<T>(static_cast<int64_t>(kLn2 * (int64_t(1) << (kBits - 11)) + 0.5L)) /
+                       static_cast<T>(int64_t(1) << (kBits - 11));  // 12 bits fewer than T: k ln2_hi is exact
+  constexpr T kLn2Lo = static_cast<T>(kLn2 - kLn2Hi);
+  constexpr T kRound = static_cast<T>(U(3) << (kBits - 1));  // 1.5 * 2^kBits: adding it rounds to an integer
+  constexpr auto kSeries = exp_series<T, kFloat ? 6 : 12>();
+  x = x < kLo ? kLo : x;
+  x = x > kHi ? kHi : x;
+  const T shifted = x * kLog2e + kRound;  // k in the low mantissa bits
+  const T k = shifted - kRound;
+  const T r = (x - k * kLn2Hi) - k * kLn2Lo;
+  const T e = (r + r * r * poly(r, kSeries)) + T(1);
+  const U biased = to_bits(shifted) - to_bits(kRound) + U(2 * kBias);  // k + 2 bias, > 0 after the clamp
+  const U half = biased >> 1;                                           // floor(k / 2) + bias
+  return e * from_bits<T>(half << kBits) * from_bits<T>((biased - half) << kBits);
+}
+
+// log1p(z) for z in [0, 1] (NaN stays NaN), within ~1 ulp. u = 1 + z = 2^k (1 + f) with k in {0, 1} and f in
+// [sqrt(1/2) - 1, sqrt(2) - 1]; c = z - (u - 1) is the rounding error of u, so log1p(z) = k ln2 + log1p(f) + c / u.
+// log1p(f) = 2 atanh(s) with s = f / (2 + f), written f - f^2/2 + s (f^2/2 + R) as in fdlibm, R by the atanh series
+// (|s| <= 0.172; 4 terms for float, 10 for double: truncation < 0.05 ulp).
+template <typename T>
+MA_INLINE T log1p_unit(T z) {
+  constexpr bool kFloat = sizeof(T) == 4;
+  constexpr T kLn2Hi = static_cast<T>(kLn2);
+  constexpr T kLn2Lo = static_cast<T>(kLn2 - kLn2Hi);
+  constexpr T kSqrt2 = static_cast<T>(1.41421356237309504880168872420969808L);
+  constexpr auto kSeries = atanh_series<T, kFloat ? 4 : 10>();
+  const T u = T(1) + z;
+  const T c = z - (u - T(1));
+  const T k = u > kSqrt2 ? T(1) : T(0);  // selects between constants only: GCC then keeps one copy of what follows
+  const T scale = T(1) - T(0.5) * k;     // 2^-k
+  const T f = u * scale - T(1);
+  const T s = f / (T(2) + f), w = s * s;
+  const T hf = T(0.5) * f * f;
+  const T log1p_f = f - hf + s * (hf + w * poly(w, kSeries));
+  return k * kLn2Hi + (log1p_f + (k * kLn2Lo + c / u));
+}
+
+// softplus(v) = max(v, 0) + log1p(exp(-|v|)), and v itself above the threshold; NaN gives NaN, -inf gives 0. exp and
+// log1p run as two loops over blocks: one loop doing both is bound by the latency of its long dependency chain and
+// runs ~1.4x slower.
+template <typename T>
+MA_INLINE void softplus_impl(T* y, const T* x, T b, int64_t n) {
+  constexpr int64_t kBlock = 256;
+  T z[kBlock];
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t m = std::min(kBlock, n - begin);
+    const T* xb = x + begin;
+    for (int64_t i = 0; i < m; ++i) {
+      const T v = xb[i] + b;
+      z[i] = exp_impl(v < 0 ? v : -v);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      const T v = xb[i] + b;
+      const T sp = (v > 0 ? v : T(0)) + log1p_unit(z[i]);
+      y[begin + i] = v > T(kSoftplusThreshold) ? v : sp;
+    }
+  }
+}
+
+template <typename T>
+MA_INLINE void exp_scaled_impl(T* __restrict y, T a, const T* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = exp_impl(a * x[i]);
+}
+
+// R rows at once: their dependency chains overlap.
+template <int R, typename T>
+MA_INLINE void linear_recurrence_rows(T* h, const T* a, const T* x, int64_t n) {
+  T carry[R] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    for (int j = 0; j < R; ++j) h[j * n + i] = carry[j] = a[j * n + i] * carry[j] + x[j * n + i];
+  }
+}
+
+// Groups of R rows, then the rest (fewer than R) as one group.
+template <int R, typename T>
+MA_INLINE void linear_recurrence_groups(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
+  if constexpr (R > 0) {
+    for (; rows >= R; rows -= R, h += R * n, a += R * n, x += R * n) linear_recurrence_rows<R>(h, a, x, n);
+    linear_recurrence_groups<R - 1>(h, a, x, n, rows);
+  }
+}
+
+template <typename T>
+MA_INLINE void linear_recurrence_impl(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
+  linear_recurrence_groups<kRecurrenceRows>(h, a, x, n, rows);
+}
+
 #ifdef MA_HAS_AVX2_PATH
 template <typename T>
 MA_AVX2 void axpy_avx2(T* y, T a, const T* x, int64_t n) { axpy_impl(y, a, x, n); }
@@ -66,6 +234,16 @@ MA_AVX2 void row_taps_avx2(T* y, const T* w, int64_t k, const T* x, int64_t step
 }
 template <typename T>
 MA_AVX2 T dot_avx2(const T* a, const T* x, int64_t n) { return dot_impl(a, x, n); }
+template <typename T>
+MA_AVX2 void fma_add_avx2(T* y, const T* a, const T* x, int64_t n) { fma_add_impl(y, a, x, n); }
+template <typename T>
+MA_AVX2 void softplus_avx2(T* y, const T* x, T b, int64_t n) { softplus_impl(y, x, b, n); }
+template <typename T>
+MA_AVX2 void exp_scaled_avx2(T* y, T a, const T* x, int64_t n) { exp_scaled_impl(y, a, x, n); }
+template <typename T>
+MA_AVX2 void linear_recurrence_avx2(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
+  linear_recurrence_impl(h, a, x, n, rows);
+}
 
 bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -88,5 +266,17 @@ void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t st
 }
 float dot(const float* a, const float* x, int64_t n) { MA_DISPATCH(dot, a, x, n); }
 double dot(const double* a, const double* x, int64_t n) { MA_DISPATCH(dot, a, x, n); }
+void fma_add(float* y, const float* a, const float* x, int64_t n) { MA_DISPATCH(fma_add, y, a, x, n); }
+void fma_add(double* y, const double* a, const double* x, int64_t n) { MA_DISPATCH(fma_add, y, a, x, n); }
+void softplus(float* y, const float* x, float b, int64_t n) { MA_DISPATCH(softplus, y, x, b, n); }
+void softplus(double* y, const double* x, double b, int64_t n) { MA_DISPATCH(softplus, y, x, b, n); }
+void exp_scaled(float* y, float a, const float* x, int64_t n) { MA_DISPATCH(exp_scaled, y, a, x, n); }
+void exp_scaled(double* y, double a, const double* x, int64_t n) { MA_DISPATCH(exp_scaled, y, a, x, n); }
+void linear_recurrence(float* h, const float* a, const float* x, int64_t n, int64_t rows) {
+  MA_DISPATCH(linear_recurrence, h, a, x, n, rows);
+}
+void linear_recurrence(double* h, const double* a, const double* x, int64_t n, int64_t rows) {
+  MA_DISPATCH(linear_recurrence, h, a, x, n, rows);
+}
 
 }  // namespace mamba_adaptor::cpu

@@ -15,5 +15,22 @@ void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t st
 // sum_i a[i] * x[i], in a fixed order (the same result on every run)
 float dot(const float* a, const float* x, int64_t n);
 double dot(const double* a, const double* x, int64_t n);
+// y[i] += a[i] * x[i]
+void fma_add(float* y, const float* a, const float* x, int64_t n);
+void fma_add(double* y, const double* a, const double* x, int64_t n);
+
+// torch.nn.functional.softplus's threshold: softplus(x) = x above it.
+constexpr double kSoftplusThreshold = 20;
+// y[i] = softplus(x[i] + b) = log1p(exp(x[i] + b)), or x[i] + b above kSoftplusThreshold, within ~2.5 ulp; y may be x
+void softplus(float* y, const float* x, float b, int64_t n);
+void softplus(double* y, const double* x, double b, int64_t n);
+// y[i] = exp(a * x[i]), within ~1 ulp (subnormal results included)
+void exp_scaled(float* y, float a, const float* x, int64_t n);
+void exp_scaled(double* y, double a, const double* x, int64_t n);
+// h[j, i] = a[j, i] * h[j, i - 1] + x[j, i] from h[j, -1] = 0, in order along i, for `rows` independent rows j of
+// n values (shapes (rows, n)), whose dependency chains run kRecurrenceRows at a time; h may be x
+constexpr int64_t kRecurrenceRows = 4;
+void linear_recurrence(float* h, const float* a, const float* x, int64_t n, int64_t rows);
+void linear_recurrence(double* h, const double* a, const double* x, int64_t n, int64_t rows);
 
 }  // namespace mamba_adaptor::cpu
