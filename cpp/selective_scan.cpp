@@ -2,9 +2,12 @@
 #include <torch/csrc/stable/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/cpu_vec.h"
 #include "selective_scan_args.h"
 
 namespace mamba_adaptor {
@@ -12,13 +15,14 @@ namespace {
 
 using cpu::acc_t;
 
-// Pointers of one channel d of batch b: u, delta, and its group's B, C rows (t has stride 1).
+// Pointers of one channel d of batch b: u, delta, and its group's B, C rows (t has stride 1), its row of A.
 template <typename T>
 struct Channel {
   const T* u;
   const T* delta;
   const T* B;
-  const T* C;  // nullptr in states mode
+  const T* C;         // nullptr in states mode
+  const acc_t<T>* A;  // A[n] at A[n * A_dstate_stride]
   acc_t<T> D, bias;
 };
 
@@ -31,62 +35,119 @@ Channel<T> channel(const SelectiveScanParams& p, int64_t b, int64_t d) {
   c.delta = static_cast<const T*>(p.delta) + b * p.delta_batch_stride + d * p.delta_dim_stride;
   c.B = static_cast<const T*>(p.B) + b * p.B_batch_stride + g * p.B_group_stride;
   c.C = p.states_mode ? nullptr : static_cast<const T*>(p.C) + b * p.C_batch_stride + g * p.C_group_stride;
+  c.A = static_cast<const Acc*>(p.A) + d * p.A_dim_stride;
   c.D = p.D ? static_cast<const Acc*>(p.D)[d] : Acc(0);
   c.bias = p.delta_bias ? static_cast<const Acc*>(p.delta_bias)[d] : Acc(0);
   return c;
 }
 
+// The n values at x as Acc: x itself when T is Acc, else converted into `buffer`.
 template <typename T>
-inline acc_t<T> time_step(const SelectiveScanParams& p, const Channel<T>& c, int64_t t) {
-  const acc_t<T> dt = static_cast<acc_t<T>>(c.delta[t]) + c.bias;
-  return p.delta_softplus ? cpu::softplus(dt) : dt;
+const acc_t<T>* as_acc(const T* x, acc_t<T>* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<acc_t<T>>(x[i]);
+    return buffer;
+  }
+}
+
+// Where output values are computed in Acc: in the output itself when T is Acc, else in `buffer`, then stored to
+// the output by store_out.
+template <typename T>
+acc_t<T>* acc_out(T* out, acc_t<T>* buffer) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return out;
+  } else {
+    return buffer;
+  }
 }
 
 template <typename T>
-void load_A(const SelectiveScanParams& p, int64_t d, acc_t<T>* A) {
-  const auto* row = static_cast<const acc_t<T>*>(p.A) + d * p.A_dim_stride;
-  for (int64_t n = 0; n < p.dstate; ++n) A[n] = row[n * p.A_dstate_stride];
+void store_out(T* out, const acc_t<T>* values, int64_t n) {
+  if constexpr (!std::is_same_v<T, acc_t<T>>) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(values[i]);
+  }
 }
 
-// Forward of one channel: writes y (L) or the states (N, L).
+// dt (L) of one channel: delta + delta_bias, through softplus when delta_softplus.
 template <typename T>
-void scan_fwd_channel(const SelectiveScanParams& p, int64_t b, int64_t d, acc_t<T>* A, acc_t<T>* h) {
+void time_steps(const SelectiveScanParams& p, const Channel<T>& c, acc_t<T>* dt) {
+  if (p.delta_softplus) {
+    cpu::softplus(dt, as_acc(c.delta, dt, p.seqlen), c.bias, p.seqlen);
+  } else {
+    for (int64_t t = 0; t < p.seqlen; ++t) dt[t] = static_cast<acc_t<T>>(c.delta[t]) + c.bias;
+  }
+}
+
+// The forward runs one recurrence per state n of each channel row = b * dim + d: chain q = row * N + n. They are
+// computed kChains at a time (consecutive chains of a block of rows), as many as linear_recurrence overlaps.
+constexpr int64_t kChains = cpu::kRecurrenceRows;
+
+// Rows per block: enough for kChains chains.
+int64_t fwd_block_rows(const SelectiveScanParams& p) { return (kChains + p.dstate - 1) / p.dstate; }
+
+// Values of scratch that scan_fwd_block needs.
+int64_t fwd_work_size(const SelectiveScanParams& p) { return (3 * fwd_block_rows(p) + 2 * kChains + 1) * p.seqlen; }
+
+// Forward of rows [row0, row0 + rows): writes their y (rows, L) or states (rows, N, L), each contiguous in the
+// output. Per chain, the decays a_t = exp(dt_t A[n]) and drives x_t = dt_t u_t B[n, t] are vector loops over t,
+// which leaves only h_t = a_t h_{t-1} + x_t sequential.
+template <typename T>
+void scan_fwd_block(const SelectiveScanParams& p, int64_t row0, int64_t rows, acc_t<T>* work) {
   using Acc = acc_t<T>;
-  const Channel<T> c = channel<T>(p, b, d);
-  const int64_t L = p.seqlen, N = p.dstate;
-  load_A<T>(p, d, A);
-  std::fill(h, h + N, Acc(0));
-  if (p.states_mode) {
-    T* states = static_cast<T*>(p.out) + (b * p.dim + d) * N * L;
-    for (int64_t t = 0; t < L; ++t) {
-      const Acc dt = time_step(p, c, t), dtu = dt * static_cast<Acc>(c.u[t]);
-      for (int64_t n = 0; n < N; ++n) {
-        h[n] = std::exp(dt * A[n]) * h[n] + dtu * static_cast<Acc>(c.B[n * p.B_dstate_stride + t]);
-        states[n * L + t] = static_cast<T>(h[n]);
+  const int64_t L = p.seqlen, N = p.dstate, chains = rows * N;
+  Acc* dt = work;  // (rows, L) each: dt_t, dt_t u_t, y_t
+  Acc* dtu = dt + rows * L;
+  Acc* y_buffer = dtu + rows * L;
+  Acc* a = y_buffer + rows * L;  // (kChains, L) each: a_t, x_t then h_t
+  Acc* x = a + kChains * L;
+  Acc* in = x + kChains * L;  // (L,): an input converted to Acc
+  T* out = static_cast<T*>(p.out) + row0 * (p.states_mode ? N : 1) * L;
+  Acc* y = p.states_mode ? nullptr : acc_out(out, y_buffer);
+
+  Channel<T> c[kChains];
+  for (int64_t r = 0; r < rows; ++r) {
+    c[r] = channel<T>(p, (row0 + r) / p.dim, (row0 + r) % p.dim);
+    time_steps(p, c[r], dt + r * L);
+    const Acc* u = as_acc(c[r].u, in, L);
+    for (int64_t t = 0; t < L; ++t) dtu[r * L + t] = dt[r * L + t] * u[t];
+    if (y) {
+      for (int64_t t = 0; t < L; ++t) y[r * L + t] = c[r].D * u[t];
+    }
+  }
+  for (int64_t q0 = 0; q0 < chains; q0 += kChains) {
+    const int64_t group = std::min(kChains, chains - q0);
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t r = (q0 + j) / N, n = (q0 + j) % N;
+      cpu::exp_scaled(a + j * L, c[r].A[n * p.A_dstate_stride], dt + r * L, L);
+      const Acc* Bn = as_acc(c[r].B + n * p.B_dstate_stride, in, L);
+      for (int64_t t = 0; t < L; ++t) x[j * L + t] = dtu[r * L + t] * Bn[t];
+    }
+    if (p.states_mode) {  // chains q0.. are consecutive (L,) rows of the states
+      Acc* h = acc_out(out + q0 * L, x);
+      cpu::linear_recurrence(h, a, x, L, group);
+      store_out(out + q0 * L, h, group * L);
+    } else {
+      cpu::linear_recurrence(x, a, x, L, group);
+      for (int64_t j = 0; j < group; ++j) {
+        const int64_t r = (q0 + j) / N, n = (q0 + j) % N;
+        cpu::fma_add(y + r * L, as_acc(c[r].C + n * p.C_dstate_stride, in, L), x + j * L, L);
       }
     }
-    return;
   }
-  T* y = static_cast<T*>(p.out) + (b * p.dim + d) * L;
-  for (int64_t t = 0; t < L; ++t) {
-    const Acc ut = static_cast<Acc>(c.u[t]);
-    const Acc dt = time_step(p, c, t), dtu = dt * ut;
-    Acc yt = c.D * ut;
-    for (int64_t n = 0; n < N; ++n) {
-      h[n] = std::exp(dt * A[n]) * h[n] + dtu * static_cast<Acc>(c.B[n * p.B_dstate_stride + t]);
-      yt += static_cast<Acc>(c.C[n * p.C_dstate_stride + t]) * h[n];
-    }
-    y[t] = static_cast<T>(yt);
-  }
+  if (y) store_out(out, y, rows * L);
 }
 
 template <typename T>
 void scan_fwd(const SelectiveScanParams& p) {
-  using Acc = acc_t<T>;
-  const int64_t N = p.dstate;
-  cpu::parallel_over(p.batch * p.dim, p.seqlen * N * 8, [&](int64_t row) {
-    std::vector<Acc> buffer(2 * N);
-    scan_fwd_channel<T>(p, row / p.dim, row % p.dim, buffer.data(), buffer.data() + N);
+  const int64_t block = fwd_block_rows(p), blocks = (p.batch * p.dim + block - 1) / block;
+  cpu::parallel_ranges(blocks, block * p.seqlen * p.dstate * 8, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t<T>> work(fwd_work_size(p));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row0 = i * block;
+      scan_fwd_block<T>(p, row0, std::min(block, p.batch * p.dim - row0), work.data());
+    }
   });
 }
 
@@ -107,10 +168,10 @@ void scan_bwd_channel(const SelectiveScanBwdParams& bp, int64_t b, int64_t d, ac
   Acc* dt = work;          // (L,)
   Acc* h = work + L;       // (L, N): h[t * N + n]
   std::vector<Acc> A(N), g(N, Acc(0)), dA(N, Acc(0));
-  load_A<T>(p, d, A.data());
+  for (int64_t n = 0; n < N; ++n) A[n] = c.A[n * p.A_dstate_stride];
 
+  time_steps(p, c, dt);
   for (int64_t t = 0; t < L; ++t) {  // recompute the forward
-    dt[t] = time_step(p, c, t);
     const Acc dtu = dt[t] * static_cast<Acc>(c.u[t]);
     for (int64_t n = 0; n < N; ++n) {
       const Acc prev = t > 0 ? h[(t - 1) * N + n] : Acc(0);
@@ -147,7 +208,7 @@ void scan_bwd_channel(const SelectiveScanBwdParams& bp, int64_t b, int64_t d, ac
     }
     if (p.delta_softplus) {  // d softplus(x) / dx = sigmoid(x)
       const Acc x = static_cast<Acc>(c.delta[t]) + c.bias;
-      ddt *= x <= Acc(20) ? Acc(1) / (Acc(1) + std::exp(-x)) : Acc(1);
+      ddt *= x <= Acc(cpu::kSoftplusThreshold) ? Acc(1) / (Acc(1) + std::exp(-x)) : Acc(1);
     }
     du[t] = static_cast<T>(dut);
     ddelta[t] = static_cast<T>(ddt);

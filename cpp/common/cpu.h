@@ -5,7 +5,6 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
-#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -31,19 +30,20 @@ void dispatch_dtype(DType dtype, F&& f) {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Runs f(i) for i in [0, n), spread over torch's intra-op threads; `cost` is a rough count of operations of
-// one f(i), so that tiny problems stay on one thread.
+// Runs f(begin, end) on ranges that cover [0, n), spread over torch's intra-op threads (one range per thread);
+// `cost` is a rough count of operations of one index, so that tiny problems stay on one thread.
 template <typename F>
-void parallel_over(int64_t n, int64_t cost, const F& f) {
+void parallel_ranges(int64_t n, int64_t cost, const F& f) {
   const int64_t grain = cost >= 32768 ? 1 : (32768 + cost - 1) / (cost < 1 ? 1 : cost);
-  torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) f(i);
-  });
+  torch::stable::parallel_for(0, n, grain, f);
 }
 
-template <typename Acc>
-inline Acc softplus(Acc x) {
-  return x <= Acc(20) ? std::log1p(std::exp(x)) : x;  // torch.nn.functional.softplus, threshold 20
+// Runs f(i) for i in [0, n), as parallel_ranges.
+template <typename F>
+void parallel_over(int64_t n, int64_t cost, const F& f) {
+  parallel_ranges(n, cost, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i);
+  });
 }
 
 }  // namespace mamba_adaptor::cpu
