@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mamba_adaptor_ops as mao
-from helpers import DEVICE_DTYPES, DEVICES, check_against_reference, weight_dtype
+from helpers import DEVICE_DTYPES, DEVICES, assert_close_to_reference, check_against_reference, weight_dtype
 from mamba_adaptor_ops import reference
 
 
@@ -76,6 +76,52 @@ def test_non_contiguous_inputs(device):
     check_against_reference(
         mao.selective_scan, reference.selective_scan, inputs, grad_like(inputs), torch.float32, delta_softplus=True
     )
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_extreme_time_steps(device, dtype):
+    """delta + delta_bias on both sides of softplus's threshold (20), far below 0 (softplus underflows to subnormals
+    and 0), and dt A far below 0 (the decay underflows to subnormals and 0), forward and backward."""
+    inputs = make_inputs(b=1, dim=6, L=48, N=3, G=3, dtype=dtype, device=device)
+    levels = torch.tensor([-120.0, -104.0, -90.0, -30.0, -1.0, 0.0, 3.0, 19.9, 20.0, 20.1, 45.0, 90.0])
+    delta = levels[torch.randperm(48, generator=torch.Generator().manual_seed(0)) % 12].expand(1, 6, 48)
+    inputs["delta"] = delta.to(device=device, dtype=dtype)
+    inputs["delta_bias"] = torch.tensor([0.0, -0.1, 0.1, -0.05, 0.0, 0.0], device=device, dtype=inputs["A"].dtype)
+    inputs["A"] = -torch.tensor([0.0, 1e-3, 0.3, 1.0, 2.0, 5.0], device=device, dtype=inputs["A"].dtype)[:, None] * (
+        torch.arange(1, 4, device=device, dtype=inputs["A"].dtype)
+    )
+    check_against_reference(
+        mao.selective_scan, reference.selective_scan, inputs, grad_like(inputs), dtype, delta_softplus=True
+    )
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("with_C", [True, False])
+def test_non_finite_inputs_propagate_like_the_reference(device, dtype, with_C):
+    """inf and NaN in delta, u, B, C give inf and NaN where the reference gives them, and the same values elsewhere:
+    an infinite state stays infinite while its decay is > 0, subnormal included, and turns NaN where the decay
+    underflows to 0 (0 * inf)."""
+    inputs = make_inputs(b=2, dim=4, L=40, N=2, G=2, dtype=dtype, device=device, with_C=with_C)
+    inputs["A"][1] = -30.0  # channel 1 from t = 20: dt A ~ -170 (decay 0) in batch 0, ~ -104 (subnormal) in batch 1
+    inputs["delta"][0, 1, 20:] = 6.0
+    inputs["delta"][1, 1, 20:] = 4.0
+    for name, index, value in [
+        ("delta", (0, 0, 3), float("inf")), ("delta", (0, 2, 5), float("-inf")), ("delta", (1, 3, 7), float("nan")),
+        ("u", (0, 1, 10), float("inf")), ("u", (1, 2, 30), float("-inf")), ("u", (1, 0, 12), float("nan")),
+        ("B", (1, 0, 1, 15), float("inf")), ("B", (0, 1, 0, 2), float("nan")),
+    ]:
+        inputs[name][index] = value
+    if with_C:
+        inputs["C"][0, 1, 1, 25] = float("inf")
+    out = mao.selective_scan(**inputs, delta_softplus=True)
+    ref = reference.selective_scan(**inputs, delta_softplus=True)
+    exact = reference.selective_scan(
+        **{k: None if v is None else v.double() for k, v in inputs.items()}, delta_softplus=True
+    )
+    assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any()
+    assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(out[out.isinf()], ref[ref.isinf()])
+    finite = ref.isfinite() & exact.isfinite()
+    assert_close_to_reference("finite outputs", out[finite], ref[finite], exact[finite], dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
