@@ -285,6 +285,28 @@ def test_results_do_not_depend_on_thread_order(emu, dtype):
         emu.configure()
 
 
+# ---- the paper's shapes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["b2-s1", "b2-s4"])
+def test_paper_stage_shapes(emu, stage):
+    """Each op at a b2 stage shape (batch 1, bfloat16), as the models and the benchmark run them: the scan
+    over the four directions' channels with d_state 1, the gather with S = 4, K = 4, Adaptor-S channels_last."""
+    from mamba_adaptor_ops.bench.ops import DIRECTIONS, POINTS, STAGES
+
+    C, side = STAGES[stage]
+    L, dtype = side * side, torch.bfloat16
+    scan = scan_inputs(b=1, dim=DIRECTIONS * C, L=L, N=1, G=DIRECTIONS, dtype=dtype)
+    check_against_reference(
+        scan_op(emu), reference.selective_scan, scan, scan_grad(scan), dtype, delta_softplus=True
+    )
+    gather = gather_inputs(1, DIRECTIONS, C, L, POINTS, dtype=dtype)
+    check_against_reference(gather_op(emu), reference.state_gather, gather, random_like(gather["h"]), dtype)
+    conv = conv_inputs(1, C, side, side, k=3, dtype=dtype)
+    conv["x"] = conv["x"].to(memory_format=torch.channels_last)
+    check_against_reference(conv_op(emu), conv_reference, conv, random_like(conv["x"]), dtype)
+
+
 # ---- random shapes -----------------------------------------------------------------------------------------
 
 
@@ -383,6 +405,9 @@ def test_emulator_exposes_kernel_faults(emu):
     assert status == 0 and out[:32].isnan().all(), message
 
 
+# ---- AddressSanitizer ------------------------------------------------------------------------------------
+
+
 @pytest.mark.skipif(SANITIZE, reason="this is the sanitized run's launcher")
 def test_kernels_under_address_sanitizer():
     """The kernel tests above again, built with AddressSanitizer (preloaded into a fresh Python): any read or
@@ -394,30 +419,9 @@ def test_kernels_under_address_sanitizer():
         pytest.skip("no AddressSanitizer runtime for g++")
     emu_build.build(sanitize=True)  # here, so that a build error shows as such
     env = {**os.environ, "MAMBA_EMU_SANITIZE": "1", "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0"}
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "not emulator_exposes"],
-        env=env, capture_output=True, text=True, cwd=Path(__file__).parent,
-    )  # fmt: skip
-    assert run.returncode == 0, f"sanitized run failed:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
-
-
-# ---- the paper's shapes --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("stage", ["b2-s1", "b2-s4"])
-def test_paper_stage_shapes(emu, stage):
-    """Each op at a b2 stage shape (batch 1, bfloat16), as the models and the benchmark run them: the scan
-    over the four directions' channels with d_state 1, the gather with S = 4, K = 4, Adaptor-S channels_last."""
-    from mamba_adaptor_ops.bench.ops import DIRECTIONS, POINTS, STAGES
-
-    C, side = STAGES[stage]
-    L, dtype = side * side, torch.bfloat16
-    scan = scan_inputs(b=1, dim=DIRECTIONS * C, L=L, N=1, G=DIRECTIONS, dtype=dtype)
-    check_against_reference(
-        scan_op(emu), reference.selective_scan, scan, scan_grad(scan), dtype, delta_softplus=True
+    tests = (
+        "not emulator_exposes and not thread_order"  # the kernels' tests; thread orders add no coverage here
     )
-    gather = gather_inputs(1, DIRECTIONS, C, L, POINTS, dtype=dtype)
-    check_against_reference(gather_op(emu), reference.state_gather, gather, random_like(gather["h"]), dtype)
-    conv = conv_inputs(1, C, side, side, k=3, dtype=dtype)
-    conv["x"] = conv["x"].to(memory_format=torch.channels_last)
-    check_against_reference(conv_op(emu), conv_reference, conv, random_like(conv["x"]), dtype)
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", tests]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert run.returncode == 0, f"sanitized run failed:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
