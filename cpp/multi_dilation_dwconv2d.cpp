@@ -1,10 +1,20 @@
 // multi_dilation_dwconv2d: op schema, CPU kernels, CPU registration. The math and shapes are in
-// multi_dilation_dwconv2d.h. The kernels work on blocks of (b, c) planes, read once through their strides
-// (NCHW, channels_last or any view) into zero-padded float buffers; every kernel row of every dilation is
-// then one vector loop over a whole plane.
+// multi_dilation_dwconv2d.h. The CPU kernels take one of two paths, by layout:
+// - channels innermost (x, out, grad_out, grad_x all with channel stride 1: channels_last and its views): tasks
+//   are bands of output rows of one image. A band's input rows and their halo are read once into a float buffer
+//   with zero columns around each row and channels padded to a multiple of 16; each output row is then one
+//   vector loop over pixels x 16 channels that accumulates every tap in registers, with no transposition. The
+//   backward gets grad_x and grad_weight from one such pass over the rows of grad_out.
+// - any other strides (NCHW, views): blocks of (b, c) planes, read once through their strides into zero-padded
+//   float buffers; every kernel row of every dilation is then one vector loop over a whole plane.
+// Both paths sum grad_weight and grad_bias in a fixed order: the same result on every run.
 #include <torch/csrc/stable/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <initializer_list>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu.h"
@@ -31,6 +41,34 @@ std::vector<KernelRow> kernel_rows(const DwConvParams& p) {
   return rows;
 }
 
+// How far the taps reach from the output pixel: max(dilations) * r rows and columns.
+int64_t halo(const DwConvParams& p) {
+  int64_t max_dilation = 0;
+  for (int64_t i = 0; i < p.n_dilations; ++i) max_dilation = std::max(max_dilation, p.dilations[i]);
+  return max_dilation * (p.kernel_size - 1) / 2;
+}
+
+// grad_weight (n_dilations, C, k, k) and grad_bias (C,) from sums laid out [tap][ld] and [ld], ld >= C, with
+// tap = (i * k + ky) * k + kx.
+template <typename T>
+void store_weight_grads(const DwConvBwdParams& bp, const acc_t<T>* grad_w, const acc_t<T>* grad_b, int64_t ld) {
+  const DwConvParams& p = bp.fwd;
+  const int64_t C = p.channels, kk = p.kernel_size * p.kernel_size;
+  T* grad_weight = static_cast<T*>(bp.grad_weight);
+  for (int64_t i = 0; i < p.n_dilations; ++i) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t j = 0; j < kk; ++j) {
+        grad_weight[(i * C + c) * kk + j] = static_cast<T>(grad_w[(i * kk + j) * ld + c]);
+      }
+    }
+  }
+  if (bp.grad_bias) {
+    for (int64_t c = 0; c < C; ++c) static_cast<T*>(bp.grad_bias)[c] = static_cast<T>(grad_b[c]);
+  }
+}
+
+// ---- Plane path: any strides ----------------------------------------------------------------------------
+
 // A zero-padded float copy of a (b, c) plane. With `pad` rows and columns of zeros around the plane and a
 // row pitch P = W + 2 pad, a tap is one long vector loop over the plane: output (y, x), stored at y * P + x,
 // reads (y + pad + dy) * P + (x + pad + dx), and the padding columns between rows hold values nobody reads.
@@ -42,14 +80,12 @@ struct PaddedPlane {
 };
 
 PaddedPlane padded_plane(const DwConvParams& p) {
-  int64_t max_dilation = 0;
-  for (int64_t i = 0; i < p.n_dilations; ++i) max_dilation = std::max(max_dilation, p.dilations[i]);
-  const int64_t pad = max_dilation * (p.kernel_size - 1) / 2;
+  const int64_t pad = halo(p);
   return PaddedPlane{p.height, p.width, pad, p.width + 2 * pad};
 }
 
-// Planes are processed in blocks of kBlock channels: channels_last pixels are then read kBlock channels at a
-// time instead of one element per cache line.
+// Planes are processed in blocks of kBlock channels: pixels whose channels are close in memory (strided
+// channels_last views) are then read kBlock channels at a time instead of one element per cache line.
 constexpr int64_t kBlock = 8;
 
 // Calls f(plane, offset) for plane j < n of image b from channel c0 and each (y, x), offset being the
@@ -104,7 +140,7 @@ void row_weights(const DwConvParams& p, const KernelRow& row, int64_t c, acc_t<T
 }
 
 template <typename T>
-void dwconv_fwd(const DwConvParams& p) {
+void dwconv_fwd_planes(const DwConvParams& p) {
   using Acc = acc_t<T>;
   const int64_t C = p.channels, k = p.kernel_size, r = (k - 1) / 2, blocks = (C + kBlock - 1) / kBlock;
   const auto rows = kernel_rows(p);
@@ -133,7 +169,7 @@ void dwconv_fwd(const DwConvParams& p) {
 // of grad_out with the input shifted by the tap (the zero padding of both keeps the padding columns out of
 // it). A channel's sums are owned by its task: no atomics, and the same result on every run.
 template <typename T>
-void dwconv_bwd(const DwConvBwdParams& bp) {
+void dwconv_bwd_planes(const DwConvBwdParams& bp) {
   using Acc = acc_t<T>;
   const DwConvParams& p = bp.fwd;
   const int64_t C = p.channels, k = p.kernel_size, r = (k - 1) / 2, kk = k * k, blocks = (C + kBlock - 1) / kBlock;
@@ -170,14 +206,215 @@ void dwconv_bwd(const DwConvBwdParams& bp) {
       store_planes<T>(gx.data(), bp.grad_x, bp.grad_x_strides, b, c0, n, pp);
     }
   });
-  T* grad_weight = static_cast<T*>(bp.grad_weight);
+  store_weight_grads<T>(bp, grad_w.data(), grad_b.data(), C);
+}
+
+// ---- Channels-last path: channel stride 1 ---------------------------------------------------------------
+
+// Tasks are bands of kBandRows output rows of one image; channels are padded to a multiple of kLanes, the
+// width of the widest vector loops (AVX-512: 16 floats, 2 x 8 doubles).
+constexpr int64_t kBandRows = 8;
+constexpr int64_t kLanes = 16;
+
+int64_t padded_channels(int64_t C) { return (C + kLanes - 1) / kLanes * kLanes; }
+
+// Whether each row of a tensor with channel stride 1 is already W * Cp contiguous values of the accumulation
+// type (float32 or float64, C a multiple of 16, no gap between pixels): it is then copied whole, or read and
+// written in place through dense_row.
+template <typename T>
+bool dense_rows(const int64_t* strides, const DwConvParams& p) {
+  return std::is_same_v<T, acc_t<T>> && p.channels == padded_channels(p.channels) && strides[3] == p.channels;
+}
+
+// Row y of image b of a dense_rows tensor (input or output, hence the const_cast).
+template <typename T>
+acc_t<T>* dense_row(const void* data, const int64_t* strides, int64_t b, int64_t y) {
+  return const_cast<acc_t<T>*>(
+      reinterpret_cast<const acc_t<T>*>(static_cast<const T*>(data) + b * strides[0] + y * strides[2]));
+}
+
+// Input rows y_lo .. y_hi - 1 (clipped to the image) of one image in the accumulation type, channels_last: each
+// row is `pad` zero pixels, the W pixels, `pad` zero pixels; each pixel Cp channels, zero from C on. A tap at
+// column offset dx, |dx| <= pad, of output pixels 0 .. W - 1 then reads pixels at(y, dx) .. at(y, dx + W - 1),
+// no clipping. The buffer is 64-byte aligned, so that no vector load of a pixel's channels straddles two
+// cache lines.
+template <typename Acc>
+struct PaddedRows {
+  struct Free {
+    void operator()(Acc* ptr) const { std::free(ptr); }
+  };
+  int64_t W, C, Cp, pad, y_lo, y_hi;
+  std::unique_ptr<Acc[], Free> data;
+
+  PaddedRows(const DwConvParams& p, int64_t y_lo, int64_t y_hi)
+      : W(p.width), C(p.channels), Cp(padded_channels(p.channels)), pad(halo(p)), y_lo(std::max<int64_t>(y_lo, 0)),
+        y_hi(std::max(this->y_lo, std::min(y_hi, p.height))),
+        data(static_cast<Acc*>(std::aligned_alloc(64, (size() * sizeof(Acc) + 63) / 64 * 64))) {}
+  int64_t size() const { return (y_hi - y_lo) * (W + 2 * pad) * Cp; }
+  const Acc* at(int64_t y, int64_t x) const { return data.get() + ((y - y_lo) * (W + 2 * pad) + pad + x) * Cp; }
+};
+
+// Rows rows.y_lo .. rows.y_hi - 1 of image b of a tensor with channel stride 1 into `rows`.
+template <typename T>
+void load_rows(const void* data, const int64_t* strides, int64_t b, const DwConvParams& p,
+               PaddedRows<acc_t<T>>& rows) {
+  using Acc = acc_t<T>;
+  const int64_t W = rows.W, C = rows.C, Cp = rows.Cp;
+  const bool dense = dense_rows<T>(strides, p);
+  Acc* dst = rows.data.get();
+  for (int64_t y = rows.y_lo; y < rows.y_hi; ++y) {
+    const T* src = static_cast<const T*>(data) + b * strides[0] + y * strides[2];
+    dst = std::fill_n(dst, rows.pad * Cp, Acc(0));
+    if (dense) {
+      dst = std::copy_n(src, W * Cp, dst);
+    } else {
+      for (int64_t x = 0; x < W; ++x, dst += Cp) {
+        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<Acc>(src[x * strides[3] + c]);
+        std::fill(dst + C, dst + Cp, Acc(0));
+      }
+    }
+    dst = std::fill_n(dst, rows.pad * Cp, Acc(0));
+  }
+}
+
+// Output row y of image b, W pixels of Cp channels, into a tensor with channel stride 1.
+template <typename T>
+void store_row(const acc_t<T>* row, void* data, const int64_t* strides, int64_t b, int64_t y, const DwConvParams& p) {
+  const int64_t Cp = padded_channels(p.channels);
+  T* dst = static_cast<T*>(data) + b * strides[0] + y * strides[2];
+  for (int64_t x = 0; x < p.width; ++x) {
+    for (int64_t c = 0; c < p.channels; ++c) dst[x * strides[3] + c] = static_cast<T>(row[x * Cp + c]);
+  }
+}
+
+// weight (n_dilations, C, k, k) as [tap][Cp] in the accumulation type, zero from C on.
+template <typename T>
+std::vector<acc_t<T>> tap_weights(const DwConvParams& p) {
+  const int64_t C = p.channels, Cp = padded_channels(C), kk = p.kernel_size * p.kernel_size;
+  std::vector<acc_t<T>> w(p.n_dilations * kk * Cp, acc_t<T>(0));
+  const T* weight = static_cast<const T*>(p.weight);
   for (int64_t i = 0; i < p.n_dilations; ++i) {
     for (int64_t c = 0; c < C; ++c) {
-      for (int64_t j = 0; j < kk; ++j) grad_weight[(i * C + c) * kk + j] = static_cast<T>(grad_w[(i * kk + j) * C + c]);
+      for (int64_t j = 0; j < kk; ++j) w[(i * kk + j) * Cp + c] = static_cast<acc_t<T>>(weight[(i * C + c) * kk + j]);
     }
   }
-  if (bp.grad_bias) {
-    for (int64_t c = 0; c < C; ++c) static_cast<T*>(bp.grad_bias)[c] = static_cast<T>(grad_b[c]);
+  return w;
+}
+
+// Calls f(tap, ys, dx) for each tap of output row y whose input row ys = y + sign * dy lies inside the image,
+// dx being sign * the tap's column offset: sign 1 for the forward, -1 for the backward (flipped taps).
+template <typename F>
+void taps_inside(const DwConvParams& p, const std::vector<KernelRow>& rows, int64_t y, int64_t sign, const F& f) {
+  const int64_t r = (p.kernel_size - 1) / 2;
+  for (const KernelRow& row : rows) {
+    const int64_t ys = y + sign * row.dy;
+    if (ys < 0 || ys >= p.height) continue;
+    for (int64_t kx = 0; kx < p.kernel_size; ++kx) f(row.first_tap + kx, ys, sign * (kx - r) * row.dilation);
+  }
+}
+
+template <typename T>
+void dwconv_fwd_rows(const DwConvParams& p) {
+  using Acc = acc_t<T>;
+  const int64_t W = p.width, Cp = padded_channels(p.channels), pad = halo(p);
+  const int64_t bands = (p.height + kBandRows - 1) / kBandRows;
+  const auto rows = kernel_rows(p);
+  const auto w = tap_weights<T>(p);
+  std::vector<Acc> bias(Cp, Acc(0));
+  for (int64_t c = 0; p.bias && c < p.channels; ++c) bias[c] = static_cast<Acc>(static_cast<const T*>(p.bias)[c]);
+  const bool in_place = dense_rows<T>(p.out_strides, p);
+  const int64_t cost = kBandRows * W * Cp * p.kernel_size * static_cast<int64_t>(rows.size());
+  cpu::parallel_over(p.batch * bands, cost, [&](int64_t task) {
+    const int64_t b = task / bands, y0 = task % bands * kBandRows, y1 = std::min(p.height, y0 + kBandRows);
+    PaddedRows<Acc> in(p, y0 - pad, y1 + pad);
+    load_rows<T>(p.x, p.x_strides, b, p, in);
+    std::vector<Acc> row(in_place ? 0 : W * Cp);  // one output row, (W, Cp)
+    std::vector<const Acc*> srcs, ws;
+    for (int64_t y = y0; y < y1; ++y) {
+      srcs.clear();
+      ws.clear();
+      taps_inside(p, rows, y, 1, [&](int64_t tap, int64_t ys, int64_t dx) {
+        srcs.push_back(in.at(ys, dx));
+        ws.push_back(w.data() + tap * Cp);
+      });
+      Acc* out = in_place ? dense_row<T>(p.out, p.out_strides, b, y) : row.data();
+      cpu::channels_last_taps(out, bias.data(), W, Cp, srcs.data(), ws.data(), static_cast<int64_t>(srcs.size()));
+      if (!in_place) store_row<T>(out, p.out, p.out_strides, b, y, p);
+    }
+  });
+}
+
+// Tasks as in the forward. grad_x[y, x] = sum over taps of w * grad_out[y - dy, x - dx]: the forward's taps,
+// flipped. grad_weight of a tap = sum over (y, x) of x[y, x] * grad_out[y - dy, x - dx], the same shifted
+// grad_out rows, so both gradients come from one pass over them (channels_last_taps_backward), reading grad_out
+// rows with their halo and x rows without. Each task sums its rows into its own [tap + 1][Cp] slot (grad_bias
+// last), then the slots are added in task order: no atomics, and the same result on every run, whatever the
+// number of threads.
+template <typename T>
+void dwconv_bwd_rows(const DwConvBwdParams& bp) {
+  using Acc = acc_t<T>;
+  const DwConvParams& p = bp.fwd;
+  const int64_t W = p.width, Cp = padded_channels(p.channels), pad = halo(p);
+  const int64_t bands = (p.height + kBandRows - 1) / kBandRows, tasks = p.batch * bands;
+  const int64_t taps = p.n_dilations * p.kernel_size * p.kernel_size, slot = (taps + 1) * Cp;
+  const auto rows = kernel_rows(p);
+  const auto w = tap_weights<T>(p);
+  std::vector<Acc> sums(std::max<int64_t>(tasks, 1) * slot, Acc(0));  // [task][tap + 1][Cp]
+  const bool in_place = dense_rows<T>(bp.grad_x_strides, p), x_in_place = dense_rows<T>(p.x_strides, p);
+  cpu::parallel_over(tasks, 2 * kBandRows * W * Cp * taps, [&](int64_t task) {
+    const int64_t b = task / bands, y0 = task % bands * kBandRows, y1 = std::min(p.height, y0 + kBandRows);
+    PaddedRows<Acc> g(p, y0 - pad, y1 + pad), x(p, y0, x_in_place ? y0 : y1);  // x: no halo, no copy if dense
+    load_rows<T>(bp.grad_out, bp.grad_out_strides, b, p, g);
+    load_rows<T>(p.x, p.x_strides, b, p, x);
+    Acc* grad_w = sums.data() + task * slot;
+    std::vector<Acc> row(in_place ? 0 : W * Cp);  // one row of grad_x, (W, Cp)
+    std::vector<const Acc*> srcs, ws;
+    std::vector<Acc*> gws;
+    for (int64_t y = y0; y < y1; ++y) {
+      srcs.clear();
+      ws.clear();
+      gws.clear();
+      taps_inside(p, rows, y, -1, [&](int64_t tap, int64_t ys, int64_t dx) {
+        srcs.push_back(g.at(ys, dx));
+        ws.push_back(w.data() + tap * Cp);
+        gws.push_back(grad_w + tap * Cp);
+      });
+      Acc* gx = in_place ? dense_row<T>(bp.grad_x, bp.grad_x_strides, b, y) : row.data();
+      const Acc* x_row = x_in_place ? dense_row<T>(p.x, p.x_strides, b, y) : x.at(y, 0);
+      cpu::channels_last_taps_backward(gx, gws.data(), x_row, W, Cp, srcs.data(), ws.data(),
+                                       static_cast<int64_t>(srcs.size()));
+      if (!in_place) store_row<T>(gx, bp.grad_x, bp.grad_x_strides, b, y, p);
+      cpu::channels_last_sum(grad_w + taps * Cp, g.at(y, 0), W, Cp);
+    }
+  });
+  for (int64_t task = 1; task < tasks; ++task) {
+    for (int64_t i = 0; i < slot; ++i) sums[i] += sums[task * slot + i];
+  }
+  store_weight_grads<T>(bp, sums.data(), sums.data() + taps * Cp, Cp);
+}
+
+// ---- Dispatch -------------------------------------------------------------------------------------------
+
+// Channel stride 1 in every tensor given (strides as in the params; a size-1 dimension has stride 0, so C > 1).
+bool channels_innermost(std::initializer_list<const int64_t*> strides) {
+  return std::all_of(strides.begin(), strides.end(), [](const int64_t* s) { return s[1] == 1; });
+}
+
+template <typename T>
+void dwconv_fwd(const DwConvParams& p) {
+  if (channels_innermost({p.x_strides, p.out_strides})) {
+    dwconv_fwd_rows<T>(p);
+  } else {
+    dwconv_fwd_planes<T>(p);
+  }
+}
+
+template <typename T>
+void dwconv_bwd(const DwConvBwdParams& bp) {
+  if (channels_innermost({bp.fwd.x_strides, bp.grad_out_strides, bp.grad_x_strides})) {
+    dwconv_bwd_rows<T>(bp);
+  } else {
+    dwconv_bwd_planes<T>(bp);
   }
 }
 

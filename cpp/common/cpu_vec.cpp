@@ -280,3 +280,173 @@ void linear_recurrence(double* h, const double* a, const double* x, int64_t n, i
 }
 
 }  // namespace mamba_adaptor::cpu
+
+// The channels-last loops below come in three builds: AVX-512 (64-byte vectors), AVX2 + FMA (32 bytes) and
+// baseline x86-64 (16 bytes), picked at run time.
+#ifdef MA_HAS_AVX2_PATH
+#define MA_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#endif
+
+namespace mamba_adaptor::cpu {
+
+namespace {
+
+// Bytes bytes of T. at(p) is the vector at p, which needs only T's alignment and may alias T.
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  typedef T unaligned __attribute__((vector_size(Bytes), aligned(alignof(T)), may_alias));
+  static constexpr int64_t lanes = Bytes / sizeof(T);
+  static MA_INLINE const unaligned& at(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static MA_INLINE unaligned& at(T* p) { return *reinterpret_cast<unaligned*>(p); }
+};
+
+// Pixels i .. i + P - 1, channels c .. c + lanes - 1: P accumulators in registers over all taps.
+template <int P, int Bytes, typename T>
+MA_INLINE void channels_last_taps_block(T* y, const T* b, int64_t C, const T* const* x, const T* const* w,
+                                        int64_t taps, int64_t i, int64_t c) {
+  using V = Vec<T, Bytes>;
+  typename V::type acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = V::at(b + c);
+  for (int64_t j = 0; j < taps; ++j) {
+    const typename V::type wj = V::at(w[j] + c);
+    const T* xj = x[j] + i * C + c;
+    for (int p = 0; p < P; ++p) acc[p] += wj * V::at(xj + p * C);
+  }
+  for (int p = 0; p < P; ++p) V::at(y + (i + p) * C + c) = acc[p];
+}
+
+template <int Bytes, typename T>
+MA_INLINE void channels_last_taps_impl(T* y, const T* b, int64_t n, int64_t C, const T* const* x, const T* const* w,
+                                       int64_t taps) {
+  // Pixels outermost: the inputs a block reads stay in L1 for the next channels and the next pixels.
+  constexpr int64_t lanes = Vec<T, Bytes>::lanes;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int64_t c = 0; c < C; c += lanes) channels_last_taps_block<8, Bytes>(y, b, C, x, w, taps, i, c);
+  }
+  for (; i + 2 <= n; i += 2) {
+    for (int64_t c = 0; c < C; c += lanes) channels_last_taps_block<2, Bytes>(y, b, C, x, w, taps, i, c);
+  }
+  for (; i < n; ++i) {
+    for (int64_t c = 0; c < C; c += lanes) channels_last_taps_block<1, Bytes>(y, b, C, x, w, taps, i, c);
+  }
+}
+
+// The backward of a block: each tap's g vectors are loaded once for both gradients. gx stays in P registers
+// over all taps; each tap's sum over the P pixels (two partial sums, even and odd pixels) is added to gw[j].
+template <int P, int Bytes, typename T>
+MA_INLINE void channels_last_taps_backward_block(T* gx, T* const* gw, const T* x, int64_t C, const T* const* g,
+                                                 const T* const* w, int64_t taps, int64_t i, int64_t c) {
+  using V = Vec<T, Bytes>;
+  typename V::type acc[P] = {}, xv[P];
+  for (int p = 0; p < P; ++p) xv[p] = V::at(x + (i + p) * C + c);
+  for (int64_t j = 0; j < taps; ++j) {
+    const typename V::type wj = V::at(w[j] + c);
+    const T* gj = g[j] + i * C + c;
+    typename V::type sum[2] = {};
+    for (int p = 0; p < P; ++p) {
+      const typename V::type gv = V::at(gj + p * C);
+      acc[p] += wj * gv;
+      sum[p % 2] += xv[p] * gv;
+    }
+    V::at(gw[j] + c) += sum[0] + sum[1];
+  }
+  for (int p = 0; p < P; ++p) V::at(gx + (i + p) * C + c) = acc[p];
+}
+
+template <int Bytes, typename T>
+MA_INLINE void channels_last_taps_backward_impl(T* gx, T* const* gw, const T* x, int64_t n, int64_t C,
+                                                const T* const* g, const T* const* w, int64_t taps) {
+  constexpr int P = Bytes == 64 ? 8 : 4;  // 2 P + 4 vector registers: 32 with AVX-512, 16 otherwise
+  int64_t i = 0;
+  for (; i + P <= n; i += P) {
+    for (int64_t c = 0; c < C; c += Vec<T, Bytes>::lanes) {
+      channels_last_taps_backward_block<P, Bytes>(gx, gw, x, C, g, w, taps, i, c);
+    }
+  }
+  for (; i < n; ++i) {
+    for (int64_t c = 0; c < C; c += Vec<T, Bytes>::lanes) {
+      channels_last_taps_backward_block<1, Bytes>(gx, gw, x, C, g, w, taps, i, c);
+    }
+  }
+}
+
+// Four partial sums (pixels i % 4), added in a fixed order.
+template <int Bytes, typename T>
+MA_INLINE void channels_last_sum_impl(T* s, const T* x, int64_t n, int64_t C) {
+  using V = Vec<T, Bytes>;
+  for (int64_t c = 0; c < C; c += V::lanes) {
+    typename V::type sum[4] = {};
+    for (int64_t i = 0; i < n; ++i) sum[i % 4] += V::at(x + i * C + c);
+    V::at(s + c) += (sum[0] + sum[1]) + (sum[2] + sum[3]);
+  }
+}
+
+#ifdef MA_HAS_AVX2_PATH
+template <typename T>
+MA_AVX512 void channels_last_taps_avx512(T* y, const T* b, int64_t n, int64_t C, const T* const* x,
+                                         const T* const* w, int64_t taps) {
+  channels_last_taps_impl<64>(y, b, n, C, x, w, taps);
+}
+template <typename T>
+MA_AVX2 void channels_last_taps_avx2(T* y, const T* b, int64_t n, int64_t C, const T* const* x, const T* const* w,
+                                     int64_t taps) {
+  channels_last_taps_impl<32>(y, b, n, C, x, w, taps);
+}
+template <typename T>
+MA_AVX512 void channels_last_taps_backward_avx512(T* gx, T* const* gw, const T* x, int64_t n, int64_t C,
+                                                  const T* const* g, const T* const* w, int64_t taps) {
+  channels_last_taps_backward_impl<64>(gx, gw, x, n, C, g, w, taps);
+}
+template <typename T>
+MA_AVX2 void channels_last_taps_backward_avx2(T* gx, T* const* gw, const T* x, int64_t n, int64_t C,
+                                              const T* const* g, const T* const* w, int64_t taps) {
+  channels_last_taps_backward_impl<32>(gx, gw, x, n, C, g, w, taps);
+}
+template <typename T>
+MA_AVX512 void channels_last_sum_avx512(T* s, const T* x, int64_t n, int64_t C) {
+  channels_last_sum_impl<64>(s, x, n, C);
+}
+template <typename T>
+MA_AVX2 void channels_last_sum_avx2(T* s, const T* x, int64_t n, int64_t C) {
+  channels_last_sum_impl<32>(s, x, n, C);
+}
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#define MA_DISPATCH_WIDE(name, ...)                                                                   \
+  return has_avx512() ? name##_avx512(__VA_ARGS__)                                                    \
+                      : has_avx2() ? name##_avx2(__VA_ARGS__) : name##_impl<16>(__VA_ARGS__)
+#else
+#define MA_DISPATCH_WIDE(name, ...) return name##_impl<16>(__VA_ARGS__)
+#endif
+
+}  // namespace
+
+void channels_last_taps(float* y, const float* b, int64_t n, int64_t C, const float* const* x, const float* const* w,
+                        int64_t taps) {
+  MA_DISPATCH_WIDE(channels_last_taps, y, b, n, C, x, w, taps);
+}
+void channels_last_taps(double* y, const double* b, int64_t n, int64_t C, const double* const* x,
+                        const double* const* w, int64_t taps) {
+  MA_DISPATCH_WIDE(channels_last_taps, y, b, n, C, x, w, taps);
+}
+void channels_last_taps_backward(float* gx, float* const* gw, const float* x, int64_t n, int64_t C,
+                                 const float* const* g, const float* const* w, int64_t taps) {
+  MA_DISPATCH_WIDE(channels_last_taps_backward, gx, gw, x, n, C, g, w, taps);
+}
+void channels_last_taps_backward(double* gx, double* const* gw, const double* x, int64_t n, int64_t C,
+                                 const double* const* g, const double* const* w, int64_t taps) {
+  MA_DISPATCH_WIDE(channels_last_taps_backward, gx, gw, x, n, C, g, w, taps);
+}
+void channels_last_sum(float* s, const float* x, int64_t n, int64_t C) {
+  MA_DISPATCH_WIDE(channels_last_sum, s, x, n, C);
+}
+void channels_last_sum(double* s, const double* x, int64_t n, int64_t C) {
+  MA_DISPATCH_WIDE(channels_last_sum, s, x, n, C);
+}
+
+}  // namespace mamba_adaptor::cpu

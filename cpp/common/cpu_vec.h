@@ -34,3 +34,25 @@ void linear_recurrence(float* h, const float* a, const float* x, int64_t n, int6
 void linear_recurrence(double* h, const double* a, const double* x, int64_t n, int64_t rows);
 
 }  // namespace mamba_adaptor::cpu
+
+namespace mamba_adaptor::cpu {
+
+// Depthwise convolution rows in channels_last: n pixels of C channels (C a multiple of 16), pixel i at i * C;
+// x[j] is the input row read by tap j, already shifted by the tap's offset.
+// y[i, c] = b[c] + sum_{j < taps} w[j][c] * x[j][i * C + c]
+void channels_last_taps(float* y, const float* b, int64_t n, int64_t C, const float* const* x, const float* const* w,
+                        int64_t taps);
+void channels_last_taps(double* y, const double* b, int64_t n, int64_t C, const double* const* x,
+                        const double* const* w, int64_t taps);
+// Its backward from the same rows read with flipped offsets: g[j] is the output gradient row read by tap j, x the
+// input row at the pixels of gx. gx[i, c] = sum_j w[j][c] * g[j][i * C + c] and
+// gw[j][c] += sum_{i < n} x[i * C + c] * g[j][i * C + c], summed in a fixed order (the same result on every run)
+void channels_last_taps_backward(float* gx, float* const* gw, const float* x, int64_t n, int64_t C,
+                                 const float* const* g, const float* const* w, int64_t taps);
+void channels_last_taps_backward(double* gx, double* const* gw, const double* x, int64_t n, int64_t C,
+                                 const double* const* g, const double* const* w, int64_t taps);
+// s[c] += sum_{i < n} x[i * C + c], in a fixed order
+void channels_last_sum(float* s, const float* x, int64_t n, int64_t C);
+void channels_last_sum(double* s, const double* x, int64_t n, int64_t C);
+
+}  // namespace mamba_adaptor::cpu
