@@ -71,6 +71,86 @@ def test_strided_views_and_no_bias(device):
     )
 
 
+def to_channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.to(memory_format=torch.channels_last)
+
+
+# The CPU kernels' channels-last path (x, grad_out and the outputs with channel stride 1): C a multiple of 16
+# in float32/float64 reads and writes rows in place, other C and dtypes go through converted, padded rows.
+CHANNELS_LAST_CASES = [
+    # b, C, H, W, k, dilations, bias, dtype
+    (2, 48, 20, 17, 3, (1, 2), True, torch.float32),  # rows in place, several row bands
+    (1, 16, 9, 11, 5, (1, 3), True, torch.float64),
+    (2, 20, 10, 9, 3, (1, 2), True, torch.float32),  # C not a multiple of 16 (nor of 8)
+    (1, 2, 6, 7, 3, (2, 1), False, torch.float32),
+    (3, 32, 17, 5, 7, (1, 2), False, torch.float32),  # k = 7, no bias, batch 3
+    (1, 16, 3, 2, 7, (1, 3), True, torch.float32),  # plane smaller than the halo
+    (2, 24, 4, 5, 5, (6, 1, 9), True, torch.float32),  # dilations larger than the plane
+    (1, 16, 1, 1, 3, (1,), True, torch.float32),
+    (2, 32, 11, 13, 3, (1, 2), True, torch.float16),
+    (2, 40, 11, 13, 5, (1, 2), True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("b,C,H,W,k,dilations,bias,dtype", CHANNELS_LAST_CASES)
+def test_channels_last_cpu(b, C, H, W, k, dilations, bias, dtype):
+    inputs = make_inputs(b, C, H, W, k, len(dilations), dtype, bias=bias)
+    inputs["x"] = to_channels_last(inputs["x"])
+    grad = to_channels_last(grad_for(inputs["x"]))
+    check_against_reference(
+        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad, dtype, dilations=dilations
+    )
+
+
+def test_channels_last_views_cpu():
+    """Channel stride 1 but gaps between pixels or rows: a channel slice and a column-strided view."""
+    base = make_inputs(b=2, C=40, H=12, W=16, k=5)
+    x = to_channels_last(base["x"])
+    for view, weight, bias in [
+        (x[:, 4:36], base["weight"][:, 4:36], base["bias"][4:36]),
+        (x[:, :32, 1:, ::2], base["weight"][:, :32], None),
+    ]:
+        assert view.stride(1) == 1 and not view.is_contiguous(memory_format=torch.channels_last)
+        inputs = dict(x=view, weight=weight, bias=bias)
+        grad = to_channels_last(grad_for(view))
+        check_against_reference(
+            mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad, torch.float32,
+            dilations=(1, 2),
+        )
+
+
+def test_channels_last_mixed_layouts_cpu():
+    """A channels_last x with an NCHW grad_out, and the reverse (the backward then takes the plane path)."""
+    inputs = make_inputs(b=2, C=16, H=9, W=10)
+    nchw_x, nchw_grad = inputs["x"], grad_for(inputs["x"])
+    for x, grad in [(to_channels_last(nchw_x), nchw_grad), (nchw_x, to_channels_last(nchw_grad))]:
+        check_against_reference(
+            mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, {**inputs, "x": x}, grad,
+            torch.float32, dilations=(1, 2),
+        )
+
+
+@pytest.mark.parametrize("channels_last_input", [False, True], ids=["nchw", "channels_last"])
+def test_backward_deterministic_cpu(channels_last_input):
+    """grad_weight and grad_bias are sums over the batch and the plane: bit-identical from run to run, and from
+    one thread count to another."""
+    inputs = make_inputs(b=3, C=48, H=40, W=36)
+    x = to_channels_last(inputs["x"]) if channels_last_input else inputs["x"]
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
+    op = torch.ops.mamba_adaptor.multi_dilation_dwconv2d_backward
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (2, 2, 1):
+            torch.set_num_threads(n)
+            runs.append(op(grad, x, inputs["weight"], inputs["bias"], [1, 2]))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for got, first in zip(run, runs[0]):
+            assert torch.equal(got, first)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_output_keeps_memory_format(device):
     inputs = make_inputs(device=device)
@@ -115,7 +195,7 @@ def test_opcheck(channels_last):
 @settings(max_examples=100, deadline=None)
 @given(
     b=st.integers(1, 2),
-    C=st.integers(1, 4),
+    C=st.sampled_from([1, 2, 3, 4, 16, 18]),  # 16: the CPU channels-last path's in-place rows
     H=st.integers(1, 12),
     W=st.integers(1, 12),
     k=st.sampled_from([3, 5, 7]),
@@ -126,11 +206,12 @@ def test_opcheck(channels_last):
 )
 def test_property_float64(b, C, H, W, k, dilations, bias, channels_last, seed):
     inputs = make_inputs(b, C, H, W, k, len(dilations), torch.float64, bias=bias, seed=seed)
+    grad = grad_for(inputs["x"], seed)
     if channels_last:
-        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+        inputs["x"], grad = to_channels_last(inputs["x"]), to_channels_last(grad)
     check_against_reference(
-        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad_for(inputs["x"], seed),
-        torch.float64, dilations=tuple(dilations),
+        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad, torch.float64,
+        dilations=tuple(dilations),
     )
 
 
