@@ -372,13 +372,17 @@ MA_INLINE void channels_last_taps_backward_impl(T* gx, T* const* gw, const T* x,
   }
 }
 
-// Four partial sums (pixels i % 4), added in a fixed order.
+// Four partial sums (pixels i % 4 while four are left), added in a fixed order.
 template <int Bytes, typename T>
 MA_INLINE void channels_last_sum_impl(T* s, const T* x, int64_t n, int64_t C) {
   using V = Vec<T, Bytes>;
   for (int64_t c = 0; c < C; c += V::lanes) {
     typename V::type sum[4] = {};
-    for (int64_t i = 0; i < n; ++i) sum[i % 4] += V::at(x + i * C + c);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      for (int u = 0; u < 4; ++u) sum[u] += V::at(x + (i + u) * C + c);
+    }
+    for (; i < n; ++i) sum[0] += V::at(x + i * C + c);
     V::at(s + c) += (sum[0] + sum[1]) + (sum[2] + sum[3]);
   }
 }
