@@ -287,7 +287,16 @@ void store_row(const acc_t<T>* row, void* data, const int64_t* strides, int64_t 
   }
 }
 
-// weight (n_dilations, C, k, k) as [tap][Cp] in the accumulation type, zero from C on.
+// The tap (dy = dx = 0) of dilation i. The centre taps of all dilations read the output pixel itself, so only
+// the first one is listed (taps_inside), with the sum of their weights (tap_weights); its weight gradient is
+// then that of every centre tap (dwconv_bwd_rows).
+int64_t centre_tap(const DwConvParams& p, int64_t i) {
+  const int64_t k = p.kernel_size, r = (k - 1) / 2;
+  return (i * k + r) * k + r;
+}
+
+// weight (n_dilations, C, k, k) as [tap][Cp] in the accumulation type, zero from C on; the first centre tap
+// holds the sum of the centre weights.
 template <typename T>
 std::vector<acc_t<T>> tap_weights(const DwConvParams& p) {
   const int64_t C = p.channels, Cp = padded_channels(C), kk = p.kernel_size * p.kernel_size;
@@ -298,18 +307,26 @@ std::vector<acc_t<T>> tap_weights(const DwConvParams& p) {
       for (int64_t j = 0; j < kk; ++j) w[(i * kk + j) * Cp + c] = static_cast<acc_t<T>>(weight[(i * C + c) * kk + j]);
     }
   }
+  for (int64_t i = 1; i < p.n_dilations; ++i) {
+    for (int64_t c = 0; c < C; ++c) w[centre_tap(p, 0) * Cp + c] += w[centre_tap(p, i) * Cp + c];
+  }
   return w;
 }
 
 // Calls f(tap, ys, dx) for each tap of output row y whose input row ys = y + sign * dy lies inside the image,
-// dx being sign * the tap's column offset: sign 1 for the forward, -1 for the backward (flipped taps).
+// dx being sign * the tap's column offset: sign 1 for the forward, -1 for the backward (flipped taps). The
+// centre taps of the dilations after the first are left out.
 template <typename F>
 void taps_inside(const DwConvParams& p, const std::vector<KernelRow>& rows, int64_t y, int64_t sign, const F& f) {
   const int64_t r = (p.kernel_size - 1) / 2;
   for (const KernelRow& row : rows) {
     const int64_t ys = y + sign * row.dy;
     if (ys < 0 || ys >= p.height) continue;
-    for (int64_t kx = 0; kx < p.kernel_size; ++kx) f(row.first_tap + kx, ys, sign * (kx - r) * row.dilation);
+    for (int64_t kx = 0; kx < p.kernel_size; ++kx) {
+      const int64_t tap = row.first_tap + kx;
+      if (row.dy == 0 && kx == r && tap != centre_tap(p, 0)) continue;
+      f(tap, ys, sign * (kx - r) * row.dilation);
+    }
   }
 }
 
@@ -389,6 +406,9 @@ void dwconv_bwd_rows(const DwConvBwdParams& bp) {
   });
   for (int64_t task = 1; task < tasks; ++task) {
     for (int64_t i = 0; i < slot; ++i) sums[i] += sums[task * slot + i];
+  }
+  for (int64_t i = 1; i < p.n_dilations; ++i) {
+    std::copy_n(sums.begin() + centre_tap(p, 0) * Cp, Cp, sums.begin() + centre_tap(p, i) * Cp);
   }
   store_weight_grads<T>(bp, sums.data(), sums.data() + taps * Cp, Cp);
 }
