@@ -301,6 +301,15 @@ struct Vec {
   static MA_INLINE unaligned& at(T* p) { return *reinterpret_cast<unaligned*>(p); }
 };
 
+// Keeps a loaded vector in a register: without it GCC reloads a vector used by two FMAs as a memory operand
+// of each, twice the loads.
+template <typename V>
+MA_INLINE void keep_in_register(V& v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm("" : "+v"(v));
+#endif
+}
+
 // Pixels i .. i + P - 1, channels c .. c + lanes - 1: P accumulators in registers over all taps.
 template <int P, int Bytes, typename T>
 MA_INLINE void channels_last_taps_block(T* y, const T* b, int64_t C, const T* const* x, const T* const* w,
@@ -346,7 +355,8 @@ MA_INLINE void channels_last_taps_backward_block(T* gx, T* const* gw, const T* x
     const T* gj = g[j] + i * C + c;
     typename V::type sum[2] = {};
     for (int p = 0; p < P; ++p) {
-      const typename V::type gv = V::at(gj + p * C);
+      typename V::type gv = V::at(gj + p * C);
+      keep_in_register(gv);
       acc[p] += wj * gv;
       sum[p % 2] += xv[p] * gv;
     }
