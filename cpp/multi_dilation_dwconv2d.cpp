@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -249,7 +250,9 @@ struct PaddedRows {
   PaddedRows(const DwConvParams& p, int64_t y_lo, int64_t y_hi)
       : W(p.width), C(p.channels), Cp(padded_channels(p.channels)), pad(halo(p)), y_lo(std::max<int64_t>(y_lo, 0)),
         y_hi(std::max(this->y_lo, std::min(y_hi, p.height))),
-        data(static_cast<Acc*>(std::aligned_alloc(64, (size() * sizeof(Acc) + 63) / 64 * 64))) {}
+        data(static_cast<Acc*>(std::aligned_alloc(64, (size() * sizeof(Acc) + 63) / 64 * 64))) {
+    if (!data && size() > 0) throw std::bad_alloc();
+  }
   int64_t size() const { return (y_hi - y_lo) * (W + 2 * pad) * Cp; }
   const Acc* at(int64_t y, int64_t x) const { return data.get() + ((y - y_lo) * (W + 2 * pad) + pad + x) * Cp; }
 };
