@@ -162,9 +162,13 @@ def test_output_keeps_memory_format(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_empty(device):
-    for b, C, H, W in [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 4)]:
-        inputs = {k: v.requires_grad_() for k, v in make_inputs(b, C, H, W, device=device).items()}
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_empty(device, channels_last):
+    for b, C, H, W in [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 4), (2, 16, 4, 0)]:
+        inputs = make_inputs(b, C, H, W, device=device)
+        if channels_last:
+            inputs["x"] = to_channels_last(inputs["x"])
+        inputs = {k: v.requires_grad_() for k, v in inputs.items()}
         out = mao.multi_dilation_dwconv2d(**inputs)
         assert out.shape == (b, C, H, W)
         out.sum().backward()
