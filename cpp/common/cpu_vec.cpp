@@ -281,8 +281,8 @@ void linear_recurrence(double* h, const double* a, const double* x, int64_t n, i
 
 }  // namespace mamba_adaptor::cpu
 
-// The channels-last loops below come in three builds: AVX-512 (64-byte vectors), AVX2 + FMA (32 bytes) and
-// baseline x86-64 (16 bytes), picked at run time.
+// The channels-last loops below come in three builds, picked at run time: AVX-512 (64-byte vectors), AVX2 +
+// FMA (32 bytes) and the baseline build (16 bytes).
 #ifdef MA_HAS_AVX2_PATH
 #define MA_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #endif
