@@ -89,12 +89,12 @@ struct BlockState {
 };
 
 thread_local BlockState* g_block = nullptr;
-std::mutex g_launch_mutex;  // one grid at a time
+std::mutex g_launch_mutex;  // one grid at a time; also guards g_max_dynamic_smem
 int g_device = 0;
 Schedule g_schedule;
 std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
-cudaError_t g_last_error = cudaSuccess;
-std::string g_last_error_text;
+thread_local cudaError_t g_last_error = cudaSuccess;  // per host thread, as in CUDA
+thread_local std::string g_last_error_text;
 
 [[noreturn]] void fault(const std::string& what) { throw std::runtime_error("CUDA emulator: " + what); }
 
@@ -389,6 +389,7 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
                                               std::to_string(value) + ")");
     return cudaErrorInvalidValue;
   }
+  std::lock_guard<std::mutex> lock(emu::g_launch_mutex);
   emu::g_max_dynamic_smem[func] = value;
   return cudaSuccess;
 }
