@@ -310,7 +310,7 @@ def test_paper_stage_shapes(emu, stage):
 # ---- random shapes -----------------------------------------------------------------------------------------
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)  # the same shapes in every CI run
 @given(
     b=st.integers(1, 2),
     channels_per_group=st.integers(1, 6),
@@ -332,7 +332,24 @@ def test_selective_scan_random_shapes(emu, b, channels_per_group, G, L, N, state
     )
 
 
-@settings(max_examples=20, deadline=None)
+@pytest.mark.xfail(strict=True, reason="known: the CUDA scan backward sums dA and ddelta_bias in float32")
+def test_selective_scan_backward_sums_with_cancellation(emu):
+    """A row whose ddelta_bias is -0.55 from 738 terms of 400 in total magnitude (found by the random test
+    above): the kernel's float32 per-segment atomics give dA and ddelta_bias errors of 4.5e-6 and 2.6e-6,
+    over the 2x rule's 3.4e-6 and 2.4e-6 (the float32 reference sums pairwise; the CPU kernel sums in double).
+    Relative to the terms' magnitude that is 6e-9; strict xfail, so a fix shows."""
+    inputs = scan_inputs(b=2, dim=1, L=369, N=2, G=1, with_C=False, seed=8893)
+    check_against_reference(
+        scan_op(emu),
+        reference.selective_scan,
+        inputs,
+        scan_grad(inputs, 8893),
+        torch.float32,
+        delta_softplus=True,
+    )
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(
     b=st.integers(1, 2),
     S=st.integers(1, 4),
@@ -351,7 +368,7 @@ def test_state_gather_random_shapes(emu, b, S, D, L, K, spread, residual, seed):
     )
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(
     b=st.integers(1, 2),
     C=st.integers(1, 40),
