@@ -84,11 +84,11 @@ void time_steps(const SelectiveScanParams& p, const Channel<T>& c, acc_t<T>* dt)
 // computed kChains at a time (consecutive chains of a block of rows), as many as linear_recurrence overlaps.
 constexpr int64_t kChains = cpu::kRecurrenceRows;
 
-// Rows per block: enough for kChains chains.
-int64_t fwd_block_rows(const SelectiveScanParams& p) { return (kChains + p.dstate - 1) / p.dstate; }
+// Rows per block (forward and backward): enough for kChains chains.
+int64_t block_rows(const SelectiveScanParams& p) { return (kChains + p.dstate - 1) / p.dstate; }
 
 // Values of scratch that scan_fwd_block needs.
-int64_t fwd_work_size(const SelectiveScanParams& p) { return (3 * fwd_block_rows(p) + 2 * kChains + 1) * p.seqlen; }
+int64_t fwd_work_size(const SelectiveScanParams& p) { return (3 * block_rows(p) + 2 * kChains + 1) * p.seqlen; }
 
 // Forward of rows [row0, row0 + rows): writes their y (rows, L) or states (rows, N, L), each contiguous in the
 // output. Per chain, the decays a_t = exp(dt_t A[n]) and drives x_t = dt_t u_t B[n, t] are vector loops over t,
@@ -141,7 +141,7 @@ void scan_fwd_block(const SelectiveScanParams& p, int64_t row0, int64_t rows, ac
 
 template <typename T>
 void scan_fwd(const SelectiveScanParams& p) {
-  const int64_t block = fwd_block_rows(p), blocks = (p.batch * p.dim + block - 1) / block;
+  const int64_t block = block_rows(p), blocks = (p.batch * p.dim + block - 1) / block;
   cpu::parallel_ranges(blocks, block * p.seqlen * p.dstate * 8, [&](int64_t begin, int64_t end) {
     std::vector<acc_t<T>> work(fwd_work_size(p));
     for (int64_t i = begin; i < end; ++i) {
@@ -151,101 +151,136 @@ void scan_fwd(const SelectiveScanParams& p) {
   });
 }
 
-// Backward of one channel. The adjoint g_t = dL/dh_t runs backwards in t:
+// Backward. The adjoint g_t = dL/dh_t runs backwards in t:
 //   g_t[n] = (dy_t C[n, t] or dstates[n, t]) + exp(dt_{t+1} A[n]) g_{t+1}[n]
 // and with h_t = a_t h_{t-1} + dt_t B_t u_t, a_t = exp(dt_t A):
 //   ddt_t = sum_n g_t[n] (A[n] a_t[n] h_{t-1}[n] + B[n, t] u_t),   dA[n] += g_t[n] dt_t a_t[n] h_{t-1}[n],
 //   du_t = sum_n g_t[n] dt_t B[n, t] + D dy_t,   dB[n, t] += g_t[n] dt_t u_t,   dC[n, t] += dy_t h_t[n].
-// dB, dC accumulate over the channels of a group into dBC (2, N, L); dA, dD, ddelta_bias into this batch's
-// slice of `reduce` (dim, N + 2), summed over the batch afterwards. `work` holds (L + L*N) recomputed values.
+// Per chain (row, n), as in the forward: a_t and h_t are recomputed by vector loops and linear_recurrence, g_t is
+// linear_recurrence_reverse, and the sums over n are vector loops over t into the row's gB_t = sum_n g_t[n] B[n, t].
+
+// Values of scratch that scan_bwd_block needs.
+int64_t bwd_work_size(const SelectiveScanParams& p) { return (6 * block_rows(p) + 3 * kChains + 1) * p.seqlen; }
+
+// Backward of channels [d0, d0 + rows) of batch b, all of one group: writes their du, ddelta (rows, L), adds their
+// dB, dC to dBC (2, N, L) in the order of d, and writes their dA, dD, ddelta_bias to `reduce` (dim, N + 2).
 template <typename T>
-void scan_bwd_channel(const SelectiveScanBwdParams& bp, int64_t b, int64_t d, acc_t<T>* dBC, acc_t<T>* reduce,
-                      acc_t<T>* work) {
+void scan_bwd_block(const SelectiveScanBwdParams& bp, int64_t b, int64_t d0, int64_t rows, acc_t<T>* dBC,
+                    acc_t<T>* reduce, acc_t<T>* work) {
   using Acc = acc_t<T>;
   const SelectiveScanParams& p = bp.fwd;
-  const Channel<T> c = channel<T>(p, b, d);
-  const int64_t L = p.seqlen, N = p.dstate;
-  Acc* dt = work;          // (L,)
-  Acc* h = work + L;       // (L, N): h[t * N + n]
-  std::vector<Acc> A(N), g(N, Acc(0));
-  // dA, dD and ddelta_bias sum L terms that can cancel (a sum of 0.55 from terms of 400 in magnitude): their
-  // running sums are double, so that the rounding of the sum adds nothing to their float32 error.
-  std::vector<double> dA(N, 0.0);
-  for (int64_t n = 0; n < N; ++n) A[n] = c.A[n * p.A_dstate_stride];
-
-  time_steps(p, c, dt);
-  for (int64_t t = 0; t < L; ++t) {  // recompute the forward
-    const Acc dtu = dt[t] * static_cast<Acc>(c.u[t]);
-    for (int64_t n = 0; n < N; ++n) {
-      const Acc prev = t > 0 ? h[(t - 1) * N + n] : Acc(0);
-      h[t * N + n] = std::exp(dt[t] * A[n]) * prev + dtu * static_cast<Acc>(c.B[n * p.B_dstate_stride + t]);
-    }
-  }
-
-  const int64_t row = (b * p.dim + d) * L;
-  const T* grad = static_cast<const T*>(bp.grad_out) + (p.states_mode ? row * N : row);
-  T* du = static_cast<T*>(bp.du) + row;
-  T* ddelta = static_cast<T*>(bp.ddelta) + row;
+  const int64_t L = p.seqlen, N = p.dstate, chains = rows * N;
+  Acc* dt = work;  // (rows, L) each: dt_t, u_t, dt_t u_t, dy_t, ddt_t, gB_t
+  Acc* u_buffer = dt + rows * L;
+  Acc* dtu = u_buffer + rows * L;
+  Acc* dy_buffer = dtu + rows * L;
+  Acc* ddt = dy_buffer + rows * L;
+  Acc* gB = ddt + rows * L;
+  Acc* a = gB + rows * L;  // (kChains, L) each: a_t, h_t, g_t
+  Acc* h = a + kChains * L;
+  Acc* g = h + kChains * L;
+  Acc* in = g + kChains * L;  // (L,): an input converted to Acc
+  const int64_t row0 = b * p.dim + d0;
+  const T* grad = static_cast<const T*>(bp.grad_out) + row0 * (p.states_mode ? N : 1) * L;
   Acc* dB = dBC;
   Acc* dC = dBC + N * L;
-  double dD = 0, dbias = 0;
-  for (int64_t t = L - 1; t >= 0; --t) {
-    const Acc ut = static_cast<Acc>(c.u[t]);
-    const Acc dy = p.states_mode ? Acc(0) : static_cast<Acc>(grad[t]);
-    Acc ddt = 0, dut = c.D * dy;
-    for (int64_t n = 0; n < N; ++n) {
-      const Acc Bn = static_cast<Acc>(c.B[n * p.B_dstate_stride + t]);
-      const Acc a = std::exp(dt[t] * A[n]);
-      const Acc prev = t > 0 ? h[(t - 1) * N + n] : Acc(0);
-      if (p.states_mode) {
-        g[n] += static_cast<Acc>(grad[n * L + t]);
-      } else {
-        g[n] += dy * static_cast<Acc>(c.C[n * p.C_dstate_stride + t]);
-        dC[n * L + t] += dy * h[t * N + n];
-      }
-      ddt += g[n] * (A[n] * a * prev + Bn * ut);
-      dA[n] += g[n] * dt[t] * a * prev;
-      dut += g[n] * dt[t] * Bn;
-      dB[n * L + t] += g[n] * dt[t] * ut;
-      g[n] *= a;  // carried to t - 1
-    }
-    if (p.delta_softplus) {  // d softplus(x) / dx = sigmoid(x)
-      const Acc x = static_cast<Acc>(c.delta[t]) + c.bias;
-      ddt *= x <= Acc(cpu::kSoftplusThreshold) ? Acc(1) / (Acc(1) + std::exp(-x)) : Acc(1);
-    }
-    du[t] = static_cast<T>(dut);
-    ddelta[t] = static_cast<T>(ddt);
-    dD += dy * ut;
-    dbias += ddt;
+
+  Channel<T> c[kChains];
+  const Acc* u[kChains];
+  const Acc* dy[kChains];  // nullptr in states mode
+  for (int64_t r = 0; r < rows; ++r) {
+    c[r] = channel<T>(p, b, d0 + r);
+    time_steps(p, c[r], dt + r * L);
+    u[r] = as_acc(c[r].u, u_buffer + r * L, L);
+    dy[r] = p.states_mode ? nullptr : as_acc(grad + r * L, dy_buffer + r * L, L);
+    for (int64_t t = 0; t < L; ++t) dtu[r * L + t] = dt[r * L + t] * u[r][t];
+    std::fill(ddt + r * L, ddt + (r + 1) * L, Acc(0));
+    std::fill(gB + r * L, gB + (r + 1) * L, Acc(0));
   }
-  Acc* slot = reduce + d * (N + 2);
-  for (int64_t n = 0; n < N; ++n) slot[n] = static_cast<Acc>(dA[n]);
-  slot[N] = static_cast<Acc>(dD);
-  slot[N + 1] = static_cast<Acc>(dbias);
+  for (int64_t q0 = 0; q0 < chains; q0 += kChains) {
+    const int64_t group = std::min(kChains, chains - q0);
+    for (int64_t j = 0; j < group; ++j) {  // h (group, L)
+      const int64_t r = (q0 + j) / N, n = (q0 + j) % N;
+      cpu::exp_scaled(a + j * L, c[r].A[n * p.A_dstate_stride], dt + r * L, L);
+      const Acc* Bn = as_acc(c[r].B + n * p.B_dstate_stride, in, L);
+      for (int64_t t = 0; t < L; ++t) h[j * L + t] = dtu[r * L + t] * Bn[t];
+    }
+    cpu::linear_recurrence(h, a, h, L, group);
+    if (p.states_mode) {  // chains q0.. are consecutive (L,) rows of dstates
+      cpu::linear_recurrence_reverse(g, a, as_acc(grad + q0 * L, g, group * L), L, group);
+    } else {
+      for (int64_t j = 0; j < group; ++j) {
+        const int64_t r = (q0 + j) / N, n = (q0 + j) % N;
+        const Acc* Cn = as_acc(c[r].C + n * p.C_dstate_stride, in, L);
+        for (int64_t t = 0; t < L; ++t) g[j * L + t] = dy[r][t] * Cn[t];
+        cpu::fma_add(dC + n * L, dy[r], h + j * L, L);
+      }
+      cpu::linear_recurrence_reverse(g, a, g, L, group);
+    }
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t r = (q0 + j) / N, n = (q0 + j) % N;
+      cpu::fma_add(gB + r * L, g + j * L, as_acc(c[r].B + n * p.B_dstate_stride, in, L), L);
+      cpu::fma_add(dB + n * L, g + j * L, dtu + r * L, L);
+      const Acc A = c[r].A[n * p.A_dstate_stride];
+      reduce[(d0 + r) * (N + 2) + n] = cpu::scan_decay_grad(ddt + r * L, A, g + j * L, a + j * L, h + j * L,
+                                                            dt + r * L, L);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    // ddt_t = sum_n A[n] g a h_{t-1} + u_t gB_t, through softplus; du_t = dt_t gB_t + D dy_t.
+    const int64_t row = (row0 + r) * L;
+    T* ddelta = static_cast<T*>(bp.ddelta) + row;
+    T* du = static_cast<T*>(bp.du) + row;
+    Acc* ddelta_acc = acc_out(ddelta, ddt + r * L);
+    Acc* du_acc = acc_out(du, gB + r * L);  // after ddelta, which reads gB
+    const Acc* gBr = gB + r * L;
+    if (p.delta_softplus) {
+      Acc* grad_softplus = dtu + r * L;
+      cpu::softplus_grad(grad_softplus, as_acc(c[r].delta, grad_softplus, L), c[r].bias, L);
+      for (int64_t t = 0; t < L; ++t) ddelta_acc[t] = (ddt[r * L + t] + u[r][t] * gBr[t]) * grad_softplus[t];
+    } else {
+      for (int64_t t = 0; t < L; ++t) ddelta_acc[t] = ddt[r * L + t] + u[r][t] * gBr[t];
+    }
+    if (dy[r]) {
+      for (int64_t t = 0; t < L; ++t) du_acc[t] = dt[r * L + t] * gBr[t] + c[r].D * dy[r][t];
+    } else {
+      for (int64_t t = 0; t < L; ++t) du_acc[t] = dt[r * L + t] * gBr[t];
+    }
+    Acc* slot = reduce + (d0 + r) * (N + 2);
+    slot[N] = dy[r] ? cpu::dot(dy[r], u[r], L) : Acc(0);
+    slot[N + 1] = cpu::sum(ddelta_acc, L);
+    store_out(ddelta, ddelta_acc, L);
+    store_out(du, du_acc, L);
+  }
 }
+
+// Tasks are (batch, group, chunk of the group's channels); each has its own dB/dC partial sums, added in the order
+// of the chunks afterwards, and the chunks depend on the shapes only: the result is the same on every run and for
+// every thread count. Groups are split into chunks when there are fewer than kBwdTasks (batch, group) pairs.
+constexpr int64_t kBwdTasks = 32;
 
 template <typename T>
 void scan_bwd(const SelectiveScanBwdParams& bp) {
   using Acc = acc_t<T>;
   const SelectiveScanParams& p = bp.fwd;
   const int64_t L = p.seqlen, N = p.dstate, G = p.n_groups, per_group = p.dim_per_group();
-  // Tasks are (batch, group, chunk of the group's channels); each has its own dB/dC partial sums, so the
-  // result does not depend on thread timing. Groups are split into chunks only when there are too few
-  // (batch, group) pairs to keep the threads busy.
-  const int64_t threads = torch::stable::get_num_threads();
-  const int64_t chunks = std::clamp<int64_t>((2 * threads + p.batch * G - 1) / std::max<int64_t>(1, p.batch * G), 1,
-                                             per_group);
+  const int64_t block = block_rows(p);
+  const int64_t chunks = std::clamp<int64_t>((kBwdTasks + p.batch * G - 1) / std::max<int64_t>(1, p.batch * G), 1,
+                                             (per_group + block - 1) / block);
   const int64_t chunk_size = (per_group + chunks - 1) / chunks;
   const int64_t tasks = p.batch * G * chunks;
   std::vector<Acc> dBC(static_cast<size_t>(tasks) * 2 * N * L, Acc(0));
   std::vector<Acc> reduce(static_cast<size_t>(p.batch) * p.dim * (N + 2), Acc(0));
 
-  cpu::parallel_over(tasks, chunk_size * L * N * 16, [&](int64_t task) {
-    const int64_t b = task / (G * chunks), g = task / chunks % G, chunk = task % chunks;
-    std::vector<Acc> work(L * (N + 1));
-    const int64_t d_end = std::min((g + 1) * per_group, g * per_group + (chunk + 1) * chunk_size);
-    for (int64_t d = g * per_group + chunk * chunk_size; d < d_end; ++d) {
-      scan_bwd_channel<T>(bp, b, d, dBC.data() + task * 2 * N * L, reduce.data() + b * p.dim * (N + 2), work.data());
+  cpu::parallel_ranges(tasks, chunk_size * L * N * 16, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> work(bwd_work_size(p));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (G * chunks), g = task / chunks % G, chunk = task % chunks;
+      const int64_t d_end = std::min((g + 1) * per_group, g * per_group + (chunk + 1) * chunk_size);
+      for (int64_t d = g * per_group + chunk * chunk_size; d < d_end; d += block) {
+        scan_bwd_block<T>(bp, b, d, std::min(block, d_end - d), dBC.data() + task * 2 * N * L,
+                          reduce.data() + b * p.dim * (N + 2), work.data());
+      }
     }
   });
 

@@ -146,6 +146,25 @@ def test_empty_batch_and_length(device):
         assert torch.equal(leaves["A"].grad, torch.zeros_like(leaves["A"]))
 
 
+@pytest.mark.parametrize("N,with_C", [(1, True), (3, True), (2, False)])
+def test_cpu_backward_is_bit_identical_for_every_thread_count(N, with_C):
+    """The CPU backward's sums over channels (dB, dC over a group, split into chunks) and over t (dA, dD,
+    ddelta_bias) run in a fixed order: the same bits on every run and for every thread count."""
+    inputs = make_inputs(b=1, dim=40, L=37, N=N, G=1, with_C=with_C)
+    grad = grad_like(inputs).float()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in [1, 2, 3, 1]:
+            torch.set_num_threads(n)
+            results.append(torch.ops.mamba_adaptor.selective_scan_backward(grad, *inputs.values(), True))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        for a, b in zip(results[0], result):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_gradcheck_float64():
     inputs = make_inputs(b=1, dim=4, L=6, N=2, G=2, dtype=torch.float64)
     leaves = {k: v.requires_grad_() for k, v in inputs.items()}

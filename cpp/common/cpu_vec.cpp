@@ -45,20 +45,60 @@ MA_INLINE void row_taps_impl(T* y, const T* w, int64_t k, const T* x, int64_t st
   }
 }
 
-// 16 independent partial sums, added pairwise at the end: vectorisable, and the same order on every run.
+// Sums run in 16 independent partial sums (lanes[i % 16] += term i), added pairwise at the end: vectorisable,
+// and the same order on every run.
+constexpr int64_t kSumLanes = 16;
+
 template <typename T>
-MA_INLINE T dot_impl(const T* __restrict a, const T* __restrict x, int64_t n) {
-  constexpr int64_t kLanes = 16;
-  T lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * x[i + j];
-  }
-  for (int64_t j = 0; i + j < n; ++j) lanes[j] += a[i + j] * x[i + j];
-  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+MA_INLINE T add_lanes(T* lanes) {
+  for (int64_t width = kSumLanes / 2; width > 0; width /= 2) {
     for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
   }
   return lanes[0];
+}
+
+template <typename T>
+MA_INLINE T dot_impl(const T* __restrict a, const T* __restrict x, int64_t n) {
+  T lanes[kSumLanes] = {};
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+    for (int64_t j = 0; j < kSumLanes; ++j) lanes[j] += a[i + j] * x[i + j];
+  }
+  for (int64_t j = 0; i + j < n; ++j) lanes[j] += a[i + j] * x[i + j];
+  return add_lanes(lanes);
+}
+
+template <typename T>
+MA_INLINE T sum_impl(const T* __restrict x, int64_t n) {
+  T lanes[kSumLanes] = {};
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+    for (int64_t j = 0; j < kSumLanes; ++j) lanes[j] += x[i + j];
+  }
+  for (int64_t j = 0; i + j < n; ++j) lanes[j] += x[i + j];
+  return add_lanes(lanes);
+}
+
+// From i = 1 (w[0] = 0): the terms of g, a, x at i + 1 and of h at i.
+template <typename T>
+MA_INLINE T scan_decay_grad_impl(T* __restrict y, T s, const T* __restrict g, const T* __restrict a,
+                                 const T* __restrict h, const T* __restrict x, int64_t n) {
+  T lanes[kSumLanes] = {};
+  ++y, ++g, ++a, ++x, --n;
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+    for (int64_t j = 0; j < kSumLanes; ++j) {
+      const T w = g[i + j] * a[i + j] * h[i + j];
+      y[i + j] += s * w;
+      lanes[j] += w * x[i + j];
+    }
+  }
+  for (int64_t j = 0; i + j < n; ++j) {
+    const T w = g[i + j] * a[i + j] * h[i + j];
+    y[i + j] += s * w;
+    lanes[j] += w * x[i + j];
+  }
+  return add_lanes(lanes);
 }
 
 template <typename T>
@@ -197,6 +237,16 @@ MA_INLINE void softplus_impl(T* y, const T* x, T b, int64_t n) {
   }
 }
 
+// NaN gives NaN, -inf gives 0 (exp(inf) clamps to inf).
+template <typename T>
+MA_INLINE void softplus_grad_impl(T* y, const T* x, T b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i] + b;
+    const T s = T(1) / (T(1) + exp_impl(-v));
+    y[i] = v > T(kSoftplusThreshold) ? T(1) : s;
+  }
+}
+
 template <typename T>
 MA_INLINE void exp_scaled_impl(T* __restrict y, T a, const T* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = exp_impl(a * x[i]);
@@ -225,6 +275,30 @@ MA_INLINE void linear_recurrence_impl(T* h, const T* a, const T* x, int64_t n, i
   linear_recurrence_groups<kRecurrenceRows>(h, a, x, n, rows);
 }
 
+template <int R, typename T>
+MA_INLINE void linear_recurrence_reverse_rows(T* h, const T* a, const T* x, int64_t n) {
+  T carry[R] = {}, decay[R] = {};  // h[j, i + 1], a[j, i + 1]
+  for (int64_t i = n - 1; i >= 0; --i) {
+    for (int j = 0; j < R; ++j) {
+      h[j * n + i] = carry[j] = decay[j] * carry[j] + x[j * n + i];
+      decay[j] = a[j * n + i];
+    }
+  }
+}
+
+template <int R, typename T>
+MA_INLINE void linear_recurrence_reverse_groups(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
+  if constexpr (R > 0) {
+    for (; rows >= R; rows -= R, h += R * n, a += R * n, x += R * n) linear_recurrence_reverse_rows<R>(h, a, x, n);
+    linear_recurrence_reverse_groups<R - 1>(h, a, x, n, rows);
+  }
+}
+
+template <typename T>
+MA_INLINE void linear_recurrence_reverse_impl(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
+  linear_recurrence_reverse_groups<kRecurrenceRows>(h, a, x, n, rows);
+}
+
 #ifdef MA_HAS_AVX2_PATH
 template <typename T>
 MA_AVX2 void axpy_avx2(T* y, T a, const T* x, int64_t n) { axpy_impl(y, a, x, n); }
@@ -243,6 +317,18 @@ MA_AVX2 void exp_scaled_avx2(T* y, T a, const T* x, int64_t n) { exp_scaled_impl
 template <typename T>
 MA_AVX2 void linear_recurrence_avx2(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
   linear_recurrence_impl(h, a, x, n, rows);
+}
+template <typename T>
+MA_AVX2 void linear_recurrence_reverse_avx2(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
+  linear_recurrence_reverse_impl(h, a, x, n, rows);
+}
+template <typename T>
+MA_AVX2 void softplus_grad_avx2(T* y, const T* x, T b, int64_t n) { softplus_grad_impl(y, x, b, n); }
+template <typename T>
+MA_AVX2 T sum_avx2(const T* x, int64_t n) { return sum_impl(x, n); }
+template <typename T>
+MA_AVX2 T scan_decay_grad_avx2(T* y, T s, const T* g, const T* a, const T* h, const T* x, int64_t n) {
+  return scan_decay_grad_impl(y, s, g, a, h, x, n);
 }
 
 bool has_avx2() {
@@ -277,6 +363,23 @@ void linear_recurrence(float* h, const float* a, const float* x, int64_t n, int6
 }
 void linear_recurrence(double* h, const double* a, const double* x, int64_t n, int64_t rows) {
   MA_DISPATCH(linear_recurrence, h, a, x, n, rows);
+}
+void linear_recurrence_reverse(float* h, const float* a, const float* x, int64_t n, int64_t rows) {
+  MA_DISPATCH(linear_recurrence_reverse, h, a, x, n, rows);
+}
+void linear_recurrence_reverse(double* h, const double* a, const double* x, int64_t n, int64_t rows) {
+  MA_DISPATCH(linear_recurrence_reverse, h, a, x, n, rows);
+}
+void softplus_grad(float* y, const float* x, float b, int64_t n) { MA_DISPATCH(softplus_grad, y, x, b, n); }
+void softplus_grad(double* y, const double* x, double b, int64_t n) { MA_DISPATCH(softplus_grad, y, x, b, n); }
+float sum(const float* x, int64_t n) { MA_DISPATCH(sum, x, n); }
+double sum(const double* x, int64_t n) { MA_DISPATCH(sum, x, n); }
+float scan_decay_grad(float* y, float s, const float* g, const float* a, const float* h, const float* x, int64_t n) {
+  MA_DISPATCH(scan_decay_grad, y, s, g, a, h, x, n);
+}
+double scan_decay_grad(double* y, double s, const double* g, const double* a, const double* h, const double* x,
+                       int64_t n) {
+  MA_DISPATCH(scan_decay_grad, y, s, g, a, h, x, n);
 }
 
 }  // namespace mamba_adaptor::cpu

@@ -32,6 +32,22 @@ void exp_scaled(double* y, double a, const double* x, int64_t n);
 constexpr int64_t kRecurrenceRows = 4;
 void linear_recurrence(float* h, const float* a, const float* x, int64_t n, int64_t rows);
 void linear_recurrence(double* h, const double* a, const double* x, int64_t n, int64_t rows);
+// The same run backwards: h[j, i] = a[j, i + 1] * h[j, i + 1] + x[j, i] from h[j, n] = 0, in order of decreasing i
+// (the adjoint of linear_recurrence); h may be x
+void linear_recurrence_reverse(float* h, const float* a, const float* x, int64_t n, int64_t rows);
+void linear_recurrence_reverse(double* h, const double* a, const double* x, int64_t n, int64_t rows);
+// y[i] = d softplus(x[i] + b) / dx = sigmoid(x[i] + b) = 1 / (1 + exp(-x[i] - b)), or 1 above kSoftplusThreshold; y may
+// be x
+void softplus_grad(float* y, const float* x, float b, int64_t n);
+void softplus_grad(double* y, const double* x, double b, int64_t n);
+// sum_i x[i], in a fixed order
+float sum(const float* x, int64_t n);
+double sum(const double* x, int64_t n);
+// The decay terms of one chain of selective_scan's backward, shapes (n,): with w[i] = g[i] * a[i] * h[i - 1] and
+// h[-1] = 0, y[i] += s * w[i]; returns sum_i w[i] * x[i], in a fixed order
+float scan_decay_grad(float* y, float s, const float* g, const float* a, const float* h, const float* x, int64_t n);
+double scan_decay_grad(double* y, double s, const double* g, const double* a, const double* h, const double* x,
+                       int64_t n);
 
 }  // namespace mamba_adaptor::cpu
 
