@@ -261,20 +261,6 @@ MA_INLINE void linear_recurrence_rows(T* h, const T* a, const T* x, int64_t n) {
   }
 }
 
-// Groups of R rows, then the rest (fewer than R) as one group.
-template <int R, typename T>
-MA_INLINE void linear_recurrence_groups(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
-  if constexpr (R > 0) {
-    for (; rows >= R; rows -= R, h += R * n, a += R * n, x += R * n) linear_recurrence_rows<R>(h, a, x, n);
-    linear_recurrence_groups<R - 1>(h, a, x, n, rows);
-  }
-}
-
-template <typename T>
-MA_INLINE void linear_recurrence_impl(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
-  linear_recurrence_groups<kRecurrenceRows>(h, a, x, n, rows);
-}
-
 template <int R, typename T>
 MA_INLINE void linear_recurrence_reverse_rows(T* h, const T* a, const T* x, int64_t n) {
   T carry[R] = {}, decay[R] = {};  // h[j, i + 1], a[j, i + 1]
@@ -286,17 +272,29 @@ MA_INLINE void linear_recurrence_reverse_rows(T* h, const T* a, const T* x, int6
   }
 }
 
-template <int R, typename T>
-MA_INLINE void linear_recurrence_reverse_groups(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
+// Groups of R rows, then the rest (fewer than R) as one group; forward or, with kReverse, backward along i.
+template <bool kReverse, int R, typename T>
+MA_INLINE void linear_recurrence_groups(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
   if constexpr (R > 0) {
-    for (; rows >= R; rows -= R, h += R * n, a += R * n, x += R * n) linear_recurrence_reverse_rows<R>(h, a, x, n);
-    linear_recurrence_reverse_groups<R - 1>(h, a, x, n, rows);
+    for (; rows >= R; rows -= R, h += R * n, a += R * n, x += R * n) {
+      if constexpr (kReverse) {
+        linear_recurrence_reverse_rows<R>(h, a, x, n);
+      } else {
+        linear_recurrence_rows<R>(h, a, x, n);
+      }
+    }
+    linear_recurrence_groups<kReverse, R - 1>(h, a, x, n, rows);
   }
 }
 
 template <typename T>
+MA_INLINE void linear_recurrence_impl(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
+  linear_recurrence_groups<false, kRecurrenceRows>(h, a, x, n, rows);
+}
+
+template <typename T>
 MA_INLINE void linear_recurrence_reverse_impl(T* h, const T* a, const T* x, int64_t n, int64_t rows) {
-  linear_recurrence_reverse_groups<kRecurrenceRows>(h, a, x, n, rows);
+  linear_recurrence_groups<true, kRecurrenceRows>(h, a, x, n, rows);
 }
 
 #ifdef MA_HAS_AVX2_PATH
