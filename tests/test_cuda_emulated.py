@@ -31,9 +31,8 @@ from mamba_adaptor_ops import reference
 sys.path.insert(0, str(Path(__file__).parent / "cuda_emu"))
 import build as emu_build  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    emu_build.available() is not None, reason=f"CUDA emulator: {emu_build.available()}"
-)
+UNAVAILABLE = emu_build.available()  # why the emulator cannot be built here, or None
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"CUDA emulator: {UNAVAILABLE}")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORWARD_ORDER, REVERSE_ORDER, SHUFFLED = 0, 1, 2
