@@ -256,7 +256,8 @@ __device__ __forceinline__ Affine lanes_after(Affine inclusive, int lane) {
   return lane == 31 ? identity_map() : x;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+template <typename F>
+__device__ __forceinline__ F warp_sum(F x) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
@@ -423,8 +424,13 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
     selective_scan_bwd_kernel(const __grid_constant__ SelectiveScanBwdParams bp) {
   const SelectiveScanParams& p = bp.fwd;
   // Shared memory: [2][warps][2][kSegment] floats, each warp's dB and dC contributions of one (segment, n),
-  // double-buffered; then per warp one float per n: the state carried forward in the first pass, the adjoint
-  // carried backward in the second.
+  // double-buffered; per warp and lane a double2, the lane's dD and ddelta_bias summed over the segments; per
+  // warp one double per n, its row's dA summed over the segments; then per warp one float per n: the state
+  // carried forward in the first pass, the adjoint carried backward in the second.
+  //
+  // dA, dD and ddelta_bias sum a row's L terms in double (a lane's four terms of a segment in float32, the dA
+  // terms as exact double products), so that a row whose terms nearly cancel loses little to the summation;
+  // then one float atomic per row. The double sums live in shared memory: in registers they would spill.
   extern __shared__ float4 shared_storage[];
   constexpr int kItems = kBwdItems, kSegment = kBwdSegment;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -435,7 +441,12 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   const int64_t n_seg = num_segments(L, kSegment);
   const int64_t row_len = row.active ? L : 0;  // an inactive warp loads, stores and adds nothing
   float* contributions = reinterpret_cast<float*>(shared_storage);
-  float* carry = contributions + 2 * warps * 2 * kSegment + warp * N;
+  double2* D_bias_sums = reinterpret_cast<double2*>(contributions + 2 * warps * 2 * kSegment);  // [warps * 32]
+  double* dA_sums = reinterpret_cast<double*>(D_bias_sums + warps * 32);                        // [warps][N]
+  float* carries = reinterpret_cast<float*>(dA_sums + warps * N);                         // [warps][N]
+  double2& D_bias_sum = D_bias_sums[threadIdx.x];
+  double* dA_sum = dA_sums + warp * N;
+  float* carry = carries + warp * N;
 
   const BwdWorkspace ws = bwd_workspace_layout(p);
   float* workspace = static_cast<float*>(bp.workspace);
@@ -518,10 +529,13 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   }
 
   // Second pass, segments from last to first. All warps of the block take part in every barrier.
-  for (int64_t n = lane; n < N; n += 32) carry[n] = 0.f;  // now: a_t g_t flowing into the segment before
+  for (int64_t n = lane; n < N; n += 32) {
+    carry[n] = 0.f;  // now: a_t g_t flowing into the segment before
+    dA_sum[n] = 0.0;
+  }
   __syncthreads();  // also orders this warp's checkpoint writes before its reads
 
-  float dD_part = 0.f, dbias_part = 0.f;
+  D_bias_sum = make_double2(0.0, 0.0);
   int buffer = 0;
   SegmentInputs<T, kItems> next_segment = load_segment(n_seg - 1, !kStates);
   StateInputs<T, kItems> next_state = load_state(n_seg - 1, 0, true);
@@ -591,7 +605,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       // at a time) into shared memory.
       float* mine = contributions + ((buffer * warps + warp) * 2) * kSegment + lane * kItems;
       static_assert(kItems % 4 == 0, "dB, dC go to shared memory as float4");
-      float dA_part = 0.f;
+      double dA_part = 0.0;
       float dB_items[4], dC_items[4];
 #pragma unroll
       for (int i = kItems - 1; i >= 0; --i) {
@@ -599,7 +613,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         inflow = a[i] * g;
         const float g_dt = g * dt[i];
         ddt[i] = fmaf(g, fmaf(A_n, a_h[i], B_at(i) * u_at(i)), ddt[i]);
-        dA_part = fmaf(g_dt, a_h[i], dA_part);
+        dA_part = fma(static_cast<double>(g_dt), static_cast<double>(a_h[i]), dA_part);
         du_acc[i] = fmaf(g_dt, B_at(i), du_acc[i]);
         dB_items[i % 4] = g_dt * u_at(i);
         dC_items[i % 4] = dy_at(i) * fmaf(dt[i] * u_at(i), B_at(i), a_h[i]);  // dy_t h_t
@@ -614,8 +628,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       const float into_previous = __shfl_sync(kFullMask, inflow, 0);
       __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it (read again after a barrier)
       if (lane == 0) carry[n] = into_previous;
-      const float dA_row = warp_sum(dA_part);
-      if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.dA) + row.d * N + n, dA_row);
+      const double dA_segment = warp_sum(dA_part);
+      if (lane == 0) dA_sum[n] += dA_segment;
 
       // Sum the warps' contributions and add them to the (batch, group) row of dB and dC. The buffers alternate:
       // a buffer is written again two steps later, after the next step's barrier, which every thread reaches
@@ -639,6 +653,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       buffer ^= 1;
     }
 
+    float dD_part = 0.f, dbias_part = 0.f;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       if constexpr (kSoftplus) ddt[i] *= softplus_derivative(to_float(in.delta.v[i]) + bias);
@@ -647,17 +662,23 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         dbias_part += ddt[i];
       }
     }
+    D_bias_sum.x += dD_part;
+    D_bias_sum.y += dbias_part;
     store_items(du + t0, valid, du_acc);
     store_items(ddelta + t0, valid, ddt);
   }
 
+  __syncwarp();  // lane 0's last dA_sum writes are visible to the whole warp
+  if (row.active) {
+    for (int64_t n = lane; n < N; n += 32) atomicAdd(static_cast<float*>(bp.dA) + row.d * N + n, static_cast<float>(dA_sum[n]));
+  }
   if constexpr (kHasD) {
-    const float dD_row = warp_sum(dD_part);
-    if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.dD) + row.d, dD_row);
+    const double dD_row = warp_sum(D_bias_sum.x);
+    if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.dD) + row.d, static_cast<float>(dD_row));
   }
   if (bp.ddelta_bias) {
-    const float dbias_row = warp_sum(dbias_part);
-    if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.ddelta_bias) + row.d, dbias_row);
+    const double dbias_row = warp_sum(D_bias_sum.y);
+    if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.ddelta_bias) + row.d, static_cast<float>(dbias_row));
   }
 }
 
@@ -728,7 +749,8 @@ void selective_scan_bwd_launch(const SelectiveScanBwdParams& bp, cudaStream_t st
   float* workspace = static_cast<float*>(bp.workspace);
   check(cudaMemsetAsync(workspace, 0, ws.checkpoint_offset * sizeof(float), stream), "selective_scan_backward memset");
   const size_t shared_bytes =
-      (static_cast<size_t>(2 * shape.warps * 2 * kBwdSegment) + shape.warps * p.dstate) * sizeof(float);
+      static_cast<size_t>(2 * shape.warps * 2 * kBwdSegment) * sizeof(float) + shape.warps * 32 * sizeof(double2) +
+      static_cast<size_t>(shape.warps) * p.dstate * (sizeof(double) + sizeof(float));
   dispatch_flags(p, [&](auto n, auto states, auto has_D, auto softplus) {
     selective_scan_bwd_kernel<T, decltype(n)::value, decltype(states)::value, decltype(has_D)::value,
                               decltype(softplus)::value><<<shape.blocks, shape.warps * 32, shared_bytes, stream>>>(bp);

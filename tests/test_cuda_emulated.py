@@ -331,12 +331,10 @@ def test_selective_scan_random_shapes(emu, b, channels_per_group, G, L, N, state
     )
 
 
-@pytest.mark.xfail(strict=True, reason="known: the CUDA scan backward sums dA and ddelta_bias in float32")
 def test_selective_scan_backward_sums_with_cancellation(emu):
     """A row whose ddelta_bias is -0.55 from 738 terms of 400 in total magnitude (found by the random test
-    above): the kernel's float32 per-segment atomics give dA and ddelta_bias errors of 4.5e-6 and 2.6e-6,
-    over the 2x rule's 3.4e-6 and 2.4e-6 (the float32 reference sums pairwise; the CPU kernel sums in double).
-    Relative to the terms' magnitude that is 6e-9; strict xfail, so a fix shows."""
+    above): summed in float32 per segment and added with one atomic per segment, dA and ddelta_bias erred by
+    4.5e-6 and 2.6e-6, over the 2x rule's 3.4e-6 and 2.4e-6; the double row sums give 2.6e-6 and 1.6e-6."""
     inputs = scan_inputs(b=2, dim=1, L=369, N=2, G=1, with_C=False, seed=8893)
     check_against_reference(
         scan_op(emu),
