@@ -110,12 +110,28 @@ void for_each_element(const int64_t* strides, int64_t b, int64_t c0, int64_t n, 
   }
 }
 
+// Where the rows are contiguous (x stride 1, as in NCHW), calls f(plane, y, offset) for plane j < n of image b
+// from channel c0 and each row y, offset being the row's first element in the tensor, and returns true; else
+// returns false.
+template <typename F>
+bool for_each_row(const int64_t* strides, int64_t b, int64_t c0, int64_t n, const PaddedPlane& pp, const F& f) {
+  if (strides[3] != 1) return false;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t y = 0; y < pp.H; ++y) f(j, y, b * strides[0] + (c0 + j) * strides[1] + y * strides[2]);
+  }
+  return true;
+}
+
 // Planes c0 .. c0 + n - 1 of image b, read through their strides (NCHW, channels_last or any view), into the
 // interiors of n padded planes whose padding stays zero.
 template <typename T>
 void load_planes(const void* data, const int64_t* strides, int64_t b, int64_t c0, int64_t n, const PaddedPlane& pp,
                  acc_t<T>* planes) {
   const T* src = static_cast<const T*>(data);
+  const auto row = [&](int64_t j, int64_t y, int64_t offset) {
+    cpu::convert(planes + j * pp.size() + pp.origin() + y * pp.pitch, src + offset, pp.W);
+  };
+  if (for_each_row(strides, b, c0, n, pp, row)) return;
   for_each_element(strides, b, c0, n, pp, [&](int64_t j, int64_t y, int64_t x, int64_t offset) {
     planes[j * pp.size() + pp.origin() + y * pp.pitch + x] = static_cast<acc_t<T>>(src[offset]);
   });
@@ -126,6 +142,10 @@ template <typename T>
 void store_planes(const acc_t<T>* planes, void* data, const int64_t* strides, int64_t b, int64_t c0, int64_t n,
                   const PaddedPlane& pp) {
   T* dst = static_cast<T*>(data);
+  const auto row = [&](int64_t j, int64_t y, int64_t offset) {
+    cpu::convert(dst + offset, planes + (j * pp.H + y) * pp.pitch, pp.W);
+  };
+  if (for_each_row(strides, b, c0, n, pp, row)) return;
   for_each_element(strides, b, c0, n, pp, [&](int64_t j, int64_t y, int64_t x, int64_t offset) {
     dst[offset] = static_cast<T>(planes[(j * pp.H + y) * pp.pitch + x]);
   });
@@ -269,7 +289,8 @@ void load_rows(const void* data, const int64_t* strides, int64_t b, const DwConv
     const T* src = static_cast<const T*>(data) + b * strides[0] + y * strides[2];
     dst = std::fill_n(dst, rows.pad * Cp, Acc(0));
     if (dense) {
-      dst = std::copy_n(src, W * Cp, dst);
+      cpu::convert(dst, src, W * Cp);
+      dst += W * Cp;
     } else {
       for (int64_t x = 0; x < W; ++x, dst += Cp) {
         for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<Acc>(src[x * strides[3] + c]);
@@ -285,9 +306,7 @@ template <typename T>
 void store_row(const acc_t<T>* row, void* data, const int64_t* strides, int64_t b, int64_t y, const DwConvParams& p) {
   const int64_t Cp = padded_channels(p.channels);
   T* dst = static_cast<T*>(data) + b * strides[0] + y * strides[2];
-  for (int64_t x = 0; x < p.width; ++x) {
-    for (int64_t c = 0; c < p.channels; ++c) dst[x * strides[3] + c] = static_cast<T>(row[x * Cp + c]);
-  }
+  for (int64_t x = 0; x < p.width; ++x) cpu::convert(dst + x * strides[3], row + x * Cp, p.channels);
 }
 
 // The tap (dy = dx = 0) of dilation i. The centre taps of all dilations read the output pixel itself, so only

@@ -13,7 +13,10 @@
 namespace mamba_adaptor {
 namespace {
 
+using cpu::acc_out;
 using cpu::acc_t;
+using cpu::as_acc;
+using cpu::store_out;
 
 // Pointers of one channel d of batch b: u, delta, and its group's B, C rows (t has stride 1), its row of A.
 template <typename T>
@@ -39,35 +42,6 @@ Channel<T> channel(const SelectiveScanParams& p, int64_t b, int64_t d) {
   c.D = p.D ? static_cast<const Acc*>(p.D)[d] : Acc(0);
   c.bias = p.delta_bias ? static_cast<const Acc*>(p.delta_bias)[d] : Acc(0);
   return c;
-}
-
-// The n values at x as Acc: x itself when T is Acc, else converted into `buffer`.
-template <typename T>
-const acc_t<T>* as_acc(const T* x, acc_t<T>* buffer, int64_t n) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) {
-    return x;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<acc_t<T>>(x[i]);
-    return buffer;
-  }
-}
-
-// Where output values are computed in Acc: in the output itself when T is Acc, else in `buffer`, then stored to
-// the output by store_out.
-template <typename T>
-acc_t<T>* acc_out(T* out, acc_t<T>* buffer) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) {
-    return out;
-  } else {
-    return buffer;
-  }
-}
-
-template <typename T>
-void store_out(T* out, const acc_t<T>* values, int64_t n) {
-  if constexpr (!std::is_same_v<T, acc_t<T>>) {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(values[i]);
-  }
 }
 
 // dt (L) of one channel: delta + delta_bias, through softplus when delta_softplus.

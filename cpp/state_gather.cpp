@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu.h"
@@ -69,34 +70,43 @@ std::vector<acc_t<T>> position_major(const void* data, int64_t BS, int64_t D, in
     const int64_t bs = task / tiles, t0 = task % tiles * kTile, t1 = std::min(L, t0 + kTile);
     const T* src = static_cast<const T*>(data) + bs * D * L;
     acc_t<T>* dst = out.data() + bs * L * D;
+    acc_t<T> buffer[kTile];
     for (int64_t d = 0; d < D; ++d) {
-      for (int64_t t = t0; t < t1; ++t) dst[t * D + d] = static_cast<acc_t<T>>(src[d * L + t]);
-    }  });
+      const acc_t<T>* row = cpu::as_acc(src + d * L + t0, buffer, t1 - t0);
+      for (int64_t t = t0; t < t1; ++t) dst[t * D + d] = row[t - t0];
+    }
+  });
   return out;
 }
 
-template <typename T>
-inline acc_t<T> read(const T* row, int64_t i) {
-  return i >= 0 ? static_cast<acc_t<T>>(row[i]) : acc_t<T>(0);
+template <typename Acc>
+inline Acc read(const Acc* row, int64_t i) {
+  return i >= 0 ? row[i] : Acc(0);
 }
 
-// The forward reads each row of h in place, its samples' neighbours from the same row.
+// The forward reads each row of h (in place, or converted to the accumulation type), its samples' neighbours
+// from the same row.
 template <typename T>
 void gather_fwd(const StateGatherParams& p) {
   using Acc = acc_t<T>;
   const int64_t K = p.n_points, L = p.seqlen, D = p.dim;
   const auto samples = make_samples<T>(p);
-  cpu::parallel_over(p.batch * p.n_seq * D, L * K * 6, [&](int64_t row) {
-    const Sample<Acc>* sample = samples.data() + row / D * L * K;
-    const T* h = static_cast<const T*>(p.h) + row * L;
-    T* out = static_cast<T*>(p.out) + row * L;
-    for (int64_t t = 0; t < L; ++t) {
-      Acc acc = p.residual ? static_cast<Acc>(h[t]) : Acc(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const Sample<Acc>& s = sample[t * K + k];
-        acc += s.weight * ((Acc(1) - s.frac) * read(h, s.i0) + s.frac * read(h, s.i1));
+  cpu::parallel_ranges(p.batch * p.n_seq * D, L * K * 6, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buffer(std::is_same_v<T, Acc> ? 0 : 2 * L);  // (2, L): a row of h and of out
+    for (int64_t row = begin; row < end; ++row) {
+      const Sample<Acc>* sample = samples.data() + row / D * L * K;
+      const Acc* h = cpu::as_acc(static_cast<const T*>(p.h) + row * L, buffer.data(), L);
+      T* out_row = static_cast<T*>(p.out) + row * L;
+      Acc* out = cpu::acc_out(out_row, buffer.data() + L);
+      for (int64_t t = 0; t < L; ++t) {
+        Acc acc = p.residual ? h[t] : Acc(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const Sample<Acc>& s = sample[t * K + k];
+          acc += s.weight * ((Acc(1) - s.frac) * read(h, s.i0) + s.frac * read(h, s.i1));
+        }
+        out[t] = acc;
       }
-      out[t] = static_cast<T>(acc);
+      cpu::store_out(out_row, out, L);
     }
   });
 }
@@ -151,8 +161,11 @@ void gather_bwd(const StateGatherBwdParams& bp) {
       }
     }
     T* grad_h = static_cast<T*>(bp.grad_h) + (bs * D + d0) * L;
+    std::vector<Acc> buffer(std::is_same_v<T, Acc> ? 0 : L);
     for (int64_t d = 0; d < n; ++d) {
-      for (int64_t t = 0; t < L; ++t) grad_h[d * L + t] = static_cast<T>(gh[t * n + d]);
+      Acc* row = cpu::acc_out(grad_h + d * L, buffer.data());
+      for (int64_t t = 0; t < L; ++t) row[t] = gh[t * n + d];
+      cpu::store_out(grad_h + d * L, row, L);
     }
   });
 }

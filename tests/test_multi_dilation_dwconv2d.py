@@ -71,6 +71,25 @@ def test_strided_views_and_no_bias(device):
     )
 
 
+@pytest.mark.parametrize("dtype,exponents", [(torch.float16, (-26, 13)), (torch.bfloat16, (-132, 120))])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_16bit_outputs_round_like_torch(dtype, exponents, layout):
+    """With one non-zero tap the output is x * w in float32, rounded once to the 16-bit type: bit for bit what
+    torch gives, over the type's whole range (subnormal and overflowing results, ties). Zeros may differ in
+    sign: the kernel adds x * w to +0."""
+    gen = torch.Generator().manual_seed(3)
+    C, H, W = 16, 5, 43  # rows of 43: the vector conversions and their scalar tails
+    scale = torch.exp2(torch.randint(*exponents, (2, C, H, 2 * W), generator=gen).double())
+    x = (torch.randn(2, C, H, 2 * W, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    weight = torch.zeros(1, C, 3, 3, dtype=dtype)
+    weight[0, :, 1, 1] = (torch.rand(C, generator=gen) * 4 - 2).to(dtype)
+    x = {"nchw": x[..., :W], "channels_last": to_channels_last(x[..., :W]), "strided": x[..., ::2]}[layout]
+    out = mao.multi_dilation_dwconv2d(x, weight, None, (1,))
+    expected = (x.float() * weight[0, :, 1, 1].float().view(C, 1, 1)).to(dtype)
+    same = (out.view(torch.int16) == expected.view(torch.int16)) | ((out == 0) & (expected == 0))
+    assert same.all(), f"{(~same).sum().item()} outputs differ, e.g. {out[~same][:4]} != {expected[~same][:4]}"
+
+
 def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.to(memory_format=torch.channels_last)
 

@@ -2,18 +2,14 @@
 #pragma once
 
 #include <torch/csrc/stable/ops.h>
-#include <torch/headeronly/util/BFloat16.h>
-#include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cpu_vec.h"  // Half, BFloat16
 #include "common/dtype.h"
 
 namespace mamba_adaptor::cpu {
-
-using Half = torch::headeronly::Half;
-using BFloat16 = torch::headeronly::BFloat16;
 
 // Calls f(T{}) with T the C++ type of `dtype`.
 template <typename F>
@@ -29,6 +25,33 @@ void dispatch_dtype(DType dtype, F&& f) {
 // Every kernel accumulates in float32, and in float64 for float64 inputs.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// The n values at x as Acc: x itself when T is Acc, else converted into `buffer`.
+template <typename T>
+const acc_t<T>* as_acc(const T* x, acc_t<T>* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return x;
+  } else {
+    convert(buffer, x, n);
+    return buffer;
+  }
+}
+
+// Where output values are computed in Acc: in the output itself when T is Acc, else in `buffer`, then stored to
+// the output by store_out.
+template <typename T>
+acc_t<T>* acc_out(T* out, acc_t<T>* buffer) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return out;
+  } else {
+    return buffer;
+  }
+}
+
+template <typename T>
+void store_out(T* out, const acc_t<T>* values, int64_t n) {
+  if constexpr (!std::is_same_v<T, acc_t<T>>) convert(out, values, n);
+}
 
 // Runs f(begin, end) on ranges that cover [0, n), spread over torch's intra-op threads (one range per thread);
 // `cost` is a rough count of operations of one index, so that tiny problems stay on one thread.

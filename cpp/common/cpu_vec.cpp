@@ -4,13 +4,18 @@
 #include <array>
 #include <cstring>
 
-// Each loop is compiled twice, for AVX2 + FMA and for baseline x86-64, and the AVX2 version is called where
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+
+// Each loop is compiled twice, for AVX2 + FMA (+ F16C, which every AVX2 CPU has) and for baseline x86-64, and
+// the AVX2 version is called where
 // the CPU has it. (GCC's target_clones picks clones by CPU model for "arch=" targets, which misses AMD CPUs;
 // this checks the features themselves.) The loops are forced inline so each copy is compiled for its target.
 #define MA_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MA_HAS_AVX2_PATH 1
-#define MA_AVX2 __attribute__((target("avx2,fma")))
+#define MA_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
 namespace mamba_adaptor::cpu {
@@ -104,6 +109,33 @@ MA_INLINE T scan_decay_grad_impl(T* __restrict y, T s, const T* __restrict g, co
 template <typename T>
 MA_INLINE void fma_add_impl(T* __restrict y, const T* __restrict a, const T* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a[i] * x[i];
+}
+
+// 16-bit <-> float. bfloat16 is the top half of a float: the loops below are torch's conversions written so
+// that they vectorise. Half has no such trick: its baseline loops convert one value at a time, the AVX2 build
+// uses the F16C instructions.
+MA_INLINE void convert_impl(float* __restrict y, const BFloat16* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(x[i].x) << 16;
+    std::memcpy(y + i, &bits, sizeof(float));
+  }
+}
+
+MA_INLINE void convert_impl(BFloat16* __restrict y, const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(float));
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    y[i].x = static_cast<uint16_t>(nan ? 0x7fc0u : (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
+MA_INLINE void convert_impl(float* __restrict y, const Half* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(x[i]);
+}
+
+MA_INLINE void convert_impl(Half* __restrict y, const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<Half>(x[i]);
 }
 
 // exp and softplus, branch-free so that their loops vectorise.
@@ -328,9 +360,27 @@ template <typename T>
 MA_AVX2 T scan_decay_grad_avx2(T* y, T s, const T* g, const T* a, const T* h, const T* x, int64_t n) {
   return scan_decay_grad_impl(y, s, g, a, h, x, n);
 }
+MA_AVX2 void convert_avx2(float* y, const BFloat16* x, int64_t n) { convert_impl(y, x, n); }
+MA_AVX2 void convert_avx2(BFloat16* y, const float* x, int64_t n) { convert_impl(y, x, n); }
+MA_AVX2 void convert_avx2(float* y, const Half* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  }
+  convert_impl(y + i, x + i, n - i);
+}
+MA_AVX2 void convert_avx2(Half* y, const float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  convert_impl(y + i, x + i, n - i);
+}
 
 bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 }
 #define MA_DISPATCH(name, ...) return has_avx2() ? name##_avx2(__VA_ARGS__) : name##_impl(__VA_ARGS__)
@@ -379,6 +429,10 @@ double scan_decay_grad(double* y, double s, const double* g, const double* a, co
                        int64_t n) {
   MA_DISPATCH(scan_decay_grad, y, s, g, a, h, x, n);
 }
+void convert(float* y, const Half* x, int64_t n) { MA_DISPATCH(convert, y, x, n); }
+void convert(float* y, const BFloat16* x, int64_t n) { MA_DISPATCH(convert, y, x, n); }
+void convert(Half* y, const float* x, int64_t n) { MA_DISPATCH(convert, y, x, n); }
+void convert(BFloat16* y, const float* x, int64_t n) { MA_DISPATCH(convert, y, x, n); }
 
 }  // namespace mamba_adaptor::cpu
 

@@ -2,9 +2,16 @@
 // one wheel runs everywhere and uses wide vectors where the CPU has them.
 #pragma once
 
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <algorithm>
 #include <cstdint>
 
 namespace mamba_adaptor::cpu {
+
+using Half = torch::headeronly::Half;
+using BFloat16 = torch::headeronly::BFloat16;
 
 // y[i] += a * x[i]
 void axpy(float* y, float a, const float* x, int64_t n);
@@ -48,6 +55,18 @@ double sum(const double* x, int64_t n);
 float scan_decay_grad(float* y, float s, const float* g, const float* a, const float* h, const float* x, int64_t n);
 double scan_decay_grad(double* y, double s, const double* g, const double* a, const double* h, const double* x,
                        int64_t n);
+
+// y[i] = x[i] between float and the 16-bit types, bit for bit as torch converts them (widening is exact,
+// narrowing rounds to nearest even), NaN payloads aside; the same-type overloads copy. The kernels load their
+// inputs into float rows and store float rows back through these.
+void convert(float* y, const Half* x, int64_t n);
+void convert(float* y, const BFloat16* x, int64_t n);
+void convert(Half* y, const float* x, int64_t n);
+void convert(BFloat16* y, const float* x, int64_t n);
+template <typename T>
+void convert(T* y, const T* x, int64_t n) {
+  std::copy_n(x, n, y);
+}
 
 }  // namespace mamba_adaptor::cpu
 
