@@ -2,16 +2,19 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
 
 // Each loop is compiled twice, for AVX2 + FMA (+ F16C, which every AVX2 CPU has) and for baseline x86-64, and
-// the AVX2 version is called where
-// the CPU has it. (GCC's target_clones picks clones by CPU model for "arch=" targets, which misses AMD CPUs;
-// this checks the features themselves.) The loops are forced inline so each copy is compiled for its target.
+// the AVX2 version is called where the CPU has it. (GCC's target_clones picks clones by CPU model for "arch="
+// targets, which misses AMD CPUs; this checks the features themselves.) The loops are forced inline so each
+// copy is compiled for its target. The environment variable MAMBA_ADAPTOR_CPU_CAPABILITY ("default", "avx2" or
+// "avx512", like torch's ATEN_CPU_CAPABILITY) caps the build used, so one machine can test them all.
 #define MA_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MA_HAS_AVX2_PATH 1
@@ -378,11 +381,27 @@ MA_AVX2 void convert_avx2(Half* y, const float* x, int64_t n) {
   convert_impl(y + i, x + i, n - i);
 }
 
-bool has_avx2() {
-  static const bool yes =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return yes;
+// The widest build this CPU runs, capped by MAMBA_ADAPTOR_CPU_CAPABILITY.
+enum class Capability { kDefault, kAvx2, kAvx512 };
+
+Capability capability() {
+  static const Capability picked = [] {
+    Capability best = Capability::kDefault;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+      best = __builtin_cpu_supports("avx512f") ? Capability::kAvx512 : Capability::kAvx2;
+    }
+    const char* cap = std::getenv("MAMBA_ADAPTOR_CPU_CAPABILITY");
+    if (cap == nullptr || *cap == '\0') return best;
+    const std::string value(cap);  // the Python package rejects other values at import
+    const Capability wanted = value == "default" ? Capability::kDefault
+                              : value == "avx2"  ? Capability::kAvx2
+                                                 : Capability::kAvx512;
+    return std::min(best, wanted);
+  }();
+  return picked;
 }
+
+bool has_avx2() { return capability() >= Capability::kAvx2; }
 #define MA_DISPATCH(name, ...) return has_avx2() ? name##_avx2(__VA_ARGS__) : name##_impl(__VA_ARGS__)
 #else
 #define MA_DISPATCH(name, ...) return name##_impl(__VA_ARGS__)
@@ -582,10 +601,7 @@ MA_AVX2 void channels_last_sum_avx2(T* s, const T* x, int64_t n, int64_t C) {
   channels_last_sum_impl<32>(s, x, n, C);
 }
 
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
+bool has_avx512() { return capability() >= Capability::kAvx512; }
 #define MA_DISPATCH_WIDE(name, ...)                                                                   \
   return has_avx512() ? name##_avx512(__VA_ARGS__)                                                    \
                       : has_avx2() ? name##_avx2(__VA_ARGS__) : name##_impl<16>(__VA_ARGS__)
