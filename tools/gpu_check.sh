@@ -9,6 +9,11 @@
 #
 # Results (at most 8 files) go to $OUT (default gpu-check-results/): check.log (versions, build, tests, the
 # benchmark table), sanitizer.log, bench.json and the benchmark plots. Exits non-zero if a step failed.
+#
+# The device tool gives a command 10 minutes: the whole check keeps within DEADLINE seconds (default 540),
+# each step within its own cap and what is left, in the order of what only a GPU can show: the CUDA tests,
+# memcheck and racecheck, the benchmark of the issues' goal shapes (BENCH_ARGS), then the rest of the tests
+# and initcheck/synccheck. A step cut short is reported as FAILED (124).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check-results}"
@@ -20,6 +25,11 @@ status=0
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo -e "\n===== $* ($(date +%T))" | tee -a "$LOG"; }
 run() { "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "FAILED ($rc): $*" | tee -a "$LOG"; status=1; }; return "$rc"; }
+
+DEADLINE="${DEADLINE:-540}"
+started=$(date +%s)
+# budget CAP: the seconds a step may take, at most CAP and what is left of DEADLINE.
+budget() { local left=$(( DEADLINE - ($(date +%s) - started) )); echo $(( left < $1 ? (left > 0 ? left : 1) : $1 )); }
 
 step "machine"
 run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -40,27 +50,40 @@ if wants install; then
 fi
 run "$PYTHON" -c "import mamba_adaptor_ops as m, torch; assert m.CUDA_KERNELS_LOADED; print('CUDA kernels loaded; CUDA dispatch:', {op: torch._C._dispatch_has_kernel_for_dispatch_key(f'mamba_adaptor::{op}', 'CUDA') for op in ('selective_scan', 'state_gather', 'multi_dilation_dwconv2d')})"
 
-if wants tests; then
-  step "tests"
-  # The CPU emulation of the CUDA kernels (tests/test_cuda_emulated.py) runs in CI; here the GPU runs them.
-  run "$PYTHON" -m pytest -q -x -p no:cacheprovider --durations=15 --ignore=tests/test_cuda_emulated.py
-fi
-
-if wants sanitizer; then
-  step "compute-sanitizer"
-  for tool in memcheck racecheck initcheck synccheck; do
+# The CPU emulation of the CUDA kernels (tests/test_cuda_emulated.py) runs in CI; here the GPU runs them.
+PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider --maxfail=30 --durations=10 --ignore=tests/test_cuda_emulated.py)
+sanitize() {  # sanitize TOOL...
+  for tool in "$@"; do
     echo "--- $tool" >> "$OUT/sanitizer.log"
-    compute-sanitizer --tool "$tool" --error-exitcode 1 \
+    timeout "$(budget 90)" compute-sanitizer --tool "$tool" --error-exitcode 1 \
       "$PYTHON" tools/sanitizer_smoke.py >> "$OUT/sanitizer.log" 2>&1
     rc=$?
     echo "$tool: exit $rc, $(grep -c -E '^========= (Invalid|Error|Race|Warning)' "$OUT/sanitizer.log") findings so far" | tee -a "$LOG"
     [ "$rc" -eq 0 ] || status=1
   done
-fi
+}
 
+if wants tests; then
+  step "CUDA tests"
+  run timeout "$(budget 150)" "${PYTEST[@]}" -m cuda
+fi
+if wants sanitizer; then
+  step "compute-sanitizer memcheck, racecheck"
+  sanitize memcheck racecheck
+fi
 if wants bench; then
   step "benchmark"
-  run mamba-adaptor-bench --out "$OUT" --json "$OUT/bench.json" ${BENCH_ARGS:-}
+  # Default: the issues' goal shapes (b2-s1 with d_state 1 and 16, b2-s3) and b1-s1, models without compile.
+  run timeout "$(budget 200)" mamba-adaptor-bench --out "$OUT" --json "$OUT/bench.json" \
+    ${BENCH_ARGS:---stages b1-s1 b2-s1 b2-s3 --no-compile --budget 0.5}
+fi
+if wants tests; then
+  step "CPU tests"
+  run timeout "$(budget 120)" "${PYTEST[@]}" -m "not cuda"
+fi
+if wants sanitizer; then
+  step "compute-sanitizer initcheck, synccheck"
+  sanitize initcheck synccheck
 fi
 
 step "done: status $status"
