@@ -28,7 +28,8 @@ from test_state_gather import make_inputs as gather_inputs
 from helpers import check_against_reference
 from mamba_adaptor_ops import reference
 
-sys.path.insert(0, str(Path(__file__).parent / "cuda_emu"))
+EMU_DIR = Path(__file__).parent / "cuda_emu"
+sys.path.insert(0, str(EMU_DIR))
 import build as emu_build  # noqa: E402
 
 UNAVAILABLE = emu_build.available()  # why the emulator cannot be built here, or None
@@ -424,8 +425,9 @@ def test_emulator_exposes_kernel_faults(emu):
 
 @pytest.mark.skipif(SANITIZE, reason="this is the sanitized run's launcher")
 def test_kernels_under_address_sanitizer():
-    """The kernel tests above again, built with AddressSanitizer (preloaded into a fresh Python): any read or
-    write outside a tensor, or outside a block's shared memory, is an error. The emulator's memcheck."""
+    """The kernel tests above again, built with AddressSanitizer (preloaded into a fresh Python) and UBSan's
+    alignment check: any read or write outside a tensor or a block's shared memory, or off its type's alignment,
+    is an error. The emulator's memcheck."""
     runtime = subprocess.run(
         ["g++", "-print-file-name=libasan.so"], capture_output=True, text=True
     ).stdout.strip()
@@ -439,3 +441,11 @@ def test_kernels_under_address_sanitizer():
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", tests]
     run = subprocess.run(command, env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
     assert run.returncode == 0, f"sanitized run failed:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
+
+    # ... and the sanitized build does catch a misaligned vector load (which a GPU faults on).
+    script = "import test_cuda_emulated as t, build; t.Emulator(build.build(sanitize=True)).selftest(5)"
+    fault = subprocess.run(
+        [sys.executable, "-c", script], env={**env, "PYTHONPATH": f"{Path(__file__).parent}:{EMU_DIR}"},
+        capture_output=True, text=True, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    assert fault.returncode != 0 and "misaligned address" in fault.stderr, fault.stderr[-4000:]

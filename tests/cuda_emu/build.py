@@ -180,7 +180,10 @@ def _flags(src: Path, sanitize: bool) -> list[str]:
         f"-I{src / 'cpp'}", f"-I{src / 'cuda'}", f"-I{EMU}",
         *[f"-isystem{p}" for p in includes], f"-isystem{CUDA_HOME / 'include'}",
     ]  # fmt: skip
-    return flags + (["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else [])
+    # A GPU faults on an access that is not aligned to its type's size (a float4 load off a 16-byte boundary):
+    # UBSan's alignment check is that rule on the CPU.
+    sanitizers = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer"]
+    return flags + (sanitizers if sanitize else [])
 
 
 def _inputs_hash(sanitize: bool) -> str:
@@ -224,7 +227,7 @@ def build(sanitize: bool = False, jobs: int | None = None, verbose: bool = False
     link = ["g++", "-shared", "-o", str(work / LIBRARY), *map(str, objects), f"-L{torch_lib}", "-ltorch_cpu",
             f"-Wl,-rpath,{torch_lib}"]  # fmt: skip
     if sanitize:
-        link.append("-fsanitize=address")
+        link.append("-fsanitize=address,alignment")
     result = subprocess.run(link, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"linking the emulator failed:\n{result.stderr[-6000:]}")

@@ -1,6 +1,7 @@
 // Kernels with the faults the emulator must expose, run by tests/test_cuda_emulated.py so that its passing
 // kernels mean something: a missing barrier, a barrier not all threads reach, a shuffle naming an exited lane,
-// too much shared memory for a launch, shared memory read before it is written.
+// too much shared memory for a launch, shared memory read before it is written, and (in the sanitized build
+// only, where it aborts the process) a vector load off its alignment.
 #include <cstdio>
 #include <exception>
 
@@ -31,9 +32,14 @@ __global__ void read_dynamic_shared(float* out) {
   out[threadIdx.x] = buffer[threadIdx.x];  // never written
 }
 
+__global__ void misaligned_vector_load(float* out) {
+  const float4 v = reinterpret_cast<const float4*>(out + 1)[0];  // a float4 at 4 bytes past a 16-byte boundary
+  out[threadIdx.x + 8] = v.x;
+}
+
 }  // namespace
 
-// Runs fault `which` (0 to 4 above, 4 being read_dynamic_shared with a valid launch) writing `out` (64 floats);
+// Runs fault `which` (0 to 5 above, 4 being read_dynamic_shared with a valid launch) writing `out` (64 floats);
 // returns 0, 1 with the launch error or 2 with the emulator's fault in `message`.
 extern "C" __attribute__((visibility("default"))) int mamba_emu_selftest(int which, float* out, char* message,
                                                                          int size) {
@@ -43,7 +49,8 @@ extern "C" __attribute__((visibility("default"))) int mamba_emu_selftest(int whi
       case 1: divergent_barrier<<<1, 64>>>(out); break;
       case 2: shuffle_from_exited_lane<<<1, 32>>>(out); break;
       case 3: read_dynamic_shared<<<1, 32, 64 * 1024>>>(out); break;  // over 48 KiB without the attribute
-      default: read_dynamic_shared<<<1, 32, 32 * sizeof(float)>>>(out); break;
+      case 4: read_dynamic_shared<<<1, 32, 32 * sizeof(float)>>>(out); break;
+      default: misaligned_vector_load<<<1, 32>>>(out); break;
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) {
