@@ -9,6 +9,8 @@ import warnings
 
 import torch  # noqa: F401  (libtorch_cpu must be loaded before the extension modules)
 
+from . import _C  # noqa: F401  (registers torch.ops.mamba_adaptor.* and the CPU kernels)
+
 # The CPU kernels' widest vector build ("default", "avx2", "avx512"); the C++ side reads it, inside parallel
 # regions whose errors lose their message, so a bad value is rejected here.
 _CPU_CAPABILITY = os.environ.get("MAMBA_ADAPTOR_CPU_CAPABILITY", "")
@@ -16,8 +18,6 @@ if _CPU_CAPABILITY not in ("", "default", "avx2", "avx512"):
     raise ValueError(
         f'MAMBA_ADAPTOR_CPU_CAPABILITY: expected "default", "avx2" or "avx512", got "{_CPU_CAPABILITY}"'
     )
-
-from . import _C  # noqa: F401  (registers torch.ops.mamba_adaptor.* and the CPU kernels)
 
 #: True when the CUDA kernels were built into this install.
 CUDA_KERNELS_BUILT: bool = importlib.util.find_spec(f"{__package__}._C_cuda") is not None

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._autograd import register_autograd
+
 _OP = "mamba_adaptor::multi_dilation_dwconv2d"
 
 
@@ -20,7 +22,7 @@ def multi_dilation_dwconv2d(
     sum of ``torch.nn.functional.conv2d(x, weight[i, :, None], dilation=d, padding=d * (k - 1) // 2,
     groups=C)`` calls, computed in float32 with one read of x. Differentiable in x, weight and bias.
     """
-    return torch.ops.mamba_adaptor.multi_dilation_dwconv2d(x, weight, bias, list(dilations))
+    return _call(x, weight, bias, list(dilations))
 
 
 @torch.library.register_fake(_OP)
@@ -46,4 +48,4 @@ def _backward(ctx, grad):
     return (*grads, None)
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+_call = register_autograd(_OP, _backward, _setup_context)

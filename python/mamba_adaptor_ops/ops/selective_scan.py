@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import register_autograd
+
 _OP = "mamba_adaptor::selective_scan"
 
 
@@ -26,7 +28,7 @@ def selective_scan(
     (b, dim, L) in u's dtype; with ``C=None`` (states mode, D must be None) returns the hidden states
     (b, dim, N, L) instead. Differentiable in every tensor argument; computes in float32.
     """
-    return torch.ops.mamba_adaptor.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return _call(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
 @torch.library.register_fake(_OP)
@@ -58,4 +60,4 @@ def _backward(ctx, grad):
     return (*grads, None)
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+_call = register_autograd(_OP, _backward, _setup_context)

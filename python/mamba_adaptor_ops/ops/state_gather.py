@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import register_autograd
+
 _OP = "mamba_adaptor::state_gather"
 
 
@@ -22,7 +24,7 @@ def state_gather(
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    return torch.ops.mamba_adaptor.state_gather(h, offsets, weights, residual, deterministic)
+    return _call(h, offsets, weights, residual, deterministic)
 
 
 @torch.library.register_fake(_OP)
@@ -50,4 +52,4 @@ def _backward(ctx, grad):
     return (*grads, None, None)
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+_call = register_autograd(_OP, _backward, _setup_context)
