@@ -79,34 +79,45 @@ std::vector<acc_t<T>> position_major(const void* data, int64_t BS, int64_t D, in
   return out;
 }
 
-template <typename Acc>
-inline Acc read(const Acc* row, int64_t i) {
-  return i >= 0 ? row[i] : Acc(0);
-}
+// The forward works on blocks of kRows channels of one (b, s), interleaved position-major, (1 + L, kRows) in the
+// accumulation type: a sample, read once, is one kRows-wide vector operation for the whole block. Position i
+// sits at i + 1 behind a row of zeros, which the neighbour index -1 (outside the sequence) reads: no branch.
+constexpr int64_t kRows = 8;
 
-// The forward reads each row of h (in place, or converted to the accumulation type), its samples' neighbours
-// from the same row.
 template <typename T>
 void gather_fwd(const StateGatherParams& p) {
   using Acc = acc_t<T>;
   const int64_t K = p.n_points, L = p.seqlen, D = p.dim;
   const auto samples = make_samples<T>(p);
-  cpu::parallel_ranges(p.batch * p.n_seq * D, L * K * 6, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> buffer(std::is_same_v<T, Acc> ? 0 : 2 * L);  // (2, L): a row of h and of out
-    for (int64_t row = begin; row < end; ++row) {
-      const Sample<Acc>* sample = samples.data() + row / D * L * K;
-      const Acc* h = cpu::as_acc(static_cast<const T*>(p.h) + row * L, buffer.data(), L);
-      T* out_row = static_cast<T*>(p.out) + row * L;
-      Acc* out = cpu::acc_out(out_row, buffer.data() + L);
+  const int64_t blocks = (D + kRows - 1) / kRows;
+  cpu::parallel_ranges(p.batch * p.n_seq * blocks, L * K * kRows * 2, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> block((1 + L) * kRows, Acc(0)), out(L * kRows), row(L);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bs = task / blocks, d0 = task % blocks * kRows, n = std::min(kRows, D - d0);
+      const Sample<Acc>* sample = samples.data() + bs * L * K;
+      const T* h = static_cast<const T*>(p.h) + (bs * D + d0) * L;
+      Acc* positions = block.data() + kRows;  // position i at positions + i * kRows; i = -1 reads zeros
+      for (int64_t j = 0; j < n; ++j) {
+        const Acc* values = cpu::as_acc(h + j * L, row.data(), L);
+        for (int64_t t = 0; t < L; ++t) positions[t * kRows + j] = values[t];
+      }
       for (int64_t t = 0; t < L; ++t) {
-        Acc acc = p.residual ? h[t] : Acc(0);
+        Acc acc[kRows];
+        for (int64_t j = 0; j < kRows; ++j) acc[j] = p.residual ? positions[t * kRows + j] : Acc(0);
         for (int64_t k = 0; k < K; ++k) {
           const Sample<Acc>& s = sample[t * K + k];
-          acc += s.weight * ((Acc(1) - s.frac) * read(h, s.i0) + s.frac * read(h, s.i1));
+          const Acc a0 = Acc(1) - s.frac;
+          const Acc* v0 = positions + s.i0 * kRows;
+          const Acc* v1 = positions + s.i1 * kRows;
+          for (int64_t j = 0; j < kRows; ++j) acc[j] += s.weight * (a0 * v0[j] + s.frac * v1[j]);
         }
-        out[t] = acc;
+        for (int64_t j = 0; j < kRows; ++j) out[t * kRows + j] = acc[j];
       }
-      cpu::store_out(out_row, out, L);
+      T* dst = static_cast<T*>(p.out) + (bs * D + d0) * L;
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t t = 0; t < L; ++t) row[t] = out[t * kRows + j];
+        cpu::convert(dst + j * L, row.data(), L);
+      }
     }
   });
 }
