@@ -92,8 +92,15 @@ SANITIZE = os.environ.get("MAMBA_EMU_SANITIZE") == "1"
 
 @pytest.fixture(scope="module")
 def emu():
+    """The emulator, with torch filling every new tensor with NaN (its deterministic mode): an output element
+    or workspace float that a kernel reads before writing, or never writes, shows as NaN (the emulator's
+    initcheck)."""
     emulator = Emulator(emu_build.build(sanitize=SANITIZE))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     yield emulator
+    torch.use_deterministic_algorithms(deterministic)
     emulator.configure()
 
 
