@@ -30,6 +30,7 @@ def test_cpu_defaults_imply_quick():
         (["--device", "cpu", "--repeats", "0"], "--repeats must be >= 1, got 0"),
         (["--device", "cpu", "--budget", "0"], "--budget must be > 0"),
         (["--device", "cpu", "--lengths", "0"], "--lengths must be positive"),
+        (["--device", "cpu", "--time-limit", "-1"], "--time-limit must be >= 0, got -1"),
         (["--device", "cpu", "--ops", "conv"], "invalid choice: 'conv'"),
         (["--device", "cpu", "--stages", "b3-s1"], "invalid choice: 'b3-s1'"),
     ],
@@ -71,3 +72,17 @@ def test_tiny_run_writes_table_json_and_plots(tmp_path, capsys):
     assert {r["info"]["L"] for r in rows if r["suite"] == "length"} == {25, 49}
     for plot in ("ops_vs_length.png", "ops_speedup.png", "models_throughput.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_limit_lists_what_it_skipped(tmp_path, capsys):
+    """Past --time-limit no case starts: its rows say so (in the table and the JSON), and the plots still come."""
+    argv = ["--device", "cpu", "--stages", "b1-s4", "--batch", "1", "--lengths", "5", "--models", "vmamba_tiny",
+            "--resolution", "32", "--model-batch", "1", "--time-limit", "1e-9", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "[ops 1/" in captured.err and "[models 1/" in captured.err  # progress lines without a terminal
+    assert "rows skipped: the run reached --time-limit" in captured.err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {r["suite"] for r in rows} == {"ops", "length", "models"}
+    assert all(r["error"] == cli.SKIPPED and r["median_ms"] is None for r in rows)
+    assert cli.SKIPPED in captured.out

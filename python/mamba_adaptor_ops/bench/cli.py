@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed runs before timing (default 5 on a GPU, 3 on the CPU)")
     p.add_argument("--repeats", type=int, help="timed runs at most (default 30 on a GPU, 10 on the CPU)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds one measurement may take; slow ones get fewer runs")
+    p.add_argument("--time-limit", type=float, default=540.0,
+                   help="seconds the whole run may take (default 540; 0: none): cases not started by then are "
+                        "listed as skipped")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and the plots")
     p.add_argument("--json", type=Path, help="JSON path (default OUT/bench.json)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -78,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {value}")
     if args.budget <= 0:
         p.error(f"--budget must be > 0, got {args.budget}")
+    if args.time_limit < 0:
+        p.error(f"--time-limit must be >= 0, got {args.time_limit}")
     if args.lengths and min(args.lengths) < 1:
         p.error(f"--lengths must be positive map sides, got {args.lengths}")
 
@@ -96,12 +102,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _progress(items: list, desc: str) -> Iterable:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, file=sys.stderr, leave=False, disable=None)  # off when stderr is no terminal
+def _progress(items: list, desc: str, label: Callable[[object], str]) -> Iterable:
+    """A tqdm bar on a terminal; elsewhere (a log, CI) one line per item on stderr, with the time so far."""
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+    return _progress_lines(items, desc, label)
+
+
+def _progress_lines(items: list, desc: str, label: Callable[[object], str]) -> Iterable:
+    start = time.monotonic()
+    for i, item in enumerate(items):
+        print(f"[{desc} {i + 1}/{len(items)}, {time.monotonic() - start:.0f} s] {label(item)}", file=sys.stderr,
+              flush=True)
+        yield item
 
 
 def _row_from(timing: Timing | None, base: dict, nbytes: int | None, copy_gbps: float, error: str | None) -> Row:
@@ -113,6 +131,20 @@ def _row_from(timing: Timing | None, base: dict, nbytes: int | None, copy_gbps: 
             row.gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
             row.floor_fraction = nbytes / (copy_gbps * 1e9) / (timing.median_ms * 1e-3)
     return row
+
+
+def _op_base(case: op_suite.OpCase, impl: op_suite.Impl, suite: str, mode: str) -> dict:
+    return dict(suite=suite, name=case.op, shape=case.shape, dtype=str(case.dtype)[6:], mode=mode, impl=impl.name,
+                info={**case.info, "batch": case.batch})
+
+
+def _model_base(case: model_suite.ModelCase, args) -> dict:
+    return dict(suite="models", name=case.name, shape=f"{args.resolution}x{args.resolution} b={args.model_batch}",
+                dtype="bfloat16 autocast" if args.device.type == "cuda" else "float32", impl=case.impl,
+                info={"batch": args.model_batch, "resolution": args.resolution, "compiled": case.compile})
+
+
+SKIPPED = "skipped: --time-limit reached"
 
 
 def run_case(case: op_suite.OpCase, suite: str, modes: tuple[str, ...], args, copy_gbps: float) -> list[Row]:
@@ -144,8 +176,7 @@ def _time_impl(case: op_suite.OpCase, impl: op_suite.Impl, inputs: dict, suite: 
     nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd, "fwd+bwd": case.bytes_fwd + case.bytes_bwd}
     rows = []
     for mode in (m for m in modes if m in timed):
-        base = dict(suite=suite, name=case.op, shape=case.shape, dtype=str(case.dtype)[6:], mode=mode,
-                    impl=impl.name, info={**case.info, "batch": case.batch})
+        base = _op_base(case, impl, suite, mode)
         try:
             timing, error = measure(timed[mode], args.device, args.warmup, args.repeats, args.budget), None
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
@@ -157,9 +188,7 @@ def _time_impl(case: op_suite.OpCase, impl: op_suite.Impl, inputs: dict, suite: 
 def run_model(case: model_suite.ModelCase, args) -> list[Row]:
     """Images/s of inference and of a training step of one model; a failure gives error rows."""
     device = args.device
-    base = dict(suite="models", name=case.name, shape=f"{args.resolution}x{args.resolution} b={args.model_batch}",
-                dtype="bfloat16 autocast" if device.type == "cuda" else "float32", impl=case.impl,
-                info={"batch": args.model_batch, "resolution": args.resolution, "compiled": case.compile})
+    base = _model_base(case, args)
     rows = []
     try:
         model = model_suite.build(case, device)
@@ -196,20 +225,33 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
 
     dtypes = [DTYPES[d] for d in args.dtypes]
+    deadline = time.monotonic() + args.time_limit if args.time_limit else float("inf")
     rows: list[Row] = []
+
+    def op_cases(cases: list, suite: str, modes: tuple[str, ...]) -> None:
+        for case in _progress(cases, suite, lambda c: f"{c.op} {c.shape} {str(c.dtype)[6:]}"):
+            if time.monotonic() < deadline:
+                rows.extend(run_case(case, suite, modes, args, copy_gbps))
+            else:
+                rows.extend(Row(**_op_base(case, impl, suite, m), error=SKIPPED) for impl in case.impls for m in modes)
+
     if "ops" in args.suites:
-        cases = op_suite.stage_cases(args.ops, args.stages, args.batch, dtypes, device)
-        for case in _progress(cases, "ops"):
-            rows += run_case(case, "ops", ("fwd", "bwd", "fwd+bwd"), args, copy_gbps)
+        op_cases(op_suite.stage_cases(args.ops, args.stages, args.batch, dtypes, device), "ops", ("fwd", "bwd", "fwd+bwd"))
     if "ops" in args.suites and args.lengths:
         sweep_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         sweep_batch = 32 if device.type == "cuda" and not args.quick else 1
-        sweep = op_suite.length_sweep_cases(args.ops, args.lengths, sweep_batch, sweep_dtype, device)
-        for case in _progress(sweep, "length sweep"):
-            rows += run_case(case, "length", ("fwd",), args, copy_gbps)
+        op_cases(op_suite.length_sweep_cases(args.ops, args.lengths, sweep_batch, sweep_dtype, device), "length",
+                 ("fwd",))
     if "models" in args.suites:
-        for case in _progress(model_suite.model_cases(args.models, device, args.compile), "models"):
-            rows += run_model(case, args)
+        model_cases = model_suite.model_cases(args.models, device, args.compile)
+        for case in _progress(model_cases, "models", lambda c: f"{c.name} {c.impl}{' compiled' if c.compile else ''}"):
+            if time.monotonic() < deadline:
+                rows.extend(run_model(case, args))
+            else:
+                rows.extend(Row(**_model_base(case, args), mode=m, error=SKIPPED) for m in ("infer", "train"))
+    skipped = sum(row.error == SKIPPED for row in rows)
+    if skipped:
+        print(f"warning: {skipped} rows skipped: the run reached --time-limit {args.time_limit:.0f} s", file=sys.stderr)
     add_speedups(rows)
 
     print(format_table(rows))

@@ -41,22 +41,28 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
 def measure(
     fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float
 ) -> Timing:
-    """Median and 20th/80th percentiles of `fn`'s time over up to `repeats` runs after `warmup` runs; slow
-    functions get fewer runs (at least 3) so that one measurement takes about `budget_s`."""
+    """Median and 20th/80th percentiles of `fn`'s time over up to `repeats` runs after up to `warmup` runs.
+    Slow functions get fewer runs, so that one measurement takes about `budget_s`: the warm-up stops once it
+    has taken half of it, and the timed runs are as many as fit in it, at least 3 (1 for a function slower
+    than the whole budget). The peak memory is that of the first timed run."""
+    spent = 0.0
     for _ in range(max(warmup, 1)):
+        begin = time.perf_counter()
         fn()
-    synchronize(device)
-    first = _time_once(fn, device)
-    runs = max(3, min(repeats, int(budget_s * 1e3 / max(first, 1e-3))))
-    times = sorted([first] + [_time_once(fn, device) for _ in range(runs - 1)])
+        synchronize(device)
+        spent += time.perf_counter() - begin
+        if spent > budget_s / 2:
+            break
     peak = None
     if device.type == "cuda":
-        synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        synchronize(device)
+    first = _time_once(fn, device)
+    if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    fewest = 3 if first < budget_s * 1e3 else 1
+    runs = max(fewest, min(repeats, int(budget_s * 1e3 / max(first, 1e-3))))
+    times = sorted([first] + [_time_once(fn, device) for _ in range(runs - 1)])
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return Timing(statistics.median(times), q[0], q[3], len(times), peak)
 
