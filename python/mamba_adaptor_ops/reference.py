@@ -46,8 +46,9 @@ def selective_scan(
     drive = (dt * u_)[:, :, None, :] * B_  # (b, dim, N, L)
     h = torch.zeros_like(decay[..., 0])
     states = []
-    for t in range(L):
-        h = decay[..., t] * h + drive[..., t]
+    # unbind, not decay[..., t]: the backward of L selects would write L zero-filled (b, dim, N, L) gradients
+    for decay_t, drive_t in zip(decay.unbind(-1), drive.unbind(-1)):
+        h = decay_t * h + drive_t
         states.append(h)
     hs = torch.stack(states, dim=-1) if L else decay.new_zeros(decay.shape)  # (b, dim, N, L)
     if C is None:
