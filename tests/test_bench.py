@@ -85,4 +85,5 @@ def test_time_limit_lists_what_it_skipped(tmp_path, capsys):
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {r["suite"] for r in rows} == {"ops", "length", "models"}
     assert all(r["error"] == cli.SKIPPED and r["median_ms"] is None for r in rows)
+    assert not [r for r in rows if r["mode"] == "bwd" and r["impl"] == "reference"]  # which never has one
     assert cli.SKIPPED in captured.out
