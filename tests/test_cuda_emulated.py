@@ -96,11 +96,16 @@ def emu():
     or workspace float that a kernel reads before writing, or never writes, shows as NaN (the emulator's
     initcheck)."""
     emulator = Emulator(emu_build.build(sanitize=SANITIZE))
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield emulator
-    torch.use_deterministic_algorithms(deterministic)
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.utils.deterministic.fill_uninitialized_memory = before[2]
     emulator.configure()
 
 
