@@ -61,19 +61,26 @@ std::vector<Sample<acc_t<T>>> make_samples(const StateGatherParams& p) {
 // that a sample, which reads all D channels of one position, is one vector loop over D.
 constexpr int64_t kTile = 64;  // positions per task
 
-// (b*S, D, L) in T -> (b*S, L, D) in the accumulation type.
+// (b*S, D, L) in T -> (b*S, L, D) in the accumulation type, a tile of positions by 8 channels at a time.
 template <typename T>
 std::vector<acc_t<T>> position_major(const void* data, int64_t BS, int64_t D, int64_t L) {
-  std::vector<acc_t<T>> out(static_cast<size_t>(BS * L * D));
+  using Acc = acc_t<T>;
+  constexpr int64_t kChannels = 8;
+  std::vector<Acc> out(static_cast<size_t>(BS * L * D));
   const int64_t tiles = (L + kTile - 1) / kTile;
   cpu::parallel_over(BS * tiles, kTile * D * 2, [&](int64_t task) {
-    const int64_t bs = task / tiles, t0 = task % tiles * kTile, t1 = std::min(L, t0 + kTile);
-    const T* src = static_cast<const T*>(data) + bs * D * L;
-    acc_t<T>* dst = out.data() + bs * L * D;
-    acc_t<T> buffer[kTile];
-    for (int64_t d = 0; d < D; ++d) {
-      const acc_t<T>* row = cpu::as_acc(src + d * L + t0, buffer, t1 - t0);
-      for (int64_t t = t0; t < t1; ++t) dst[t * D + d] = row[t - t0];
+    const int64_t bs = task / tiles, t0 = task % tiles * kTile, n = std::min(L, t0 + kTile) - t0;
+    const T* src = static_cast<const T*>(data) + bs * D * L + t0;
+    Acc* dst = out.data() + (bs * L + t0) * D;
+    for (int64_t d0 = 0; d0 < D; d0 += kChannels) {
+      const int64_t rows = std::min(kChannels, D - d0);
+      if constexpr (std::is_same_v<T, Acc>) {
+        cpu::transpose(dst + d0, D, src + d0 * L, L, rows, n);
+      } else {
+        Acc buffer[kChannels * kTile];
+        for (int64_t d = 0; d < rows; ++d) cpu::convert(buffer + d * kTile, src + (d0 + d) * L, n);
+        cpu::transpose(dst + d0, D, buffer, kTile, rows, n);
+      }
     }
   });
   return out;
@@ -91,15 +98,17 @@ void gather_fwd(const StateGatherParams& p) {
   const auto samples = make_samples<T>(p);
   const int64_t blocks = (D + kRows - 1) / kRows;
   cpu::parallel_ranges(p.batch * p.n_seq * blocks, L * K * kRows * 2, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> block((1 + L) * kRows, Acc(0)), out(L * kRows), row(L);
+    std::vector<Acc> block((1 + L) * kRows, Acc(0)), out(L * kRows), rows(std::is_same_v<T, Acc> ? 0 : kRows * L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bs = task / blocks, d0 = task % blocks * kRows, n = std::min(kRows, D - d0);
       const Sample<Acc>* sample = samples.data() + bs * L * K;
-      const T* h = static_cast<const T*>(p.h) + (bs * D + d0) * L;
+      const T* h = static_cast<const T*>(p.h) + (bs * D + d0) * L;  // (n, L)
       Acc* positions = block.data() + kRows;  // position i at positions + i * kRows; i = -1 reads zeros
-      for (int64_t j = 0; j < n; ++j) {
-        const Acc* values = cpu::as_acc(h + j * L, row.data(), L);
-        for (int64_t t = 0; t < L; ++t) positions[t * kRows + j] = values[t];
+      if constexpr (std::is_same_v<T, Acc>) {
+        cpu::transpose(positions, kRows, h, L, n, L);
+      } else {
+        cpu::convert(rows.data(), h, n * L);
+        cpu::transpose(positions, kRows, rows.data(), L, n, L);
       }
       for (int64_t t = 0; t < L; ++t) {
         Acc acc[kRows];
@@ -113,10 +122,12 @@ void gather_fwd(const StateGatherParams& p) {
         }
         for (int64_t j = 0; j < kRows; ++j) out[t * kRows + j] = acc[j];
       }
-      T* dst = static_cast<T*>(p.out) + (bs * D + d0) * L;
-      for (int64_t j = 0; j < n; ++j) {
-        for (int64_t t = 0; t < L; ++t) row[t] = out[t * kRows + j];
-        cpu::convert(dst + j * L, row.data(), L);
+      T* dst = static_cast<T*>(p.out) + (bs * D + d0) * L;  // (n, L)
+      if constexpr (std::is_same_v<T, Acc>) {
+        cpu::transpose(dst, L, out.data(), kRows, L, n);
+      } else {
+        cpu::transpose(rows.data(), L, out.data(), kRows, L, n);
+        cpu::convert(dst, rows.data(), n * L);
       }
     }
   });
@@ -171,12 +182,16 @@ void gather_bwd(const StateGatherBwdParams& bp) {
         if (s.i1 >= 0) cpu::axpy(gh.data() + s.i1 * n, s.weight * s.frac, gs + t * D, n);
       }
     }
-    T* grad_h = static_cast<T*>(bp.grad_h) + (bs * D + d0) * L;
-    std::vector<Acc> buffer(std::is_same_v<T, Acc> ? 0 : L);
-    for (int64_t d = 0; d < n; ++d) {
-      Acc* row = cpu::acc_out(grad_h + d * L, buffer.data());
-      for (int64_t t = 0; t < L; ++t) row[t] = gh[t * n + d];
-      cpu::store_out(grad_h + d * L, row, L);
+    T* grad_h = static_cast<T*>(bp.grad_h) + (bs * D + d0) * L;  // (n, L)
+    if constexpr (std::is_same_v<T, Acc>) {
+      cpu::transpose(grad_h, L, gh.data(), n, L, n);
+    } else {
+      std::vector<Acc> buffer(n * kTile);
+      for (int64_t t0 = 0; t0 < L; t0 += kTile) {
+        const int64_t m = std::min(kTile, L - t0);
+        cpu::transpose(buffer.data(), kTile, gh.data() + t0 * n, n, m, n);
+        for (int64_t d = 0; d < n; ++d) cpu::convert(grad_h + d * L + t0, buffer.data() + d * kTile, m);
+      }
     }
   });
 }

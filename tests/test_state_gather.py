@@ -15,7 +15,7 @@ from helpers import DEVICE_DTYPES, DEVICES, check_against_reference
 from mamba_adaptor_ops import reference
 
 
-def make_inputs(b=2, S=4, D=6, L=29, K=4, dtype=torch.float32, device="cpu", spread=4.0, seed=0) -> dict:
+def make_inputs(b=2, S=4, D=12, L=29, K=4, dtype=torch.float32, device="cpu", spread=4.0, seed=0) -> dict:
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0, fn=torch.randn):
@@ -36,7 +36,7 @@ def test_matches_reference(device, dtype, residual):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (1, 2, 3, 2, 1), (3, 1, 5, 1, 3), (1, 4, 7, 300, 4)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (1, 2, 3, 2, 1), (3, 1, 5, 1, 3), (1, 4, 7, 300, 4), (2, 2, 20, 75, 3)])
 def test_odd_shapes(device, shape):
     b, S, D, L, K = shape
     inputs = make_inputs(b, S, D, L, K, device=device, spread=L / 2 + 1)

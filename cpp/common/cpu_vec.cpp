@@ -114,6 +114,27 @@ MA_INLINE void fma_add_impl(T* __restrict y, const T* __restrict a, const T* __r
   for (int64_t i = 0; i < n; ++i) y[i] += a[i] * x[i];
 }
 
+// In blocks of kTransposeBlock x kTransposeBlock, whose rows and columns stay in cache.
+constexpr int64_t kTransposeBlock = 8;
+
+template <typename T>
+MA_INLINE void transpose_block(T* __restrict y, int64_t ldy, const T* __restrict x, int64_t ldx, int64_t rows,
+                               int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t i = 0; i < rows; ++i) y[j * ldy + i] = x[i * ldx + j];
+  }
+}
+
+template <typename T>
+MA_INLINE void transpose_impl(T* y, int64_t ldy, const T* x, int64_t ldx, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; i += kTransposeBlock) {
+    for (int64_t j = 0; j < cols; j += kTransposeBlock) {
+      transpose_block(y + j * ldy + i, ldy, x + i * ldx + j, ldx, std::min(kTransposeBlock, rows - i),
+                      std::min(kTransposeBlock, cols - j));
+    }
+  }
+}
+
 // 16-bit <-> float. bfloat16 is the top half of a float: the loops below are torch's conversions written so
 // that they vectorise. Half has no such trick: its baseline loops convert one value at a time, the AVX2 build
 // uses the F16C instructions.
@@ -363,6 +384,41 @@ template <typename T>
 MA_AVX2 T scan_decay_grad_avx2(T* y, T s, const T* g, const T* a, const T* h, const T* x, int64_t n) {
   return scan_decay_grad_impl(y, s, g, a, h, x, n);
 }
+template <typename T>
+MA_AVX2 void transpose_avx2(T* y, int64_t ldy, const T* x, int64_t ldx, int64_t rows, int64_t cols) {
+  transpose_impl(y, ldy, x, ldx, rows, cols);
+}
+// Full 8 x 8 float blocks in eight registers (unpack pairs of rows, shuffle pairs of pairs, swap 128-bit halves).
+template <>
+MA_AVX2 void transpose_avx2(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t cols) {
+  static_assert(kTransposeBlock == 8);
+  for (int64_t i = 0; i < rows; i += 8) {
+    for (int64_t j = 0; j < cols; j += 8) {
+      float* yb = y + j * ldy + i;
+      const float* xb = x + i * ldx + j;
+      if (i + 8 > rows || j + 8 > cols) {
+        transpose_block(yb, ldy, xb, ldx, std::min<int64_t>(8, rows - i), std::min<int64_t>(8, cols - j));
+        continue;
+      }
+      __m256 r[8], t[8], s[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(xb + k * ldx);
+      for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+      }
+      for (int k = 0; k < 8; k += 4) {
+        s[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        s[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        s[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        s[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_ps(yb + k * ldy, _mm256_permute2f128_ps(s[k], s[k + 4], 0x20));
+        _mm256_storeu_ps(yb + (k + 4) * ldy, _mm256_permute2f128_ps(s[k], s[k + 4], 0x31));
+      }
+    }
+  }
+}
 MA_AVX2 void convert_avx2(float* y, const BFloat16* x, int64_t n) { convert_impl(y, x, n); }
 MA_AVX2 void convert_avx2(BFloat16* y, const float* x, int64_t n) { convert_impl(y, x, n); }
 MA_AVX2 void convert_avx2(float* y, const Half* x, int64_t n) {
@@ -421,6 +477,12 @@ float dot(const float* a, const float* x, int64_t n) { MA_DISPATCH(dot, a, x, n)
 double dot(const double* a, const double* x, int64_t n) { MA_DISPATCH(dot, a, x, n); }
 void fma_add(float* y, const float* a, const float* x, int64_t n) { MA_DISPATCH(fma_add, y, a, x, n); }
 void fma_add(double* y, const double* a, const double* x, int64_t n) { MA_DISPATCH(fma_add, y, a, x, n); }
+void transpose(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t cols) {
+  MA_DISPATCH(transpose, y, ldy, x, ldx, rows, cols);
+}
+void transpose(double* y, int64_t ldy, const double* x, int64_t ldx, int64_t rows, int64_t cols) {
+  MA_DISPATCH(transpose, y, ldy, x, ldx, rows, cols);
+}
 void softplus(float* y, const float* x, float b, int64_t n) { MA_DISPATCH(softplus, y, x, b, n); }
 void softplus(double* y, const double* x, double b, int64_t n) { MA_DISPATCH(softplus, y, x, b, n); }
 void exp_scaled(float* y, float a, const float* x, int64_t n) { MA_DISPATCH(exp_scaled, y, a, x, n); }

@@ -26,6 +26,10 @@ double dot(const double* a, const double* x, int64_t n);
 void fma_add(float* y, const float* a, const float* x, int64_t n);
 void fma_add(double* y, const double* a, const double* x, int64_t n);
 
+// y[j * ldy + i] = x[i * ldx + j] for i < rows, j < cols: y holds the transpose of the (rows, cols) block at x
+void transpose(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t cols);
+void transpose(double* y, int64_t ldy, const double* x, int64_t ldx, int64_t rows, int64_t cols);
+
 // torch.nn.functional.softplus's threshold: softplus(x) = x above it.
 constexpr double kSoftplusThreshold = 20;
 // y[i] = softplus(x[i] + b) = log1p(exp(x[i] + b)), or x[i] + b above kSoftplusThreshold, within ~2.5 ulp; y may be x
