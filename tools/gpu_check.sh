@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a machine with a GPU and a CUDA torch (e.g. the device tool's H100):
 # build (or install a wheel carried from elsewhere), every test (the CUDA ones included), compute-sanitizer
-# (memcheck, racecheck, initcheck, synccheck) on a small forward + backward of every op, then the benchmark.
+# (memcheck, racecheck, initcheck, synccheck) on a small forward + backward of every op, the benchmark, and
+# Nsight Compute's DRAM bytes, occupancy and registers of every kernel on the goal shapes.
 #
 #   bash tools/gpu_check.sh                 # build from this checkout against the installed torch
 #   WHEEL=.whl/mamba_adaptor_ops-*.whl bash tools/gpu_check.sh   # test a wheel built on another machine
-#   STEPS="install tests" bash tools/gpu_check.sh                 # a subset of: install tests sanitizer bench
+#   STEPS="install tests" bash tools/gpu_check.sh   # a subset of: install tests sanitizer bench profile
 #
 # Results (at most 8 files) go to $OUT (default gpu-check-results/): check.log (versions, build, tests, the
-# benchmark table), sanitizer.log, bench.json and the benchmark plots. Exits non-zero if a step failed.
+# benchmark table, the profile summary), sanitizer.log, bench.json, the benchmark plots and ncu.csv. Exits
+# non-zero if a step failed (the profile, a measurement, only reports).
 #
 # The device tool gives a command 10 minutes: the whole check keeps within DEADLINE seconds (default 540),
 # each step within its own cap and what is left, in the order of what only a GPU can show: the CUDA tests,
-# memcheck and racecheck, the benchmark of the issues' goal shapes (BENCH_ARGS), then the rest of the tests
-# and initcheck/synccheck. A step cut short is reported as FAILED (124).
+# memcheck and racecheck, the benchmark of the issues' goal shapes (BENCH_ARGS), the profile, then the rest of
+# the tests and initcheck/synccheck. A step cut short is reported as FAILED (124).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check-results}"
 mkdir -p "$OUT"
 LOG="$OUT/check.log"
 PYTHON="${PYTHON:-python3}"
-STEPS="${STEPS:-install tests sanitizer bench}"
+STEPS="${STEPS:-install tests sanitizer bench profile}"
 status=0
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo -e "\n===== $* ($(date +%T))" | tee -a "$LOG"; }
@@ -59,6 +61,9 @@ sanitize() {  # sanitize TOOL...
       "$PYTHON" tools/sanitizer_smoke.py >> "$OUT/sanitizer.log" 2>&1
     rc=$?
     echo "$tool: exit $rc, $(grep -c -E '^========= (Invalid|Error|Race|Warning)' "$OUT/sanitizer.log") findings so far" | tee -a "$LOG"
+    if grep -q -E "Device not supported|LibraryNotLoaded" "$OUT/sanitizer.log"; then
+      echo "$tool: compute-sanitizer cannot use this machine's GPU (its runtime): nothing was checked" | tee -a "$LOG"
+    fi
     [ "$rc" -eq 0 ] || status=1
   done
 }
@@ -79,6 +84,21 @@ if wants bench; then
   run timeout "$seconds" mamba-adaptor-bench --out "$OUT" --json "$OUT/bench.json" \
     --time-limit $(( seconds > 80 ? seconds - 40 : seconds / 2 )) \
     ${BENCH_ARGS:---stages b1-s1 b2-s1 b2-s3 --no-compile --budget 0.5}
+fi
+if wants profile; then
+  step "Nsight Compute: time, DRAM bytes, occupancy, registers of each kernel (tools/profile_ops.py)"
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | tail -1)
+  if [ -n "$ncu" ]; then
+    sections=/tmp/profile_sections.json
+    timeout "$(budget 120)" "$ncu" --csv --log-file "$OUT/ncu.csv" --print-units base --clock-control none \
+      --metrics "$("$PYTHON" tools/profile_ops.py --metrics)" --kernel-name-base demangled \
+      -k regex:'mamba_adaptor|spin_kernel' "$PYTHON" tools/profile_ops.py --sections "$sections" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] && "$PYTHON" tools/profile_ops.py --summarize "$OUT/ncu.csv" --sections "$sections" 2>&1 | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || echo "profile: ncu exit $rc (no hardware counters on this runtime?); see ncu.csv" | tee -a "$LOG"
+  else
+    echo "profile: ncu not found" | tee -a "$LOG"
+  fi
 fi
 if wants tests; then
   step "CPU tests"
