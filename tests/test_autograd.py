@@ -59,3 +59,15 @@ def test_public_function_takes_the_eager_route(name):
         assert public(**leaves, **kwargs).grad_fn is None
     with torch.inference_mode():
         assert public(**leaves, **kwargs).grad_fn is None
+
+
+@pytest.mark.parametrize("route", ["public", "direct"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_double_backward_raises_instead_of_a_wrong_answer(name, route):
+    public, direct, make, kwargs = CASES[name]
+    leaves = {k: v.requires_grad_() for k, v in make().items() if v is not None}
+    out = public(**leaves, **kwargs) if route == "public" else direct(**leaves)
+    first = torch.autograd.grad(out.square().sum(), list(leaves.values()), create_graph=True)
+    assert first[0].requires_grad
+    with pytest.raises(RuntimeError, match=f"mamba_adaptor::{name}: its backward is not differentiable"):
+        sum(g.square().sum() for g in first).backward()

@@ -6,6 +6,10 @@ of the op's Python function, which reaches the same formula through a plain ``to
 less Python per call: on 2 CPU cores, torch 2.13, a tiny scan's forward while recording the graph took 42 us
 through the registered autograd and 26 us through the Function, forward + backward 163 us and 144 us.
 Without grad the op is called directly.
+
+The backward ops (``op_backward``) are not differentiable: their registered autograd raises a clear error when
+a second backward (a gradient of a gradient, after ``create_graph=True``) reaches them, where torch would
+otherwise treat their outputs as constants and give a silently wrong answer.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
     """Registers `backward` and `setup_context` as the autograd of op `name` ("mamba_adaptor::op"), and returns
     call(*args): the op on args (its schema's arguments, in order), recording its backward when needed."""
     torch.library.register_autograd(name, backward, setup_context=setup_context)
+    torch.library.register_autograd(f"{name}_backward", _no_double_backward(name), setup_context=_no_context)
     namespace, op_name = name.split("::")
     op = getattr(getattr(torch.ops, namespace), op_name).default
 
@@ -45,3 +50,17 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
         return op(*args)
 
     return call
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_double_backward(name: str) -> Callable:
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name}: its backward is not differentiable; a second backward through it (the gradient of a "
+            "gradient, e.g. after autograd.grad(..., create_graph=True)) is not supported"
+        )
+
+    return backward
