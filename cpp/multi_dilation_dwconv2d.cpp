@@ -215,10 +215,9 @@ void dwconv_bwd_planes(const DwConvBwdParams& bp) {
           row_weights<T>(p, row, c, w);
           cpu::row_taps(gx.data() + j * out_size, w, k, g0 - row.dy * pp.pitch + r * row.dilation, -row.dilation,
                         pp.span());
-          for (int64_t kx = 0; kx < k; ++kx) {
-            grad_w[(row.first_tap + kx) * C + c] +=
-                cpu::dot(g0, x0 + row.dy * pp.pitch + (kx - r) * row.dilation, pp.span());
-          }
+          Acc sums[7] = {};
+          cpu::row_dots(sums, g0, k, x0 + row.dy * pp.pitch - r * row.dilation, row.dilation, pp.span());
+          for (int64_t kx = 0; kx < k; ++kx) grad_w[(row.first_tap + kx) * C + c] += sums[kx];
         }
         for (int64_t y = 0; y < pp.H; ++y) {
           for (int64_t xx = 0; xx < pp.W; ++xx) grad_b[c] += g0[y * pp.pitch + xx];

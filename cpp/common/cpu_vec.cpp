@@ -76,6 +76,39 @@ MA_INLINE T dot_impl(const T* __restrict a, const T* __restrict x, int64_t n) {
   return add_lanes(lanes);
 }
 
+// K taps at once, one vector of Bytes bytes of partial sums each (in registers: the build's vector width),
+// added in a fixed order at the end.
+template <int Bytes, int K, typename T>
+MA_INLINE void row_dots_k(T* sums, const T* __restrict g, const T* __restrict x, int64_t step, int64_t n) {
+  typedef T V __attribute__((vector_size(Bytes)));
+  typedef T Unaligned __attribute__((vector_size(Bytes), aligned(alignof(T)), may_alias));
+  constexpr int64_t kLanes = Bytes / sizeof(T);
+  V acc[K] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V gi = *reinterpret_cast<const Unaligned*>(g + i);
+    for (int j = 0; j < K; ++j) acc[j] += gi * *reinterpret_cast<const Unaligned*>(x + i + j * step);
+  }
+  for (int j = 0; j < K; ++j) {
+    T sum = 0;
+    for (int64_t l = 0; l < kLanes; ++l) sum += acc[j][l];
+    for (int64_t t = i; t < n; ++t) sum += g[t] * x[t + j * step];
+    sums[j] += sum;
+  }
+}
+
+template <int Bytes = 16, typename T>
+MA_INLINE void row_dots_impl(T* sums, const T* g, int64_t k, const T* x, int64_t step, int64_t n) {
+  switch (k) {
+    case 1: row_dots_k<Bytes, 1>(sums, g, x, step, n); break;
+    case 3: row_dots_k<Bytes, 3>(sums, g, x, step, n); break;
+    case 5: row_dots_k<Bytes, 5>(sums, g, x, step, n); break;
+    case 7: row_dots_k<Bytes, 7>(sums, g, x, step, n); break;
+    default:
+      for (int64_t j = 0; j < k; ++j) sums[j] += dot_impl(g, x + j * step, n);
+  }
+}
+
 template <typename T>
 MA_INLINE T sum_impl(const T* __restrict x, int64_t n) {
   T lanes[kSumLanes] = {};
@@ -361,6 +394,10 @@ MA_AVX2 void row_taps_avx2(T* y, const T* w, int64_t k, const T* x, int64_t step
   row_taps_impl(y, w, k, x, step, n);
 }
 template <typename T>
+MA_AVX2 void row_dots_avx2(T* sums, const T* g, int64_t k, const T* x, int64_t step, int64_t n) {
+  row_dots_impl<32>(sums, g, k, x, step, n);
+}
+template <typename T>
 MA_AVX2 T dot_avx2(const T* a, const T* x, int64_t n) { return dot_impl(a, x, n); }
 template <typename T>
 MA_AVX2 void fma_add_avx2(T* y, const T* a, const T* x, int64_t n) { fma_add_impl(y, a, x, n); }
@@ -472,6 +509,12 @@ void row_taps(float* y, const float* w, int64_t k, const float* x, int64_t step,
 }
 void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t step, int64_t n) {
   MA_DISPATCH(row_taps, y, w, k, x, step, n);
+}
+void row_dots(float* sums, const float* g, int64_t k, const float* x, int64_t step, int64_t n) {
+  MA_DISPATCH(row_dots, sums, g, k, x, step, n);
+}
+void row_dots(double* sums, const double* g, int64_t k, const double* x, int64_t step, int64_t n) {
+  MA_DISPATCH(row_dots, sums, g, k, x, step, n);
 }
 float dot(const float* a, const float* x, int64_t n) { MA_DISPATCH(dot, a, x, n); }
 double dot(const double* a, const double* x, int64_t n) { MA_DISPATCH(dot, a, x, n); }

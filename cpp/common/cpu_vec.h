@@ -19,6 +19,10 @@ void axpy(double* y, double a, const double* x, int64_t n);
 // y[i] += sum_{j < k} w[j] * x[i + j * step], for k in {1, 3, 5, 7} (one row of a convolution kernel)
 void row_taps(float* y, const float* w, int64_t k, const float* x, int64_t step, int64_t n);
 void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t step, int64_t n);
+// sums[j] += sum_{i < n} g[i] * x[i + j * step] for j < k, k in {1, 3, 5, 7}, in a fixed order: the weight
+// gradients of one row of a convolution kernel, in one pass over g
+void row_dots(float* sums, const float* g, int64_t k, const float* x, int64_t step, int64_t n);
+void row_dots(double* sums, const double* g, int64_t k, const double* x, int64_t step, int64_t n);
 // sum_i a[i] * x[i], in a fixed order (the same result on every run)
 float dot(const float* a, const float* x, int64_t n);
 double dot(const double* a, const double* x, int64_t n);
