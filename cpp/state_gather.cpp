@@ -33,57 +33,66 @@ inline Sample<Acc> make_sample(int64_t t, Acc offset, Acc weight, int64_t L) {
   return Sample<Acc>{i0, i1, p - lo, weight};
 }
 
-// The samples of every (b, s), laid out (b*S, L, K); offsets and weights are read through their strides.
+// The L * K samples of slice bs = (b, s), laid out (L, K); offsets and weights are read through their strides.
 template <typename T>
-std::vector<Sample<acc_t<T>>> make_samples(const StateGatherParams& p) {
+void make_samples(const StateGatherParams& p, int64_t bs, Sample<acc_t<T>>* out) {
   using Acc = acc_t<T>;
-  const int64_t K = p.n_points, L = p.seqlen;
-  std::vector<Sample<Acc>> samples(static_cast<size_t>(p.batch * p.n_seq * L * K));
-  const auto* offsets = static_cast<const T*>(p.offsets);
-  const auto* weights = static_cast<const T*>(p.weights);
+  const int64_t K = p.n_points, L = p.seqlen, b = bs / p.n_seq, s = bs % p.n_seq;
+  const T* offsets = static_cast<const T*>(p.offsets) + b * p.offsets_strides[0] + s * p.offsets_strides[1];
+  const T* weights = static_cast<const T*>(p.weights) + b * p.weights_strides[0] + s * p.weights_strides[1];
   const int64_t* os = p.offsets_strides;
   const int64_t* ws = p.weights_strides;
-  cpu::parallel_over(p.batch * p.n_seq, L * K * 8, [&](int64_t bs) {
-    const int64_t b = bs / p.n_seq, s = bs % p.n_seq;
-    Sample<Acc>* out = samples.data() + bs * L * K;
-    for (int64_t t = 0; t < L; ++t) {
-      for (int64_t k = 0; k < K; ++k) {
-        const Acc offset = static_cast<Acc>(offsets[b * os[0] + s * os[1] + k * os[2] + t * os[3]]);
-        const Acc weight = static_cast<Acc>(weights[b * ws[0] + s * ws[1] + k * ws[2] + t * ws[3]]);
-        out[t * K + k] = make_sample(t, offset, weight, L);
-      }
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t k = 0; k < K; ++k) {
+      const Acc offset = static_cast<Acc>(offsets[k * os[2] + t * os[3]]);
+      const Acc weight = static_cast<Acc>(weights[k * ws[2] + t * ws[3]]);
+      out[t * K + k] = make_sample(t, offset, weight, L);
     }
-  });
-  return samples;
+  }
 }
 
 // The backward works position-major: a (b, s) slice of h or grad_out, (D, L), is transposed to (L, D), so
-// that a sample, which reads all D channels of one position, is one vector loop over D.
-constexpr int64_t kTile = 64;  // positions per task
+// that a sample, which reads all D channels of one position, is one vector loop over D. Transposes go by tiles
+// of kTile positions and 8 channels.
+constexpr int64_t kTile = 64;
+constexpr int64_t kTileChannels = 8;
 
-// (b*S, D, L) in T -> (b*S, L, D) in the accumulation type, a tile of positions by 8 channels at a time.
+// src (D, L) in T -> dst (L, D) in the accumulation type.
 template <typename T>
-std::vector<acc_t<T>> position_major(const void* data, int64_t BS, int64_t D, int64_t L) {
+void to_position_major(const T* src, acc_t<T>* dst, int64_t D, int64_t L) {
   using Acc = acc_t<T>;
-  constexpr int64_t kChannels = 8;
-  std::vector<Acc> out(static_cast<size_t>(BS * L * D));
-  const int64_t tiles = (L + kTile - 1) / kTile;
-  cpu::parallel_over(BS * tiles, kTile * D * 2, [&](int64_t task) {
-    const int64_t bs = task / tiles, t0 = task % tiles * kTile, n = std::min(L, t0 + kTile) - t0;
-    const T* src = static_cast<const T*>(data) + bs * D * L + t0;
-    Acc* dst = out.data() + (bs * L + t0) * D;
-    for (int64_t d0 = 0; d0 < D; d0 += kChannels) {
-      const int64_t rows = std::min(kChannels, D - d0);
+  for (int64_t t0 = 0; t0 < L; t0 += kTile) {
+    const int64_t n = std::min(kTile, L - t0);
+    for (int64_t d0 = 0; d0 < D; d0 += kTileChannels) {
+      const int64_t rows = std::min(kTileChannels, D - d0);
       if constexpr (std::is_same_v<T, Acc>) {
-        cpu::transpose(dst + d0, D, src + d0 * L, L, rows, n);
+        cpu::transpose(dst + t0 * D + d0, D, src + d0 * L + t0, L, rows, n);
       } else {
-        Acc buffer[kChannels * kTile];
-        for (int64_t d = 0; d < rows; ++d) cpu::convert(buffer + d * kTile, src + (d0 + d) * L, n);
-        cpu::transpose(dst + d0, D, buffer, kTile, rows, n);
+        Acc tile[kTileChannels * kTile];
+        for (int64_t d = 0; d < rows; ++d) cpu::convert(tile + d * kTile, src + (d0 + d) * L + t0, n);
+        cpu::transpose(dst + t0 * D + d0, D, tile, kTile, rows, n);
       }
     }
-  });
-  return out;
+  }
+}
+
+// src (L, D) in the accumulation type -> dst (D, L) in T.
+template <typename T>
+void from_position_major(const acc_t<T>* src, T* dst, int64_t D, int64_t L) {
+  using Acc = acc_t<T>;
+  if constexpr (std::is_same_v<T, Acc>) {
+    cpu::transpose(dst, L, src, D, L, D);
+  } else {
+    for (int64_t t0 = 0; t0 < L; t0 += kTile) {
+      const int64_t n = std::min(kTile, L - t0);
+      for (int64_t d0 = 0; d0 < D; d0 += kTileChannels) {
+        const int64_t rows = std::min(kTileChannels, D - d0);
+        Acc tile[kTileChannels * kTile];
+        cpu::transpose(tile, kTile, src + t0 * D + d0, D, n, rows);
+        for (int64_t d = 0; d < rows; ++d) cpu::convert(dst + (d0 + d) * L + t0, tile + d * kTile, n);
+      }
+    }
+  }
 }
 
 // The forward works on blocks of kRows channels of one (b, s), interleaved position-major, (1 + L, kRows) in the
@@ -95,13 +104,15 @@ template <typename T>
 void gather_fwd(const StateGatherParams& p) {
   using Acc = acc_t<T>;
   const int64_t K = p.n_points, L = p.seqlen, D = p.dim;
-  const auto samples = make_samples<T>(p);
   const int64_t blocks = (D + kRows - 1) / kRows;
   cpu::parallel_ranges(p.batch * p.n_seq * blocks, L * K * kRows * 2, [&](int64_t begin, int64_t end) {
     std::vector<Acc> block((1 + L) * kRows, Acc(0)), out(L * kRows), rows(std::is_same_v<T, Acc> ? 0 : kRows * L);
+    std::vector<Sample<Acc>> samples(L * K);
+    int64_t samples_of = -1;  // the slice whose samples `samples` holds
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bs = task / blocks, d0 = task % blocks * kRows, n = std::min(kRows, D - d0);
-      const Sample<Acc>* sample = samples.data() + bs * L * K;
+      if (bs != samples_of) make_samples<T>(p, samples_of = bs, samples.data());
+      const Sample<Acc>* sample = samples.data();
       const T* h = static_cast<const T*>(p.h) + (bs * D + d0) * L;  // (n, L)
       Acc* positions = block.data() + kRows;  // position i at positions + i * kRows; i = -1 reads zeros
       if constexpr (std::is_same_v<T, Acc>) {
@@ -133,65 +144,53 @@ void gather_fwd(const StateGatherParams& p) {
   });
 }
 
-// grad_weights and grad_offsets come from two dot products per sample, dot(grad_out[t], h[i0]) and
-// dot(grad_out[t], h[i1]) over D; grad_h is a scatter of grad_out rows to the neighbours, done by tasks that
-// each own a block of channels of one (b, s), so no two tasks write the same element. No atomics: the same
-// result on every run whatever `deterministic` says.
+// One task per (b, s) slice, in position-major copies of h and grad_out that stay in cache: grad_weights and
+// grad_offsets come from two dot products per sample, dot(grad_out[t], h[i0]) and dot(grad_out[t], h[i1]) over D,
+// the 2K of a position in one pass over grad_out[t]; grad_h is a scatter of grad_out rows to the neighbours,
+// within the slice. As in the forward, position i is row i + 1 of the copies: the neighbour -1 reads a row of
+// zeros from h and scatters into a row of grad_h that is never stored. No atomics: the same result on every run
+// whatever `deterministic` says.
 template <typename T>
 void gather_bwd(const StateGatherBwdParams& bp) {
   using Acc = acc_t<T>;
   const StateGatherParams& p = bp.fwd;
-  const int64_t K = p.n_points, L = p.seqlen, D = p.dim, BS = p.batch * p.n_seq;
-  const auto samples = make_samples<T>(p);
-  const auto h = position_major<T>(p.h, BS, D, L);
-  const auto g = position_major<T>(bp.grad_out, BS, D, L);
-
-  const int64_t tiles = (L + kTile - 1) / kTile;
-  cpu::parallel_over(BS * tiles, kTile * K * D * 2, [&](int64_t task) {
-    const int64_t bs = task / tiles, t0 = task % tiles * kTile, t1 = std::min(L, t0 + kTile);
-    const Sample<Acc>* sample = samples.data() + bs * L * K;
-    const Acc* hs = h.data() + bs * L * D;
-    T* grad_weights = static_cast<T*>(bp.grad_weights) + bs * K * L;
-    T* grad_offsets = static_cast<T*>(bp.grad_offsets) + bs * K * L;
-    for (int64_t t = t0; t < t1; ++t) {
-      const Acc* gt = g.data() + (bs * L + t) * D;
-      for (int64_t k = 0; k < K; ++k) {
-        const Sample<Acc>& s = sample[t * K + k];
-        const Acc v0 = s.i0 >= 0 ? cpu::dot(gt, hs + s.i0 * D, D) : Acc(0);
-        const Acc v1 = s.i1 >= 0 ? cpu::dot(gt, hs + s.i1 * D, D) : Acc(0);
-        grad_weights[k * L + t] = static_cast<T>((Acc(1) - s.frac) * v0 + s.frac * v1);
-        grad_offsets[k * L + t] = static_cast<T>(s.weight * (v1 - v0));
+  const int64_t K = p.n_points, L = p.seqlen, D = p.dim;
+  cpu::parallel_ranges(p.batch * p.n_seq, L * K * D * 4, [&](int64_t begin, int64_t end) {
+    std::vector<Sample<Acc>> samples(L * K);
+    std::vector<Acc> h_rows((1 + L) * D, Acc(0)), g(L * D), gh_rows((1 + L) * D);  // (1 + L, D), (L, D), (1 + L, D)
+    std::vector<const Acc*> neighbours(2 * K);
+    std::vector<Acc> products(2 * K);  // dot(grad_out[t], h[i0]), dot(grad_out[t], h[i1]) of each sample
+    Acc* h = h_rows.data() + D;   // position i at h + i * D
+    Acc* gh = gh_rows.data() + D;
+    for (int64_t bs = begin; bs < end; ++bs) {
+      make_samples<T>(p, bs, samples.data());
+      to_position_major(static_cast<const T*>(p.h) + bs * D * L, h, D, L);
+      to_position_major(static_cast<const T*>(bp.grad_out) + bs * D * L, g.data(), D, L);
+      if (p.residual) {
+        std::copy(g.begin(), g.end(), gh);
+      } else {
+        std::fill(gh, gh + L * D, Acc(0));
       }
-    }
-  });
-
-  constexpr int64_t kChannels = 64;  // channels per grad_h task
-  const int64_t blocks = (D + kChannels - 1) / kChannels;
-  cpu::parallel_over(BS * blocks, L * K * kChannels * 2, [&](int64_t task) {
-    const int64_t bs = task / blocks, d0 = task % blocks * kChannels, n = std::min(kChannels, D - d0);
-    const Sample<Acc>* sample = samples.data() + bs * L * K;
-    const Acc* gs = g.data() + bs * L * D + d0;
-    std::vector<Acc> gh(L * n);  // this task's channels of grad_h, position-major (L, n)
-    for (int64_t t = 0; t < L; ++t) {
-      for (int64_t d = 0; d < n; ++d) gh[t * n + d] = p.residual ? gs[t * D + d] : Acc(0);
-    }
-    for (int64_t t = 0; t < L; ++t) {
-      for (int64_t k = 0; k < K; ++k) {
-        const Sample<Acc>& s = sample[t * K + k];
-        if (s.i0 >= 0) cpu::axpy(gh.data() + s.i0 * n, s.weight * (Acc(1) - s.frac), gs + t * D, n);
-        if (s.i1 >= 0) cpu::axpy(gh.data() + s.i1 * n, s.weight * s.frac, gs + t * D, n);
+      T* grad_weights = static_cast<T*>(bp.grad_weights) + bs * K * L;
+      T* grad_offsets = static_cast<T*>(bp.grad_offsets) + bs * K * L;
+      for (int64_t t = 0; t < L; ++t) {
+        const Acc* gt = g.data() + t * D;
+        const Sample<Acc>* sample = samples.data() + t * K;
+        for (int64_t k = 0; k < K; ++k) {
+          neighbours[2 * k] = h + sample[k].i0 * D;
+          neighbours[2 * k + 1] = h + sample[k].i1 * D;
+        }
+        cpu::dots(products.data(), gt, neighbours.data(), 2 * K, D);
+        for (int64_t k = 0; k < K; ++k) {
+          const Sample<Acc>& s = sample[k];
+          const Acc v0 = products[2 * k], v1 = products[2 * k + 1];
+          cpu::axpy(gh + s.i0 * D, s.weight * (Acc(1) - s.frac), gt, D);
+          cpu::axpy(gh + s.i1 * D, s.weight * s.frac, gt, D);
+          grad_weights[k * L + t] = static_cast<T>((Acc(1) - s.frac) * v0 + s.frac * v1);
+          grad_offsets[k * L + t] = static_cast<T>(s.weight * (v1 - v0));
+        }
       }
-    }
-    T* grad_h = static_cast<T*>(bp.grad_h) + (bs * D + d0) * L;  // (n, L)
-    if constexpr (std::is_same_v<T, Acc>) {
-      cpu::transpose(grad_h, L, gh.data(), n, L, n);
-    } else {
-      std::vector<Acc> buffer(n * kTile);
-      for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-        const int64_t m = std::min(kTile, L - t0);
-        cpu::transpose(buffer.data(), kTile, gh.data() + t0 * n, n, m, n);
-        for (int64_t d = 0; d < n; ++d) cpu::convert(grad_h + d * L + t0, buffer.data() + d * kTile, m);
-      }
+      from_position_major(gh, static_cast<T*>(bp.grad_h) + bs * D * L, D, L);
     }
   });
 }

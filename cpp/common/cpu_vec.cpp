@@ -109,6 +109,37 @@ MA_INLINE void row_dots_impl(T* sums, const T* g, int64_t k, const T* x, int64_t
   }
 }
 
+// M dot products sharing x: M independent vector accumulators, so that the additions of one do not wait on
+// the previous ones (a single dot of a short row is bound by that latency).
+template <int Bytes, int M, typename T>
+MA_INLINE void dots_group(T* out, const T* __restrict x, const T* const* rows, int64_t n) {
+  typedef T V __attribute__((vector_size(Bytes)));
+  typedef T Unaligned __attribute__((vector_size(Bytes), aligned(alignof(T)), may_alias));
+  constexpr int64_t kLanes = Bytes / sizeof(T);
+  V acc[M] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V xi = *reinterpret_cast<const Unaligned*>(x + i);
+    for (int j = 0; j < M; ++j) acc[j] += xi * *reinterpret_cast<const Unaligned*>(rows[j] + i);
+  }
+  for (int j = 0; j < M; ++j) {
+    T sum = 0;
+    for (int64_t l = 0; l < kLanes; ++l) sum += acc[j][l];
+    for (int64_t t = i; t < n; ++t) sum += x[t] * rows[j][t];
+    out[j] = sum;
+  }
+}
+
+// Groups of 8, then 4, 2 and 1 rows.
+template <int Bytes = 16, typename T>
+MA_INLINE void dots_impl(T* out, const T* x, const T* const* rows, int64_t m, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= m; j += 8) dots_group<Bytes, 8>(out + j, x, rows + j, n);
+  if (j + 4 <= m) dots_group<Bytes, 4>(out + j, x, rows + j, n), j += 4;
+  if (j + 2 <= m) dots_group<Bytes, 2>(out + j, x, rows + j, n), j += 2;
+  if (j < m) dots_group<Bytes, 1>(out + j, x, rows + j, n);
+}
+
 template <typename T>
 MA_INLINE T sum_impl(const T* __restrict x, int64_t n) {
   T lanes[kSumLanes] = {};
@@ -398,6 +429,10 @@ MA_AVX2 void row_dots_avx2(T* sums, const T* g, int64_t k, const T* x, int64_t s
   row_dots_impl<32>(sums, g, k, x, step, n);
 }
 template <typename T>
+MA_AVX2 void dots_avx2(T* out, const T* x, const T* const* rows, int64_t m, int64_t n) {
+  dots_impl<32>(out, x, rows, m, n);
+}
+template <typename T>
 MA_AVX2 T dot_avx2(const T* a, const T* x, int64_t n) { return dot_impl(a, x, n); }
 template <typename T>
 MA_AVX2 void fma_add_avx2(T* y, const T* a, const T* x, int64_t n) { fma_add_impl(y, a, x, n); }
@@ -515,6 +550,12 @@ void row_dots(float* sums, const float* g, int64_t k, const float* x, int64_t st
 }
 void row_dots(double* sums, const double* g, int64_t k, const double* x, int64_t step, int64_t n) {
   MA_DISPATCH(row_dots, sums, g, k, x, step, n);
+}
+void dots(float* out, const float* x, const float* const* rows, int64_t m, int64_t n) {
+  MA_DISPATCH(dots, out, x, rows, m, n);
+}
+void dots(double* out, const double* x, const double* const* rows, int64_t m, int64_t n) {
+  MA_DISPATCH(dots, out, x, rows, m, n);
 }
 float dot(const float* a, const float* x, int64_t n) { MA_DISPATCH(dot, a, x, n); }
 double dot(const double* a, const double* x, int64_t n) { MA_DISPATCH(dot, a, x, n); }

@@ -23,6 +23,9 @@ void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t st
 // gradients of one row of a convolution kernel, in one pass over g
 void row_dots(float* sums, const float* g, int64_t k, const float* x, int64_t step, int64_t n);
 void row_dots(double* sums, const double* g, int64_t k, const double* x, int64_t step, int64_t n);
+// out[j] = sum_{i < n} x[i] * rows[j][i] for j < m, in a fixed order: m dot products sharing x, in one pass
+void dots(float* out, const float* x, const float* const* rows, int64_t m, int64_t n);
+void dots(double* out, const double* x, const double* const* rows, int64_t m, int64_t n);
 // sum_i a[i] * x[i], in a fixed order (the same result on every run)
 float dot(const float* a, const float* x, int64_t n);
 double dot(const double* a, const double* x, int64_t n);
