@@ -51,50 +51,6 @@ void make_samples(const StateGatherParams& p, int64_t bs, Sample<acc_t<T>>* out)
   }
 }
 
-// The backward works position-major: a (b, s) slice of h or grad_out, (D, L), is transposed to (L, D), so
-// that a sample, which reads all D channels of one position, is one vector loop over D. Transposes go by tiles
-// of kTile positions and 8 channels.
-constexpr int64_t kTile = 64;
-constexpr int64_t kTileChannels = 8;
-
-// src (D, L) in T -> dst (L, D) in the accumulation type.
-template <typename T>
-void to_position_major(const T* src, acc_t<T>* dst, int64_t D, int64_t L) {
-  using Acc = acc_t<T>;
-  for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-    const int64_t n = std::min(kTile, L - t0);
-    for (int64_t d0 = 0; d0 < D; d0 += kTileChannels) {
-      const int64_t rows = std::min(kTileChannels, D - d0);
-      if constexpr (std::is_same_v<T, Acc>) {
-        cpu::transpose(dst + t0 * D + d0, D, src + d0 * L + t0, L, rows, n);
-      } else {
-        Acc tile[kTileChannels * kTile];
-        for (int64_t d = 0; d < rows; ++d) cpu::convert(tile + d * kTile, src + (d0 + d) * L + t0, n);
-        cpu::transpose(dst + t0 * D + d0, D, tile, kTile, rows, n);
-      }
-    }
-  }
-}
-
-// src (L, D) in the accumulation type -> dst (D, L) in T.
-template <typename T>
-void from_position_major(const acc_t<T>* src, T* dst, int64_t D, int64_t L) {
-  using Acc = acc_t<T>;
-  if constexpr (std::is_same_v<T, Acc>) {
-    cpu::transpose(dst, L, src, D, L, D);
-  } else {
-    for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-      const int64_t n = std::min(kTile, L - t0);
-      for (int64_t d0 = 0; d0 < D; d0 += kTileChannels) {
-        const int64_t rows = std::min(kTileChannels, D - d0);
-        Acc tile[kTileChannels * kTile];
-        cpu::transpose(tile, kTile, src + t0 * D + d0, D, n, rows);
-        for (int64_t d = 0; d < rows; ++d) cpu::convert(dst + (d0 + d) * L + t0, tile + d * kTile, n);
-      }
-    }
-  }
-}
-
 // The forward works on blocks of kRows channels of one (b, s), interleaved position-major, (1 + L, kRows) in the
 // accumulation type: a sample, read once, is one kRows-wide vector operation for the whole block. Position i
 // sits at i + 1 behind a row of zeros, which the neighbour index -1 (outside the sequence) reads: no branch.
@@ -142,6 +98,50 @@ void gather_fwd(const StateGatherParams& p) {
       }
     }
   });
+}
+
+// The backward works position-major: a (b, s) slice of h or grad_out, (D, L), is transposed to (L, D), so
+// that a sample, which reads all D channels of one position, is one vector loop over D. Transposes go by tiles
+// of kTile positions and 8 channels.
+constexpr int64_t kTile = 64;
+constexpr int64_t kTileChannels = 8;
+
+// src (D, L) in T -> dst (L, D) in the accumulation type.
+template <typename T>
+void to_position_major(const T* src, acc_t<T>* dst, int64_t D, int64_t L) {
+  using Acc = acc_t<T>;
+  for (int64_t t0 = 0; t0 < L; t0 += kTile) {
+    const int64_t n = std::min(kTile, L - t0);
+    for (int64_t d0 = 0; d0 < D; d0 += kTileChannels) {
+      const int64_t rows = std::min(kTileChannels, D - d0);
+      if constexpr (std::is_same_v<T, Acc>) {
+        cpu::transpose(dst + t0 * D + d0, D, src + d0 * L + t0, L, rows, n);
+      } else {
+        Acc tile[kTileChannels * kTile];
+        for (int64_t d = 0; d < rows; ++d) cpu::convert(tile + d * kTile, src + (d0 + d) * L + t0, n);
+        cpu::transpose(dst + t0 * D + d0, D, tile, kTile, rows, n);
+      }
+    }
+  }
+}
+
+// src (L, D) in the accumulation type -> dst (D, L) in T.
+template <typename T>
+void from_position_major(const acc_t<T>* src, T* dst, int64_t D, int64_t L) {
+  using Acc = acc_t<T>;
+  if constexpr (std::is_same_v<T, Acc>) {
+    cpu::transpose(dst, L, src, D, L, D);
+  } else {
+    for (int64_t t0 = 0; t0 < L; t0 += kTile) {
+      const int64_t n = std::min(kTile, L - t0);
+      for (int64_t d0 = 0; d0 < D; d0 += kTileChannels) {
+        const int64_t rows = std::min(kTileChannels, D - d0);
+        Acc tile[kTileChannels * kTile];
+        cpu::transpose(tile, kTile, src + t0 * D + d0, D, n, rows);
+        for (int64_t d = 0; d < rows; ++d) cpu::convert(dst + (d0 + d) * L + t0, tile + d * kTile, n);
+      }
+    }
+  }
 }
 
 // One task per (b, s) slice, in position-major copies of h and grad_out that stay in cache: grad_weights and
