@@ -51,104 +51,61 @@ void make_samples(const StateGatherParams& p, int64_t bs, Sample<acc_t<T>>* out)
   }
 }
 
-// The forward works on blocks of kRows channels of one (b, s), interleaved position-major, (1 + L, kRows) in the
-// accumulation type: a sample, read once, is one kRows-wide vector operation for the whole block. Position i
-// sits at i + 1 behind a row of zeros, which the neighbour index -1 (outside the sequence) reads: no branch.
-constexpr int64_t kRows = 8;
+// The kernels work position-major: a (b, s) slice of h or grad_out, (D, L), is transposed to (L, D), so that a
+// sample, which reads all D channels of one position, is one vector loop over D; the transposed slices stay in
+// cache. Position i is row i + 1 of the copy of h: the neighbour -1 (outside the sequence) reads a row of zeros,
+// without a branch.
 
+// src (D, L) in T -> dst (L, D) in the accumulation type; 16-bit values are widened into `scratch` (D * L) first.
+template <typename T>
+void to_position_major(const T* src, acc_t<T>* dst, int64_t D, int64_t L, std::vector<acc_t<T>>& scratch) {
+  scratch.resize(std::is_same_v<T, acc_t<T>> ? 0 : D * L);
+  cpu::transpose(dst, D, cpu::as_acc(src, scratch.data(), D * L), L, D, L);
+}
+
+// src (L, D) in the accumulation type -> dst (D, L) in T; 16-bit outputs are rounded from `scratch` (D * L).
+template <typename T>
+void from_position_major(const acc_t<T>* src, T* dst, int64_t D, int64_t L, std::vector<acc_t<T>>& scratch) {
+  scratch.resize(std::is_same_v<T, acc_t<T>> ? 0 : D * L);
+  acc_t<T>* out = cpu::acc_out(dst, scratch.data());
+  cpu::transpose(out, L, src, D, L, D);
+  cpu::store_out(dst, out, D * L);
+}
+
+// One task per (b, s) slice: out[t] = [h[t]] + sum_k weight_k ((1 - frac_k) h[i0_k] + frac_k h[i1_k]) over all D
+// channels of position t at once.
 template <typename T>
 void gather_fwd(const StateGatherParams& p) {
   using Acc = acc_t<T>;
   const int64_t K = p.n_points, L = p.seqlen, D = p.dim;
-  const int64_t blocks = (D + kRows - 1) / kRows;
-  cpu::parallel_ranges(p.batch * p.n_seq * blocks, L * K * kRows * 2, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> block((1 + L) * kRows, Acc(0)), out(L * kRows), rows(std::is_same_v<T, Acc> ? 0 : kRows * L);
+  cpu::parallel_ranges(p.batch * p.n_seq, L * K * D * 2, [&](int64_t begin, int64_t end) {
     std::vector<Sample<Acc>> samples(L * K);
-    int64_t samples_of = -1;  // the slice whose samples `samples` holds
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bs = task / blocks, d0 = task % blocks * kRows, n = std::min(kRows, D - d0);
-      if (bs != samples_of) make_samples<T>(p, samples_of = bs, samples.data());
-      const Sample<Acc>* sample = samples.data();
-      const T* h = static_cast<const T*>(p.h) + (bs * D + d0) * L;  // (n, L)
-      Acc* positions = block.data() + kRows;  // position i at positions + i * kRows; i = -1 reads zeros
-      if constexpr (std::is_same_v<T, Acc>) {
-        cpu::transpose(positions, kRows, h, L, n, L);
-      } else {
-        cpu::convert(rows.data(), h, n * L);
-        cpu::transpose(positions, kRows, rows.data(), L, n, L);
-      }
+    std::vector<Acc> h_rows((1 + L) * D, Acc(0)), out(L * D), scratch;  // (1 + L, D), (L, D)
+    std::vector<const Acc*> rows(2 * K + 1);
+    std::vector<Acc> coefs(2 * K + 1);
+    Acc* h = h_rows.data() + D;  // position i at h + i * D
+    for (int64_t bs = begin; bs < end; ++bs) {
+      make_samples<T>(p, bs, samples.data());
+      to_position_major(static_cast<const T*>(p.h) + bs * D * L, h, D, L, scratch);
       for (int64_t t = 0; t < L; ++t) {
-        Acc acc[kRows];
-        for (int64_t j = 0; j < kRows; ++j) acc[j] = p.residual ? positions[t * kRows + j] : Acc(0);
+        int64_t m = 0;
+        if (p.residual) rows[m] = h + t * D, coefs[m++] = Acc(1);
         for (int64_t k = 0; k < K; ++k) {
-          const Sample<Acc>& s = sample[t * K + k];
-          const Acc a0 = Acc(1) - s.frac;
-          const Acc* v0 = positions + s.i0 * kRows;
-          const Acc* v1 = positions + s.i1 * kRows;
-          for (int64_t j = 0; j < kRows; ++j) acc[j] += s.weight * (a0 * v0[j] + s.frac * v1[j]);
+          const Sample<Acc>& s = samples[t * K + k];
+          rows[m] = h + s.i0 * D, coefs[m++] = s.weight * (Acc(1) - s.frac);
+          rows[m] = h + s.i1 * D, coefs[m++] = s.weight * s.frac;
         }
-        for (int64_t j = 0; j < kRows; ++j) out[t * kRows + j] = acc[j];
+        cpu::combine(out.data() + t * D, rows.data(), coefs.data(), m, D);
       }
-      T* dst = static_cast<T*>(p.out) + (bs * D + d0) * L;  // (n, L)
-      if constexpr (std::is_same_v<T, Acc>) {
-        cpu::transpose(dst, L, out.data(), kRows, L, n);
-      } else {
-        cpu::transpose(rows.data(), L, out.data(), kRows, L, n);
-        cpu::convert(dst, rows.data(), n * L);
-      }
+      from_position_major(out.data(), static_cast<T*>(p.out) + bs * D * L, D, L, scratch);
     }
   });
-}
-
-// The backward works position-major: a (b, s) slice of h or grad_out, (D, L), is transposed to (L, D), so
-// that a sample, which reads all D channels of one position, is one vector loop over D. Transposes go by tiles
-// of kTile positions and 8 channels.
-constexpr int64_t kTile = 64;
-constexpr int64_t kTileChannels = 8;
-
-// src (D, L) in T -> dst (L, D) in the accumulation type.
-template <typename T>
-void to_position_major(const T* src, acc_t<T>* dst, int64_t D, int64_t L) {
-  using Acc = acc_t<T>;
-  for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-    const int64_t n = std::min(kTile, L - t0);
-    for (int64_t d0 = 0; d0 < D; d0 += kTileChannels) {
-      const int64_t rows = std::min(kTileChannels, D - d0);
-      if constexpr (std::is_same_v<T, Acc>) {
-        cpu::transpose(dst + t0 * D + d0, D, src + d0 * L + t0, L, rows, n);
-      } else {
-        Acc tile[kTileChannels * kTile];
-        for (int64_t d = 0; d < rows; ++d) cpu::convert(tile + d * kTile, src + (d0 + d) * L + t0, n);
-        cpu::transpose(dst + t0 * D + d0, D, tile, kTile, rows, n);
-      }
-    }
-  }
-}
-
-// src (L, D) in the accumulation type -> dst (D, L) in T.
-template <typename T>
-void from_position_major(const acc_t<T>* src, T* dst, int64_t D, int64_t L) {
-  using Acc = acc_t<T>;
-  if constexpr (std::is_same_v<T, Acc>) {
-    cpu::transpose(dst, L, src, D, L, D);
-  } else {
-    for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-      const int64_t n = std::min(kTile, L - t0);
-      for (int64_t d0 = 0; d0 < D; d0 += kTileChannels) {
-        const int64_t rows = std::min(kTileChannels, D - d0);
-        Acc tile[kTileChannels * kTile];
-        cpu::transpose(tile, kTile, src + t0 * D + d0, D, n, rows);
-        for (int64_t d = 0; d < rows; ++d) cpu::convert(dst + (d0 + d) * L + t0, tile + d * kTile, n);
-      }
-    }
-  }
 }
 
 // One task per (b, s) slice, in position-major copies of h and grad_out that stay in cache: grad_weights and
 // grad_offsets come from two dot products per sample, dot(grad_out[t], h[i0]) and dot(grad_out[t], h[i1]) over D,
 // the 2K of a position in one pass over grad_out[t]; grad_h is a scatter of grad_out rows to the neighbours,
-// within the slice. As in the forward, position i is row i + 1 of the copies: the neighbour -1 reads a row of
-// zeros from h and scatters into a row of grad_h that is never stored. No atomics: the same result on every run
+// within the slice; the neighbour -1 scatters into a row of grad_h that is never stored. No atomics: the same result on every run
 // whatever `deterministic` says.
 template <typename T>
 void gather_bwd(const StateGatherBwdParams& bp) {
@@ -157,15 +114,15 @@ void gather_bwd(const StateGatherBwdParams& bp) {
   const int64_t K = p.n_points, L = p.seqlen, D = p.dim;
   cpu::parallel_ranges(p.batch * p.n_seq, L * K * D * 4, [&](int64_t begin, int64_t end) {
     std::vector<Sample<Acc>> samples(L * K);
-    std::vector<Acc> h_rows((1 + L) * D, Acc(0)), g(L * D), gh_rows((1 + L) * D);  // (1 + L, D), (L, D), (1 + L, D)
+    std::vector<Acc> h_rows((1 + L) * D, Acc(0)), g(L * D), gh_rows((1 + L) * D), scratch;  // (1+L, D), (L, D), (1+L, D)
     std::vector<const Acc*> neighbours(2 * K);
     std::vector<Acc> products(2 * K);  // dot(grad_out[t], h[i0]), dot(grad_out[t], h[i1]) of each sample
     Acc* h = h_rows.data() + D;   // position i at h + i * D
     Acc* gh = gh_rows.data() + D;
     for (int64_t bs = begin; bs < end; ++bs) {
       make_samples<T>(p, bs, samples.data());
-      to_position_major(static_cast<const T*>(p.h) + bs * D * L, h, D, L);
-      to_position_major(static_cast<const T*>(bp.grad_out) + bs * D * L, g.data(), D, L);
+      to_position_major(static_cast<const T*>(p.h) + bs * D * L, h, D, L, scratch);
+      to_position_major(static_cast<const T*>(bp.grad_out) + bs * D * L, g.data(), D, L, scratch);
       if (p.residual) {
         std::copy(g.begin(), g.end(), gh);
       } else {
@@ -190,7 +147,7 @@ void gather_bwd(const StateGatherBwdParams& bp) {
           grad_offsets[k * L + t] = static_cast<T>(s.weight * (v1 - v0));
         }
       }
-      from_position_major(gh, static_cast<T*>(bp.grad_h) + bs * D * L, D, L);
+      from_position_major(gh, static_cast<T*>(bp.grad_h) + bs * D * L, D, L, scratch);
     }
   });
 }

@@ -109,6 +109,34 @@ MA_INLINE void row_dots_impl(T* sums, const T* g, int64_t k, const T* x, int64_t
   }
 }
 
+// U vectors of y at a time in registers, while every row adds to them.
+template <int Bytes, int U, typename T>
+MA_INLINE int64_t combine_block(T* y, const T* const* rows, const T* coefs, int64_t m, int64_t i, int64_t n) {
+  typedef T V __attribute__((vector_size(Bytes)));
+  typedef T Unaligned __attribute__((vector_size(Bytes), aligned(alignof(T)), may_alias));
+  constexpr int64_t kLanes = Bytes / sizeof(T);
+  for (; i + U * kLanes <= n; i += U * kLanes) {
+    V acc[U] = {};
+    for (int64_t j = 0; j < m; ++j) {
+      const T* row = rows[j] + i;
+      for (int u = 0; u < U; ++u) acc[u] += coefs[j] * *reinterpret_cast<const Unaligned*>(row + u * kLanes);
+    }
+    for (int u = 0; u < U; ++u) *reinterpret_cast<Unaligned*>(y + i + u * kLanes) = acc[u];
+  }
+  return i;
+}
+
+template <int Bytes = 16, typename T>
+MA_INLINE void combine_impl(T* y, const T* const* rows, const T* coefs, int64_t m, int64_t n) {
+  int64_t i = combine_block<Bytes, 4>(y, rows, coefs, m, 0, n);
+  i = combine_block<Bytes, 1>(y, rows, coefs, m, i, n);
+  for (; i < n; ++i) {
+    T sum = 0;
+    for (int64_t j = 0; j < m; ++j) sum += coefs[j] * rows[j][i];
+    y[i] = sum;
+  }
+}
+
 // M dot products sharing x: M independent vector accumulators, so that the additions of one do not wait on
 // the previous ones (a single dot of a short row is bound by that latency).
 template <int Bytes, int M, typename T>
@@ -429,6 +457,10 @@ MA_AVX2 void row_dots_avx2(T* sums, const T* g, int64_t k, const T* x, int64_t s
   row_dots_impl<32>(sums, g, k, x, step, n);
 }
 template <typename T>
+MA_AVX2 void combine_avx2(T* y, const T* const* rows, const T* coefs, int64_t m, int64_t n) {
+  combine_impl<32>(y, rows, coefs, m, n);
+}
+template <typename T>
 MA_AVX2 void dots_avx2(T* out, const T* x, const T* const* rows, int64_t m, int64_t n) {
   dots_impl<32>(out, x, rows, m, n);
 }
@@ -550,6 +582,12 @@ void row_dots(float* sums, const float* g, int64_t k, const float* x, int64_t st
 }
 void row_dots(double* sums, const double* g, int64_t k, const double* x, int64_t step, int64_t n) {
   MA_DISPATCH(row_dots, sums, g, k, x, step, n);
+}
+void combine(float* y, const float* const* rows, const float* coefs, int64_t m, int64_t n) {
+  MA_DISPATCH(combine, y, rows, coefs, m, n);
+}
+void combine(double* y, const double* const* rows, const double* coefs, int64_t m, int64_t n) {
+  MA_DISPATCH(combine, y, rows, coefs, m, n);
 }
 void dots(float* out, const float* x, const float* const* rows, int64_t m, int64_t n) {
   MA_DISPATCH(dots, out, x, rows, m, n);

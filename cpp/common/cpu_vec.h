@@ -23,6 +23,9 @@ void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t st
 // gradients of one row of a convolution kernel, in one pass over g
 void row_dots(float* sums, const float* g, int64_t k, const float* x, int64_t step, int64_t n);
 void row_dots(double* sums, const double* g, int64_t k, const double* x, int64_t step, int64_t n);
+// y[i] = sum_{j < m} coefs[j] * rows[j][i] for i < n, summed in order of j (rows may alias each other, not y)
+void combine(float* y, const float* const* rows, const float* coefs, int64_t m, int64_t n);
+void combine(double* y, const double* const* rows, const double* coefs, int64_t m, int64_t n);
 // out[j] = sum_{i < n} x[i] * rows[j][i] for j < m, in a fixed order: m dot products sharing x, in one pass
 void dots(float* out, const float* x, const float* const* rows, int64_t m, int64_t n);
 void dots(double* out, const double* x, const double* const* rows, int64_t m, int64_t n);
