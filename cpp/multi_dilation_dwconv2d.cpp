@@ -215,8 +215,10 @@ void dwconv_bwd_planes(const DwConvBwdParams& bp) {
           row_weights<T>(p, row, c, w);
           cpu::row_taps(gx.data() + j * out_size, w, k, g0 - row.dy * pp.pitch + r * row.dilation, -row.dilation,
                         pp.span());
-          Acc sums[7] = {};
-          cpu::row_dots(sums, g0, k, x0 + row.dy * pp.pitch - r * row.dilation, row.dilation, pp.span());
+          const Acc* taps[7];  // the input under each tap of the row, shifted
+          Acc sums[7];
+          for (int64_t kx = 0; kx < k; ++kx) taps[kx] = x0 + row.dy * pp.pitch + (kx - r) * row.dilation;
+          cpu::dots(sums, g0, taps, k, pp.span());
           for (int64_t kx = 0; kx < k; ++kx) grad_w[(row.first_tap + kx) * C + c] += sums[kx];
         }
         for (int64_t y = 0; y < pp.H; ++y) {

@@ -25,6 +25,16 @@ namespace mamba_adaptor::cpu {
 
 namespace {
 
+// Bytes bytes of T. at(p) is the vector at p, which needs only T's alignment and may alias T.
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  typedef T unaligned __attribute__((vector_size(Bytes), aligned(alignof(T)), may_alias));
+  static constexpr int64_t lanes = Bytes / sizeof(T);
+  static MA_INLINE const unaligned& at(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static MA_INLINE unaligned& at(T* p) { return *reinterpret_cast<unaligned*>(p); }
+};
+
 template <typename T>
 MA_INLINE void axpy_impl(T* __restrict y, T a, const T* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
@@ -76,52 +86,16 @@ MA_INLINE T dot_impl(const T* __restrict a, const T* __restrict x, int64_t n) {
   return add_lanes(lanes);
 }
 
-// K taps at once, one vector of Bytes bytes of partial sums each (in registers: the build's vector width),
-// added in a fixed order at the end.
-template <int Bytes, int K, typename T>
-MA_INLINE void row_dots_k(T* sums, const T* __restrict g, const T* __restrict x, int64_t step, int64_t n) {
-  typedef T V __attribute__((vector_size(Bytes)));
-  typedef T Unaligned __attribute__((vector_size(Bytes), aligned(alignof(T)), may_alias));
-  constexpr int64_t kLanes = Bytes / sizeof(T);
-  V acc[K] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const V gi = *reinterpret_cast<const Unaligned*>(g + i);
-    for (int j = 0; j < K; ++j) acc[j] += gi * *reinterpret_cast<const Unaligned*>(x + i + j * step);
-  }
-  for (int j = 0; j < K; ++j) {
-    T sum = 0;
-    for (int64_t l = 0; l < kLanes; ++l) sum += acc[j][l];
-    for (int64_t t = i; t < n; ++t) sum += g[t] * x[t + j * step];
-    sums[j] += sum;
-  }
-}
-
-template <int Bytes = 16, typename T>
-MA_INLINE void row_dots_impl(T* sums, const T* g, int64_t k, const T* x, int64_t step, int64_t n) {
-  switch (k) {
-    case 1: row_dots_k<Bytes, 1>(sums, g, x, step, n); break;
-    case 3: row_dots_k<Bytes, 3>(sums, g, x, step, n); break;
-    case 5: row_dots_k<Bytes, 5>(sums, g, x, step, n); break;
-    case 7: row_dots_k<Bytes, 7>(sums, g, x, step, n); break;
-    default:
-      for (int64_t j = 0; j < k; ++j) sums[j] += dot_impl(g, x + j * step, n);
-  }
-}
-
 // U vectors of y at a time in registers, while every row adds to them.
 template <int Bytes, int U, typename T>
 MA_INLINE int64_t combine_block(T* y, const T* const* rows, const T* coefs, int64_t m, int64_t i, int64_t n) {
-  typedef T V __attribute__((vector_size(Bytes)));
-  typedef T Unaligned __attribute__((vector_size(Bytes), aligned(alignof(T)), may_alias));
-  constexpr int64_t kLanes = Bytes / sizeof(T);
-  for (; i + U * kLanes <= n; i += U * kLanes) {
-    V acc[U] = {};
+  using V = Vec<T, Bytes>;
+  for (; i + U * V::lanes <= n; i += U * V::lanes) {
+    typename V::type acc[U] = {};
     for (int64_t j = 0; j < m; ++j) {
-      const T* row = rows[j] + i;
-      for (int u = 0; u < U; ++u) acc[u] += coefs[j] * *reinterpret_cast<const Unaligned*>(row + u * kLanes);
+      for (int u = 0; u < U; ++u) acc[u] += coefs[j] * V::at(rows[j] + i + u * V::lanes);
     }
-    for (int u = 0; u < U; ++u) *reinterpret_cast<Unaligned*>(y + i + u * kLanes) = acc[u];
+    for (int u = 0; u < U; ++u) V::at(y + i + u * V::lanes) = acc[u];
   }
   return i;
 }
@@ -141,31 +115,36 @@ MA_INLINE void combine_impl(T* y, const T* const* rows, const T* coefs, int64_t 
 // the previous ones (a single dot of a short row is bound by that latency).
 template <int Bytes, int M, typename T>
 MA_INLINE void dots_group(T* out, const T* __restrict x, const T* const* rows, int64_t n) {
-  typedef T V __attribute__((vector_size(Bytes)));
-  typedef T Unaligned __attribute__((vector_size(Bytes), aligned(alignof(T)), may_alias));
-  constexpr int64_t kLanes = Bytes / sizeof(T);
-  V acc[M] = {};
+  using V = Vec<T, Bytes>;
+  typename V::type acc[M] = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const V xi = *reinterpret_cast<const Unaligned*>(x + i);
-    for (int j = 0; j < M; ++j) acc[j] += xi * *reinterpret_cast<const Unaligned*>(rows[j] + i);
+  for (; i + V::lanes <= n; i += V::lanes) {
+    const typename V::type xi = V::at(x + i);
+    for (int j = 0; j < M; ++j) acc[j] += xi * V::at(rows[j] + i);
   }
   for (int j = 0; j < M; ++j) {
     T sum = 0;
-    for (int64_t l = 0; l < kLanes; ++l) sum += acc[j][l];
+    for (int64_t l = 0; l < V::lanes; ++l) sum += acc[j][l];
     for (int64_t t = i; t < n; ++t) sum += x[t] * rows[j][t];
     out[j] = sum;
   }
 }
 
-// Groups of 8, then 4, 2 and 1 rows.
+// Groups of up to 8 rows, each in one pass over x.
 template <int Bytes = 16, typename T>
 MA_INLINE void dots_impl(T* out, const T* x, const T* const* rows, int64_t m, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= m; j += 8) dots_group<Bytes, 8>(out + j, x, rows + j, n);
-  if (j + 4 <= m) dots_group<Bytes, 4>(out + j, x, rows + j, n), j += 4;
-  if (j + 2 <= m) dots_group<Bytes, 2>(out + j, x, rows + j, n), j += 2;
-  if (j < m) dots_group<Bytes, 1>(out + j, x, rows + j, n);
+  for (int64_t j = 0; j < m; j += 8) {
+    switch (std::min<int64_t>(8, m - j)) {
+      case 1: dots_group<Bytes, 1>(out + j, x, rows + j, n); break;
+      case 2: dots_group<Bytes, 2>(out + j, x, rows + j, n); break;
+      case 3: dots_group<Bytes, 3>(out + j, x, rows + j, n); break;
+      case 4: dots_group<Bytes, 4>(out + j, x, rows + j, n); break;
+      case 5: dots_group<Bytes, 5>(out + j, x, rows + j, n); break;
+      case 6: dots_group<Bytes, 6>(out + j, x, rows + j, n); break;
+      case 7: dots_group<Bytes, 7>(out + j, x, rows + j, n); break;
+      default: dots_group<Bytes, 8>(out + j, x, rows + j, n);
+    }
+  }
 }
 
 template <typename T>
@@ -453,10 +432,6 @@ MA_AVX2 void row_taps_avx2(T* y, const T* w, int64_t k, const T* x, int64_t step
   row_taps_impl(y, w, k, x, step, n);
 }
 template <typename T>
-MA_AVX2 void row_dots_avx2(T* sums, const T* g, int64_t k, const T* x, int64_t step, int64_t n) {
-  row_dots_impl<32>(sums, g, k, x, step, n);
-}
-template <typename T>
 MA_AVX2 void combine_avx2(T* y, const T* const* rows, const T* coefs, int64_t m, int64_t n) {
   combine_impl<32>(y, rows, coefs, m, n);
 }
@@ -577,12 +552,6 @@ void row_taps(float* y, const float* w, int64_t k, const float* x, int64_t step,
 void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t step, int64_t n) {
   MA_DISPATCH(row_taps, y, w, k, x, step, n);
 }
-void row_dots(float* sums, const float* g, int64_t k, const float* x, int64_t step, int64_t n) {
-  MA_DISPATCH(row_dots, sums, g, k, x, step, n);
-}
-void row_dots(double* sums, const double* g, int64_t k, const double* x, int64_t step, int64_t n) {
-  MA_DISPATCH(row_dots, sums, g, k, x, step, n);
-}
 void combine(float* y, const float* const* rows, const float* coefs, int64_t m, int64_t n) {
   MA_DISPATCH(combine, y, rows, coefs, m, n);
 }
@@ -648,16 +617,6 @@ void convert(BFloat16* y, const float* x, int64_t n) { MA_DISPATCH(convert, y, x
 namespace mamba_adaptor::cpu {
 
 namespace {
-
-// Bytes bytes of T. at(p) is the vector at p, which needs only T's alignment and may alias T.
-template <typename T, int Bytes>
-struct Vec {
-  typedef T type __attribute__((vector_size(Bytes)));
-  typedef T unaligned __attribute__((vector_size(Bytes), aligned(alignof(T)), may_alias));
-  static constexpr int64_t lanes = Bytes / sizeof(T);
-  static MA_INLINE const unaligned& at(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
-  static MA_INLINE unaligned& at(T* p) { return *reinterpret_cast<unaligned*>(p); }
-};
 
 // Keeps a loaded vector in a register: without it GCC reloads a vector used by two FMAs as a memory operand
 // of each, twice the loads.

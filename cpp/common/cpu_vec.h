@@ -19,10 +19,6 @@ void axpy(double* y, double a, const double* x, int64_t n);
 // y[i] += sum_{j < k} w[j] * x[i + j * step], for k in {1, 3, 5, 7} (one row of a convolution kernel)
 void row_taps(float* y, const float* w, int64_t k, const float* x, int64_t step, int64_t n);
 void row_taps(double* y, const double* w, int64_t k, const double* x, int64_t step, int64_t n);
-// sums[j] += sum_{i < n} g[i] * x[i + j * step] for j < k, k in {1, 3, 5, 7}, in a fixed order: the weight
-// gradients of one row of a convolution kernel, in one pass over g
-void row_dots(float* sums, const float* g, int64_t k, const float* x, int64_t step, int64_t n);
-void row_dots(double* sums, const double* g, int64_t k, const double* x, int64_t step, int64_t n);
 // y[i] = sum_{j < m} coefs[j] * rows[j][i] for i < n, summed in order of j (rows may alias each other, not y)
 void combine(float* y, const float* const* rows, const float* coefs, int64_t m, int64_t n);
 void combine(double* y, const double* const* rows, const double* coefs, int64_t m, int64_t n);
