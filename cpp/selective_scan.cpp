@@ -288,8 +288,10 @@ void scan_bwd(const SelectiveScanBwdParams& bp) {
   }
 }
 
+// The CPU kernels are deterministic whatever `deterministic` says.
 Tensor selective_scan_cpu(Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
-                          std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus) {
+                          std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus,
+                          bool deterministic) {
   SelectiveScanCall call = selective_scan_call(Backend::CPU, u, delta, A, B, C, D, delta_bias, delta_softplus);
   if (call.out.numel() > 0) {
     cpu::dispatch_dtype(call.params.dtype, [&](auto tag) { scan_fwd<decltype(tag)>(call.params); });
@@ -299,9 +301,10 @@ Tensor selective_scan_cpu(Tensor u, Tensor delta, Tensor A, Tensor B, std::optio
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>
 selective_scan_backward_cpu(Tensor grad_out, Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
-                            std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus) {
-  SelectiveScanBwdCall call =
-      selective_scan_bwd_call(Backend::CPU, grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus);
+                            std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus,
+                            bool deterministic) {
+  SelectiveScanBwdCall call = selective_scan_bwd_call(Backend::CPU, grad_out, u, delta, A, B, C, D, delta_bias,
+                                                      delta_softplus, deterministic);
   if (call.params.fwd.batch * call.params.fwd.dim > 0) {
     cpu::dispatch_dtype(call.params.fwd.dtype, [&](auto tag) { scan_bwd<decltype(tag)>(call.params); });
   }
@@ -314,10 +317,10 @@ selective_scan_backward_cpu(Tensor grad_out, Tensor u, Tensor delta, Tensor A, T
 STABLE_TORCH_LIBRARY_FRAGMENT(mamba_adaptor, m) {
   m.def(
       "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, Tensor? D=None, "
-      "Tensor? delta_bias=None, bool delta_softplus=False) -> Tensor");
+      "Tensor? delta_bias=None, bool delta_softplus=False, bool deterministic=False) -> Tensor");
   m.def(
       "selective_scan_backward(Tensor grad_out, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, "
-      "Tensor? D, Tensor? delta_bias, bool delta_softplus) "
+      "Tensor? D, Tensor? delta_bias, bool delta_softplus, bool deterministic=False) "
       "-> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor? dC, Tensor? dD, Tensor? ddelta_bias)");
 }
 

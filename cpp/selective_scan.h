@@ -42,6 +42,9 @@ struct SelectiveScanParams {
 struct SelectiveScanBwdParams {
   SelectiveScanParams fwd;  // the forward's inputs (fwd.out unused)
   const void* grad_out;     // contiguous, the shape of the forward's output
+  // CUDA: sum dA, dB, dC, dD, ddelta_bias from per-block and per-row partial sums in a fixed order instead of
+  // float atomics, for bit-identical results across runs (more workspace). The CPU backward always is.
+  bool deterministic;
 
   // Gradients, contiguous. du, ddelta, dB, dC have the inputs' dtype; dA, dD, ddelta_bias are float32
   // (float64 for Float64) and zero-filled on entry.
@@ -54,7 +57,8 @@ struct SelectiveScanBwdParams {
   void* ddelta_bias;  // (dim,), nullptr without delta_bias
 
   // CUDA only: float32 scratch of selective_scan_bwd_cuda_workspace_bytes(*this) bytes, 16-byte aligned
-  // (per-group dB/dC sums and the per-segment checkpoints of the recomputed forward). Unused on the CPU.
+  // (dB/dC sums, per-row sums when deterministic, the per-segment checkpoints of the recomputed forward).
+  // Unused on the CPU.
   void* workspace;
 };
 

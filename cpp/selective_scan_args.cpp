@@ -139,7 +139,8 @@ SelectiveScanCall selective_scan_call(Backend backend, const Tensor& u, const Te
 SelectiveScanBwdCall selective_scan_bwd_call(Backend backend, const Tensor& grad_out, const Tensor& u,
                                              const Tensor& delta, const Tensor& A, const Tensor& B,
                                              const std::optional<Tensor>& C, const std::optional<Tensor>& D,
-                                             const std::optional<Tensor>& delta_bias, bool delta_softplus) {
+                                             const std::optional<Tensor>& delta_bias, bool delta_softplus,
+                                             bool deterministic) {
   const ArgChecker check("selective_scan_backward");
   Checked in = check_inputs(check, backend, u, delta, A, B, C, D, delta_bias);
   const auto out_shape = output_shape(in);
@@ -151,6 +152,7 @@ SelectiveScanBwdCall selective_scan_bwd_call(Backend backend, const Tensor& grad
   SelectiveScanBwdCall call{};
   call.params.fwd = make_params(in, delta_softplus);
   call.params.grad_out = grad.data_ptr();
+  call.params.deterministic = deterministic;
   call.du = torch::stable::new_empty(in.u, sizes_of(in.u));
   call.ddelta = torch::stable::new_empty(in.u, sizes_of(in.u));
   call.dA = torch::stable::new_zeros(in.A, sizes_of(in.A));

@@ -31,6 +31,7 @@ SelectiveScanCall selective_scan_call(Backend backend, const Tensor& u, const Te
 SelectiveScanBwdCall selective_scan_bwd_call(Backend backend, const Tensor& grad_out, const Tensor& u,
                                              const Tensor& delta, const Tensor& A, const Tensor& B,
                                              const std::optional<Tensor>& C, const std::optional<Tensor>& D,
-                                             const std::optional<Tensor>& delta_bias, bool delta_softplus);
+                                             const std::optional<Tensor>& delta_bias, bool delta_softplus,
+                                             bool deterministic);
 
 }  // namespace mamba_adaptor

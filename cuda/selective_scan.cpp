@@ -19,8 +19,10 @@ void check_cuda_limits(const char* op, const SelectiveScanParams& p) {
   }
 }
 
+// The forward is deterministic whatever `deterministic` says.
 Tensor selective_scan_cuda(Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
-                           std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus) {
+                           std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus,
+                           bool deterministic) {
   SelectiveScanCall call = selective_scan_call(Backend::CUDA, u, delta, A, B, C, D, delta_bias, delta_softplus);
   check_cuda_limits("selective_scan", call.params);
   CudaScope scope(u);
@@ -30,9 +32,10 @@ Tensor selective_scan_cuda(Tensor u, Tensor delta, Tensor A, Tensor B, std::opti
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>
 selective_scan_backward_cuda(Tensor grad_out, Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
-                             std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus) {
-  SelectiveScanBwdCall call =
-      selective_scan_bwd_call(Backend::CUDA, grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus);
+                             std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus,
+                             bool deterministic) {
+  SelectiveScanBwdCall call = selective_scan_bwd_call(Backend::CUDA, grad_out, u, delta, A, B, C, D, delta_bias,
+                                                      delta_softplus, deterministic);
   check_cuda_limits("selective_scan_backward", call.params.fwd);
   CudaScope scope(u);
   std::optional<Tensor> workspace;

@@ -51,21 +51,36 @@ __host__ __device__ inline int64_t num_segments(int64_t seqlen, int segment) {
   return (seqlen + segment - 1) / segment;
 }
 
-// The float32 workspace of the backward, in floats: the dB and dC sums of each (batch, group, n) row, padded to
-// padded_len = n_seg * kBwdSegment so that every segment starts 16-byte aligned, then the checkpoints
-// (b, dim, n_seg - 1, N): the state after each segment but the last.
+// Blocks of the backward per (batch, group): its channels in tiles of up to kBwdWarps, one per warp.
+__host__ __device__ inline int64_t bwd_channel_tiles(const SelectiveScanParams& p) {
+  const int64_t per_group = p.dim / p.n_groups;
+  const int64_t warps = per_group < kBwdWarps ? per_group : kBwdWarps;
+  return (per_group + warps - 1) / warps;
+}
+
+// The float32 workspace of the backward, in floats:
+// - the dB and dC sums of each (batch, group, n) row, padded to padded_len = n_seg * kBwdSegment so that every
+//   segment starts 16-byte aligned: one set that every block adds to atomically, or, when deterministic, one per
+//   tile of channels (`parts` sets) that its blocks write, summed in order afterwards;
+// - when deterministic, the row sums (b, dim, N + 2): each row's dA[n], dD and ddelta_bias, summed over the batch
+//   in order afterwards (else each row adds them to the outputs atomically);
+// - the checkpoints (b, dim, n_seg - 1, N): the state after each segment but the last.
 struct BwdWorkspace {
-  int64_t padded_len, dB_offset, dC_offset, checkpoint_offset, total;
+  int64_t padded_len, parts, part_stride, dB_offset, dC_offset, row_sums_offset, checkpoint_offset, total;
 };
 
-__host__ __device__ inline BwdWorkspace bwd_workspace_layout(const SelectiveScanParams& p) {
+__host__ __device__ inline BwdWorkspace bwd_workspace_layout(const SelectiveScanBwdParams& bp) {
+  const SelectiveScanParams& p = bp.fwd;
   const int64_t n_seg = num_segments(p.seqlen, kBwdSegment);
   BwdWorkspace w;
   w.padded_len = n_seg * kBwdSegment;
-  const int64_t sums = p.batch * p.n_groups * p.dstate * w.padded_len;
+  w.parts = bp.deterministic ? bwd_channel_tiles(p) : 1;
+  w.part_stride = p.batch * p.n_groups * p.dstate * w.padded_len;
   w.dB_offset = 0;
-  w.dC_offset = sums;
-  w.checkpoint_offset = p.states_mode ? sums : 2 * sums;
+  w.dC_offset = w.parts * w.part_stride;
+  w.row_sums_offset = (p.states_mode ? 1 : 2) * w.parts * w.part_stride;
+  const int64_t row_sums = bp.deterministic ? p.batch * p.dim * (p.dstate + 2) : 0;
+  w.checkpoint_offset = w.row_sums_offset + (row_sums + 3) / 4 * 4;  // 16-byte aligned
   w.total = w.checkpoint_offset + p.batch * p.dim * (n_seg > 1 ? n_seg - 1 : 0) * p.dstate;
   return w;
 }
@@ -448,13 +463,15 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   double* dA_sum = dA_sums + warp * N;
   float* carry = carries + warp * N;
 
-  const BwdWorkspace ws = bwd_workspace_layout(p);
+  const BwdWorkspace ws = bwd_workspace_layout(bp);
   float* workspace = static_cast<float*>(bp.workspace);
   const int64_t row_index = row.b * p.dim + row.d;
   float* checkpoints = workspace + ws.checkpoint_offset + row_index * (n_seg - 1) * N;  // [seg][n], read if active
   const int64_t bg = row.b * p.n_groups + row.g;
-  float* dB_sum = workspace + ws.dB_offset + bg * N * ws.padded_len;
-  float* dC_sum = workspace + ws.dC_offset + bg * N * ws.padded_len;
+  const int64_t part = bp.deterministic ? static_cast<int64_t>(blockIdx.x) % ws.parts : 0;  // the channel tile
+  float* dB_sum = workspace + ws.dB_offset + part * ws.part_stride + bg * N * ws.padded_len;
+  float* dC_sum = workspace + ws.dC_offset + part * ws.part_stride + bg * N * ws.padded_len;
+  float* row_sums = workspace + ws.row_sums_offset + row_index * (N + 2);  // deterministic: dA[n], dD, ddelta_bias
 
   const RowInputs<T> in_row(p, row, kStates, kHasD);
   const T *u = in_row.u, *delta = in_row.delta, *B = in_row.B, *C = in_row.C;
@@ -631,7 +648,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       const double dA_segment = warp_sum(dA_part);
       if (lane == 0) dA_sum[n] += dA_segment;
 
-      // Sum the warps' contributions and add them to the (batch, group) row of dB and dC. The buffers alternate:
+      // Sum the warps' contributions and add them to the (batch, group) row of dB and dC (store them into this
+      // tile's row, when deterministic: every element of it once). The buffers alternate:
       // a buffer is written again two steps later, after the next step's barrier, which every thread reaches
       // only once it has finished reading it here.
       __syncthreads();
@@ -648,7 +666,11 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         }
         const int item = 4 * j;
         float* target = (item < kSegment ? dB_sum : dC_sum) + n * ws.padded_len + seg * kSegment + item % kSegment;
-        atomic_add4(target, s);
+        if (bp.deterministic) {
+          *reinterpret_cast<float4*>(target) = s;
+        } else {
+          atomic_add4(target, s);
+        }
       }
       buffer ^= 1;
     }
@@ -668,29 +690,57 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
     store_items(ddelta + t0, valid, ddt);
   }
 
+  // The row's sums: added to the outputs, or stored for row_sums_to_output_kernel when deterministic.
+  auto add_row_sum = [&](float* output, int64_t slot, double value) {
+    if (bp.deterministic) {
+      row_sums[slot] = static_cast<float>(value);
+    } else {
+      atomicAdd(output, static_cast<float>(value));
+    }
+  };
   __syncwarp();  // lane 0's last dA_sum writes are visible to the whole warp
   if (row.active) {
-    for (int64_t n = lane; n < N; n += 32) atomicAdd(static_cast<float*>(bp.dA) + row.d * N + n, static_cast<float>(dA_sum[n]));
+    for (int64_t n = lane; n < N; n += 32) add_row_sum(static_cast<float*>(bp.dA) + row.d * N + n, n, dA_sum[n]);
   }
   if constexpr (kHasD) {
     const double dD_row = warp_sum(D_bias_sum.x);
-    if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.dD) + row.d, static_cast<float>(dD_row));
+    if (lane == 0 && row.active) add_row_sum(static_cast<float*>(bp.dD) + row.d, N, dD_row);
   }
   if (bp.ddelta_bias) {
     const double dbias_row = warp_sum(D_bias_sum.y);
-    if (lane == 0 && row.active) atomicAdd(static_cast<float*>(bp.ddelta_bias) + row.d, static_cast<float>(dbias_row));
+    if (lane == 0 && row.active) add_row_sum(static_cast<float*>(bp.ddelta_bias) + row.d, N + 1, dbias_row);
   }
 }
 
-// out[r, t] = sums[r, t] for t < L, converted to T: the (b, G, N, L) gradients from their padded float32 sums.
+// out[r, t] = sum over the parts k, in order, of sums[k, r, t] for t < L, converted to T: the (b, G, N, L)
+// gradients from their padded float32 sums (one part, or one per channel tile when deterministic).
 template <typename T>
 __global__ void padded_sums_to_output_kernel(const float* __restrict__ sums, T* __restrict__ out, int64_t rows,
-                                             int64_t L, int64_t padded_len) {
+                                             int64_t L, int64_t padded_len, int64_t parts, int64_t part_stride) {
   const int64_t total = rows * L;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const int64_t r = i / L;
-    out[i] = from_float<T>(sums[r * padded_len + (i - r * L)]);
+    const float* element = sums + r * padded_len + (i - r * L);
+    float sum = element[0];
+    for (int64_t k = 1; k < parts; ++k) sum += element[k * part_stride];
+    out[i] = from_float<T>(sum);
+  }
+}
+
+// Deterministic mode: dA (dim, N), dD and ddelta_bias (dim,) (each may be absent but dA) as the sums over the
+// batch, in order, of the row sums (b, dim, N + 2).
+static __global__ void row_sums_to_output_kernel(const float* __restrict__ row_sums, float* dA, float* dD, float* dbias,
+                                                 int64_t batch, int64_t dim, int64_t N) {
+  const int64_t total = dim * (N + 2);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t d = i / (N + 2), slot = i - d * (N + 2);
+    float* out = slot < N ? dA + d * N + slot : slot == N ? (dD ? dD + d : nullptr) : (dbias ? dbias + d : nullptr);
+    if (out == nullptr) continue;
+    double sum = 0.0;
+    for (int64_t b = 0; b < batch; ++b) sum += row_sums[b * total + i];
+    *out = static_cast<float>(sum);
   }
 }
 
@@ -740,14 +790,16 @@ void selective_scan_fwd_launch(const SelectiveScanParams& p, cudaStream_t stream
   check_launch("selective_scan forward");
 }
 
-// Requires batch, dim and L > 0, and bp.workspace of bwd_workspace_layout(bp.fwd).total floats.
+// Requires batch, dim and L > 0, and bp.workspace of bwd_workspace_layout(bp).total floats.
 template <typename T>
 void selective_scan_bwd_launch(const SelectiveScanBwdParams& bp, cudaStream_t stream) {
   const SelectiveScanParams& p = bp.fwd;
   const Launch shape = launch_shape(p, kBwdWarps, "selective_scan backward");
-  const BwdWorkspace ws = bwd_workspace_layout(p);
+  const BwdWorkspace ws = bwd_workspace_layout(bp);
   float* workspace = static_cast<float*>(bp.workspace);
-  check(cudaMemsetAsync(workspace, 0, ws.checkpoint_offset * sizeof(float), stream), "selective_scan_backward memset");
+  if (!bp.deterministic) {  // the dB, dC sums take atomic adds; deterministic blocks store every element once
+    check(cudaMemsetAsync(workspace, 0, ws.checkpoint_offset * sizeof(float), stream), "selective_scan_backward memset");
+  }
   const size_t shared_bytes =
       static_cast<size_t>(2 * shape.warps * 2 * kBwdSegment) * sizeof(float) + shape.warps * 32 * sizeof(double2) +
       static_cast<size_t>(shape.warps) * p.dstate * (sizeof(double) + sizeof(float));
@@ -761,13 +813,20 @@ void selective_scan_bwd_launch(const SelectiveScanBwdParams& bp, cudaStream_t st
   const int threads = 256;
   const unsigned int blocks =
       static_cast<unsigned int>(std::min<int64_t>(ceil_div(rows * p.seqlen, threads), int64_t{sm_count()} * 8));
-  padded_sums_to_output_kernel<T><<<blocks, threads, 0, stream>>>(workspace + ws.dB_offset, static_cast<T*>(bp.dB),
-                                                                  rows, p.seqlen, ws.padded_len);
+  padded_sums_to_output_kernel<T><<<blocks, threads, 0, stream>>>(
+      workspace + ws.dB_offset, static_cast<T*>(bp.dB), rows, p.seqlen, ws.padded_len, ws.parts, ws.part_stride);
   if (!p.states_mode) {
-    padded_sums_to_output_kernel<T><<<blocks, threads, 0, stream>>>(workspace + ws.dC_offset, static_cast<T*>(bp.dC),
-                                                                    rows, p.seqlen, ws.padded_len);
+    padded_sums_to_output_kernel<T><<<blocks, threads, 0, stream>>>(
+        workspace + ws.dC_offset, static_cast<T*>(bp.dC), rows, p.seqlen, ws.padded_len, ws.parts, ws.part_stride);
   }
   check_launch("selective_scan backward dB/dC");
+  if (bp.deterministic) {
+    const int64_t outputs = p.dim * (p.dstate + 2);
+    row_sums_to_output_kernel<<<grid_size(ceil_div(outputs, threads), "selective_scan backward"), threads, 0, stream>>>(
+        workspace + ws.row_sums_offset, static_cast<float*>(bp.dA), static_cast<float*>(bp.dD),
+        static_cast<float*>(bp.ddelta_bias), p.batch, p.dim, p.dstate);
+    check_launch("selective_scan backward dA/dD/ddelta_bias");
+  }
 }
 
 extern template void selective_scan_fwd_launch<float>(const SelectiveScanParams&, cudaStream_t);

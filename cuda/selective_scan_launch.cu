@@ -36,7 +36,7 @@ void selective_scan_bwd_cuda(const SelectiveScanBwdParams& params, void* stream)
 
 size_t selective_scan_bwd_cuda_workspace_bytes(const SelectiveScanBwdParams& params) {
   if (!has_work(params.fwd)) return 0;
-  return static_cast<size_t>(cuda::scan::bwd_workspace_layout(params.fwd).total) * sizeof(float);
+  return static_cast<size_t>(cuda::scan::bwd_workspace_layout(params).total) * sizeof(float);
 }
 
 }  // namespace mamba_adaptor

@@ -11,6 +11,7 @@ check what only a GPU shows: the fast-math intrinsics' accuracy, the memory mode
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from test_selective_scan import grad_like as scan_grad
 from test_selective_scan import make_inputs as scan_inputs
 from test_state_gather import make_inputs as gather_inputs
 
-from helpers import check_against_reference
+from helpers import check_against_reference, run_with_grads
 from mamba_adaptor_ops import reference
 
 EMU_DIR = Path(__file__).parent / "cuda_emu"
@@ -110,7 +111,9 @@ def emu():
 
 
 def scan_op(emu):
-    params = dict(u=None, delta=None, A=None, B=None, C=None, D=None, delta_bias=None, delta_softplus=False)
+    params = dict(
+        u=None, delta=None, A=None, B=None, C=None, D=None, delta_bias=None, delta_softplus=False, deterministic=False
+    )
     return emu.op("selective_scan", params)
 
 
@@ -161,6 +164,31 @@ def test_selective_scan_strided_inputs_and_no_optional_args(emu):
     inputs["u"] = inputs["u"].transpose(0, 1).contiguous().transpose(0, 1)  # (b, dim) strides swapped
     inputs["B"] = torch.cat([inputs["B"], inputs["B"]], dim=2)[:, :, ::2]  # N stride 2, L stride 1
     check_against_reference(scan_op(emu), reference.selective_scan, inputs, scan_grad(inputs), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "b,dim,L,N,G,with_C",
+    [
+        (2, 40, 300, 1, 2, True),  # 20 channels per group: three tiles, the last with channel-less warps
+        (2, 24, 1003, 16, 1, False),  # states mode, general path, three tiles
+        (1, 5, 129, 2, 1, True),  # one tile
+    ],
+)
+def test_selective_scan_deterministic_backward(emu, dtype, b, dim, L, N, G, with_C):
+    """The backward without float atomics (per-tile dB/dC and per-row dA/dD/ddelta_bias sums, added in order)
+    against the reference, and against the atomic backward."""
+    inputs = scan_inputs(b=b, dim=dim, L=L, N=N, G=G, dtype=dtype, with_C=with_C)
+    grad = scan_grad(inputs)
+    op = scan_op(emu)
+    deterministic = functools.partial(op, deterministic=True)
+    check_against_reference(deterministic, reference.selective_scan, inputs, grad, dtype, delta_softplus=True)
+    _, atomic = run_with_grads(op, inputs, grad, delta_softplus=True)
+    _, ordered = run_with_grads(deterministic, inputs, grad, delta_softplus=True)
+    _, again = run_with_grads(deterministic, inputs, grad, delta_softplus=True)
+    for k in atomic:
+        torch.testing.assert_close(ordered[k], atomic[k], rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+        assert torch.equal(ordered[k], again[k]), k
 
 
 # ---- state_gather ------------------------------------------------------------------------------------------

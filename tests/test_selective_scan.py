@@ -245,3 +245,25 @@ def test_bad_grad_out_raises():
     inputs = make_inputs()
     with pytest.raises(RuntimeError, match=r"selective_scan_backward: expected `grad_out` to have shape"):
         torch.ops.mamba_adaptor.selective_scan_backward(torch.zeros(2, 8, 5), *inputs.values(), False)
+
+
+def test_deterministic_follows_torch_by_default(monkeypatch):
+    """`deterministic=None` takes torch.are_deterministic_algorithms_enabled(), and reaches the backward op."""
+    seen = []
+    backward = torch.ops.mamba_adaptor.selective_scan_backward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return backward(*args)
+
+    monkeypatch.setattr(torch.ops.mamba_adaptor, "selective_scan_backward", spy)
+    inputs = {k: None if v is None else v.requires_grad_() for k, v in make_inputs(b=1, dim=2, L=5).items()}
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for enabled in (False, True):
+            torch.use_deterministic_algorithms(enabled)
+            mao.selective_scan(**inputs).sum().backward()
+        mao.selective_scan(**inputs, deterministic=False).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [False, True, False]

@@ -62,6 +62,20 @@ class OpCase:
     info: dict = field(default_factory=dict)
 
 
+def _ours_with_deterministic(forward: Callable, backward_op, *flags) -> list[Impl]:
+    """This library's op as two implementations, deterministic=False and True: forward(x, deterministic), and the
+    backward op timed as backward_op(grad, *x.values(), *flags, deterministic)."""
+
+    def impl(deterministic: bool) -> Impl:
+        def prepare_backward(x: dict[str, Tensor]) -> Callable[[Tensor], object]:
+            return lambda grad: backward_op(grad, *x.values(), *flags, deterministic)
+
+        name = f"{OURS} deterministic" if deterministic else OURS
+        return Impl(name, lambda x: forward(x, deterministic), prepare_backward)
+
+    return [impl(False), impl(True)]
+
+
 def _mamba_ssm_cuda_module() -> object | None:
     """mamba_ssm's compiled scan module (`selective_scan_cuda`), or None."""
     try:
@@ -87,11 +101,12 @@ def _scan_case(shape: str, batch: int, C: int, side: int, dtype, device, d_state
             delta_bias=torch.rand(dim, **kw),
         )
 
-    def ours_backward(x: dict[str, Tensor]) -> Callable[[Tensor], object]:
-        return lambda grad: torch.ops.mamba_adaptor.selective_scan_backward(grad, *x.values(), True)
-
     impls = [
-        Impl(OURS, lambda x: selective_scan(**x, delta_softplus=True), ours_backward),
+        *_ours_with_deterministic(
+            lambda x, deterministic: selective_scan(**x, delta_softplus=True, deterministic=deterministic),
+            torch.ops.mamba_adaptor.selective_scan_backward,
+            True,  # delta_softplus
+        ),
         Impl("reference", lambda x: reference.selective_scan(**x, delta_softplus=True)),
     ]
     peer = _mamba_ssm_cuda_module() if torch.device(device).type == "cuda" else None
@@ -144,14 +159,14 @@ def _gather_case(shape: str, batch: int, C: int, side: int, dtype, device) -> Op
             weights=torch.softmax(torch.randn(batch, S, K, L, **kw), dim=2).to(dtype),
         )
 
-    def ours(deterministic: bool) -> Impl:
-        def prepare_backward(x: dict[str, Tensor]) -> Callable[[Tensor], object]:
-            return lambda grad: torch.ops.mamba_adaptor.state_gather_backward(grad, *x.values(), True, deterministic)
-
-        name = f"{OURS} deterministic" if deterministic else OURS
-        return Impl(name, lambda x: state_gather(**x, deterministic=deterministic), prepare_backward)
-
-    impls = [ours(False), ours(True), Impl("reference", lambda x: reference.state_gather(**x))]
+    impls = [
+        *_ours_with_deterministic(
+            lambda x, deterministic: state_gather(**x, deterministic=deterministic),
+            torch.ops.mamba_adaptor.state_gather_backward,
+            True,  # residual
+        ),
+        Impl("reference", lambda x: reference.state_gather(**x)),
+    ]
     reads_writes_fwd = 2 * batch * S * C * L + 2 * batch * S * K * L  # h, offsets, weights in; out
     reads_writes_bwd = 3 * batch * S * C * L + 4 * batch * S * K * L  # h, dout, offsets, weights in; dh, doff, dw
     return OpCase(

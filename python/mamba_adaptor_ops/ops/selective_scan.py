@@ -19,6 +19,7 @@ def selective_scan(
     D: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    deterministic: bool | None = None,
 ) -> Tensor:
     """Runs h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t and y_t = C_t h_t + D u_t along L, per channel.
 
@@ -26,20 +27,24 @@ def selective_scan(
     inputs); B, C: (b, G, N, L) in u's dtype, channel d using group d // (dim / G); D, delta_bias: (dim,)
     like A, or None. dt = delta + delta_bias, passed through softplus when `delta_softplus`. Returns y
     (b, dim, L) in u's dtype; with ``C=None`` (states mode, D must be None) returns the hidden states
-    (b, dim, N, L) instead. Differentiable in every tensor argument; computes in float32.
+    (b, dim, N, L) instead. Differentiable in every tensor argument; computes in float32. `deterministic`
+    makes the CUDA backward bit-identical across runs (no float atomics; more workspace; the CPU backward
+    always is); default: torch.are_deterministic_algorithms_enabled().
     """
-    return _call(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return _call(u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic)
 
 
 @torch.library.register_fake(_OP)
-def _fake(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+def _fake(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, deterministic=False):
     if C is None:
         return u.new_empty(u.shape[0], u.shape[1], A.shape[1], u.shape[2])
     return u.new_empty(u.shape)
 
 
 @torch.library.register_fake("mamba_adaptor::selective_scan_backward")
-def _fake_backward(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus):
+def _fake_backward(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic=False):
     def like(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.new_empty(t.shape)
 
@@ -47,17 +52,18 @@ def _fake_backward(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus):
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
+    u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
     ctx.delta_softplus = delta_softplus
+    ctx.deterministic = deterministic
 
 
 def _backward(ctx, grad):
     u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
     grads = torch.ops.mamba_adaptor.selective_scan_backward(
-        grad, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus
+        grad, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, ctx.deterministic
     )
-    return (*grads, None)
+    return (*grads, None, None)
 
 
 _call = register_autograd(_OP, _backward, _setup_context)
