@@ -62,9 +62,10 @@ class OpCase:
     info: dict = field(default_factory=dict)
 
 
-def _ours_with_deterministic(forward: Callable, backward_op, *flags) -> list[Impl]:
-    """This library's op as two implementations, deterministic=False and True: forward(x, deterministic), and the
-    backward op timed as backward_op(grad, *x.values(), *flags, deterministic)."""
+def _ours(forward: Callable, backward_op, *flags, deterministic_too: bool) -> list[Impl]:
+    """This library's op, and with `deterministic_too` the same with deterministic=True (a second backward on
+    CUDA; the CPU kernels are deterministic either way): forward(x, deterministic), and the backward op timed as
+    backward_op(grad, *x.values(), *flags, deterministic)."""
 
     def impl(deterministic: bool) -> Impl:
         def prepare_backward(x: dict[str, Tensor]) -> Callable[[Tensor], object]:
@@ -73,7 +74,7 @@ def _ours_with_deterministic(forward: Callable, backward_op, *flags) -> list[Imp
         name = f"{OURS} deterministic" if deterministic else OURS
         return Impl(name, lambda x: forward(x, deterministic), prepare_backward)
 
-    return [impl(False), impl(True)]
+    return [impl(False), impl(True)] if deterministic_too else [impl(False)]
 
 
 def _mamba_ssm_cuda_module() -> object | None:
@@ -84,7 +85,9 @@ def _mamba_ssm_cuda_module() -> object | None:
         return None
 
 
-def _scan_case(shape: str, batch: int, C: int, side: int, dtype, device, d_state: int = 1) -> OpCase:
+def _scan_case(
+    shape: str, batch: int, C: int, side: int, dtype, device, d_state: int = 1, deterministic_too: bool = False
+) -> OpCase:
     dim, L, G, N = DIRECTIONS * C, side * side, DIRECTIONS, d_state
     elem = torch.finfo(dtype).bits // 8
 
@@ -102,10 +105,11 @@ def _scan_case(shape: str, batch: int, C: int, side: int, dtype, device, d_state
         )
 
     impls = [
-        *_ours_with_deterministic(
+        *_ours(
             lambda x, deterministic: selective_scan(**x, delta_softplus=True, deterministic=deterministic),
             torch.ops.mamba_adaptor.selective_scan_backward,
             True,  # delta_softplus
+            deterministic_too=deterministic_too,
         ),
         Impl("reference", lambda x: reference.selective_scan(**x, delta_softplus=True)),
     ]
@@ -146,7 +150,7 @@ def _mamba_ssm_impl(peer) -> Impl:
     return Impl("mamba_ssm", lambda x: Scan.apply(*x.values()), prepare_backward)
 
 
-def _gather_case(shape: str, batch: int, C: int, side: int, dtype, device) -> OpCase:
+def _gather_case(shape: str, batch: int, C: int, side: int, dtype, device, deterministic_too: bool = False) -> OpCase:
     L, S, K = side * side, DIRECTIONS, POINTS
     elem = torch.finfo(dtype).bits // 8
 
@@ -160,10 +164,11 @@ def _gather_case(shape: str, batch: int, C: int, side: int, dtype, device) -> Op
         )
 
     impls = [
-        *_ours_with_deterministic(
+        *_ours(
             lambda x, deterministic: state_gather(**x, deterministic=deterministic),
             torch.ops.mamba_adaptor.state_gather_backward,
             True,  # residual
+            deterministic_too=deterministic_too,
         ),
         Impl("reference", lambda x: reference.state_gather(**x)),
     ]
@@ -204,19 +209,23 @@ def _dwconv_case(shape: str, batch: int, C: int, side: int, dtype, device, chann
 
 def stage_cases(ops: list[str], stages: list[str], batch: int, dtypes: list[torch.dtype], device) -> list[OpCase]:
     """Every requested op on every requested stage shape and dtype (Adaptor-S in NCHW and channels_last; the
-    scan also with d_state 16 at a quarter of the batch on stage b2-s1, as Mamba language models run it)."""
+    scan also with d_state 16 at a quarter of the batch on stage b2-s1, as Mamba language models run it). On CUDA
+    the scan and the gather are also timed with deterministic=True."""
+    cuda = torch.device(device).type == "cuda"
     cases = []
     for dtype in dtypes:
         for stage in stages:
             C, side = STAGES[stage]
             if "selective_scan" in ops:
-                cases.append(_scan_case(stage, batch, C, side, dtype, device))
+                cases.append(_scan_case(stage, batch, C, side, dtype, device, deterministic_too=cuda))
             if "state_gather" in ops:
-                cases.append(_gather_case(stage, batch, C, side, dtype, device))
+                cases.append(_gather_case(stage, batch, C, side, dtype, device, deterministic_too=cuda))
             if "multi_dilation_dwconv2d" in ops:
                 cases.extend(_dwconv_case(stage, batch, C, side, dtype, device, cl) for cl in (False, True))
         if "selective_scan" in ops and "b2-s1" in stages:
-            cases.append(_scan_case("b2-s1", max(1, batch // 4), *STAGES["b2-s1"], dtype, device, d_state=16))
+            cases.append(
+                _scan_case("b2-s1", max(1, batch // 4), *STAGES["b2-s1"], dtype, device, 16, deterministic_too=cuda)
+            )
     return cases
 
 
