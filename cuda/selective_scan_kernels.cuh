@@ -13,7 +13,8 @@
 // a_t = exp(dt_t A[n]) and b_t = dt_t B[n, t] u_t; a lane composes its K maps, a 5-step warp shuffle scan
 // composes the lanes, and the state carried over from the previous segment closes the recurrence. A block holds
 // up to kFwdWarps / kBwdWarps channels of one (batch, group): they read the same B and C rows, and the backward
-// sums their dB and dC contributions in shared memory before one atomic add per block and element.
+// sums their dB and dC contributions in shared memory before one atomic add per block and element (with
+// `deterministic`, one store into the block's own slice of the workspace; the slices are summed in order after).
 //
 // Backward, per row: a first pass runs the forward recurrence over all segments but the last and stores the
 // state at each segment boundary (n_seg - 1 checkpoints of N floats per row, not the state history); the second
