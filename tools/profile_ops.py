@@ -10,7 +10,8 @@ A ratio well above 1 means re-reads or uncoalesced access; a low DRAM fraction w
 little work in flight.
 
     ncu --csv --log-file ncu.csv --print-units base --metrics "$(python tools/profile_ops.py --metrics)" \\
-        -k regex:'mamba_adaptor|spin_kernel' python tools/profile_ops.py --sections sections.json
+        --kernel-name-base demangled -k regex:'mamba_adaptor|spin_kernel' \\
+        python tools/profile_ops.py --sections sections.json
     python tools/profile_ops.py --summarize ncu.csv --sections sections.json
 """
 
