@@ -157,6 +157,22 @@ def test_property_float64(b, S, D, L, K, spread, residual, seed):
     check_against_reference(mao.state_gather, reference.state_gather, inputs, grad, torch.float64, residual=residual)
 
 
+
+@settings(max_examples=40, deadline=None)
+@given(
+    D=st.integers(1, 20),
+    L=st.integers(1, 40),
+    K=st.integers(1, 5),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    residual=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_single_precision(D, L, K, dtype, residual, seed):
+    """float32 and bfloat16 (the CPU kernels' vector transposes: full 8 x 8 blocks and their edges)."""
+    inputs = make_inputs(2, 2, D, L, K, dtype, spread=L / 4 + 1, seed=seed)
+    grad = torch.randn(inputs["h"].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    check_against_reference(mao.state_gather, reference.state_gather, inputs, grad, dtype, residual=residual)
+
 BAD_INPUTS = [
     ("h rank", lambda a: a.update(h=a["h"][0]), r"state_gather: expected `h` to be a 4-D tensor \(b, S, D, L\)"),
     ("h dtype", lambda a: a.update(h=a["h"].long()), r"`h` to have dtype .* but got torch.int64"),
