@@ -105,8 +105,8 @@ void gather_fwd(const StateGatherParams& p) {
 // One task per (b, s) slice, in position-major copies of h and grad_out that stay in cache: grad_weights and
 // grad_offsets come from two dot products per sample, dot(grad_out[t], h[i0]) and dot(grad_out[t], h[i1]) over D,
 // the 2K of a position in one pass over grad_out[t]; grad_h is a scatter of grad_out rows to the neighbours,
-// within the slice; the neighbour -1 scatters into a row of grad_h that is never stored. No atomics: the same result on every run
-// whatever `deterministic` says.
+// within the slice, where the neighbour -1 lands in a row of grad_h that is never stored. No atomics: the same
+// result on every run whatever `deterministic` says.
 template <typename T>
 void gather_bwd(const StateGatherBwdParams& bp) {
   using Acc = acc_t<T>;
@@ -114,10 +114,10 @@ void gather_bwd(const StateGatherBwdParams& bp) {
   const int64_t K = p.n_points, L = p.seqlen, D = p.dim;
   cpu::parallel_ranges(p.batch * p.n_seq, L * K * D * 4, [&](int64_t begin, int64_t end) {
     std::vector<Sample<Acc>> samples(L * K);
-    std::vector<Acc> h_rows((1 + L) * D, Acc(0)), g(L * D), gh_rows((1 + L) * D), scratch;  // (1+L, D), (L, D), (1+L, D)
+    std::vector<Acc> h_rows((1 + L) * D, Acc(0)), g(L * D), gh_rows((1 + L) * D), scratch;  // (1+L, D), (L, D)
     std::vector<const Acc*> neighbours(2 * K);
     std::vector<Acc> products(2 * K);  // dot(grad_out[t], h[i0]), dot(grad_out[t], h[i1]) of each sample
-    Acc* h = h_rows.data() + D;   // position i at h + i * D
+    Acc* h = h_rows.data() + D;  // position i at h + i * D, as in gh
     Acc* gh = gh_rows.data() + D;
     for (int64_t bs = begin; bs < end; ++bs) {
       make_samples<T>(p, bs, samples.data());
