@@ -52,11 +52,17 @@ __host__ __device__ inline int64_t num_segments(int64_t seqlen, int segment) {
   return (seqlen + segment - 1) / segment;
 }
 
-// Blocks of the backward per (batch, group): its channels in tiles of up to kBwdWarps, one per warp.
-__host__ __device__ inline int64_t bwd_channel_tiles(const SelectiveScanParams& p) {
+// The channels of a (batch, group) in tiles of `warps` channels, one per warp and a tile per block, for blocks of
+// at most max_warps warps (kFwdWarps, kBwdWarps): the launch's block size and the backward's workspace use it.
+struct ChannelTiles {
+  int warps;
+  int64_t tiles;
+};
+
+__host__ __device__ inline ChannelTiles channel_tiles(const SelectiveScanParams& p, int max_warps) {
   const int64_t per_group = p.dim / p.n_groups;
-  const int64_t warps = per_group < kBwdWarps ? per_group : kBwdWarps;
-  return (per_group + warps - 1) / warps;
+  const int warps = static_cast<int>(per_group < max_warps ? per_group : max_warps);
+  return {warps, (per_group + warps - 1) / warps};
 }
 
 // The float32 workspace of the backward, in floats:
@@ -75,7 +81,7 @@ __host__ __device__ inline BwdWorkspace bwd_workspace_layout(const SelectiveScan
   const int64_t n_seg = num_segments(p.seqlen, kBwdSegment);
   BwdWorkspace w;
   w.padded_len = n_seg * kBwdSegment;
-  w.parts = bp.deterministic ? bwd_channel_tiles(p) : 1;
+  w.parts = bp.deterministic ? channel_tiles(p, kBwdWarps).tiles : 1;
   w.part_stride = p.batch * p.n_groups * p.dstate * w.padded_len;
   w.dB_offset = 0;
   w.dC_offset = w.parts * w.part_stride;
@@ -758,9 +764,8 @@ inline Launch launch_shape(const SelectiveScanParams& p, int max_warps, const ch
     throw std::runtime_error(std::string(kernel) + ": d_state " + std::to_string(p.dstate) + " exceeds " +
                              std::to_string(kSelectiveScanCudaMaxDState));
   }
-  const int64_t per_group = p.dim / p.n_groups;
-  const int warps = static_cast<int>(std::min<int64_t>(max_warps, per_group));
-  return {warps, grid_size(p.batch * p.n_groups * ceil_div(per_group, warps), kernel)};
+  const ChannelTiles tiling = channel_tiles(p, max_warps);
+  return {tiling.warps, grid_size(p.batch * p.n_groups * tiling.tiles, kernel)};
 }
 
 // Calls f(kN, kStates, kHasD, kSoftplus) as std::integral_constant values: the kernel flags of params p.
