@@ -469,13 +469,17 @@ def test_kernels_under_address_sanitizer():
     """The kernel tests above again, built with AddressSanitizer (preloaded into a fresh Python) and UBSan's
     alignment check: any read or write outside a tensor or a block's shared memory, or off its type's alignment,
     is an error. The emulator's memcheck."""
-    runtime = subprocess.run(
-        ["g++", "-print-file-name=libasan.so"], capture_output=True, text=True
-    ).stdout.strip()
-    if not os.path.isabs(runtime):
+    # libstdc++ is preloaded too: ASan's interceptor of C++ throws needs it from the start (else a C++ extension
+    # that throws while being imported, as triton's does in torch 2.14, stops ASan).
+    runtimes = [
+        subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        for name in ("libasan.so", "libstdc++.so")
+    ]
+    if not all(map(os.path.isabs, runtimes)):
         pytest.skip("no AddressSanitizer runtime for g++")
     emu_build.build(sanitize=True)  # here, so that a build error shows as such
-    env = {**os.environ, "MAMBA_EMU_SANITIZE": "1", "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0"}
+    env = {**os.environ, "MAMBA_EMU_SANITIZE": "1", "LD_PRELOAD": " ".join(runtimes),
+           "ASAN_OPTIONS": "detect_leaks=0"}  # fmt: skip
     tests = (
         "not emulator_exposes and not thread_order"  # the kernels' tests; thread orders add no coverage here
     )

@@ -224,8 +224,10 @@ def build(sanitize: bool = False, jobs: int | None = None, verbose: bool = False
     with concurrent.futures.ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
         objects = list(pool.map(compile_unit, units))
     _, torch_lib = _torch_paths()
-    link = ["g++", "-shared", "-o", str(work / LIBRARY), *map(str, objects), f"-L{torch_lib}", "-ltorch_cpu",
-            f"-Wl,-rpath,{torch_lib}"]  # fmt: skip
+    # -Bsymbolic: the kernels' cudaGetDevice, cudaFuncSetAttribute, ... are emu.cpp's even in a process where a
+    # CUDA build of torch has loaded the real libcudart (whose calls would fail without a GPU, or act on one).
+    link = ["g++", "-shared", "-Wl,-Bsymbolic", "-o", str(work / LIBRARY), *map(str, objects), f"-L{torch_lib}",
+            "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]  # fmt: skip
     if sanitize:
         link.append("-fsanitize=address,alignment")
     result = subprocess.run(link, capture_output=True, text=True)
