@@ -6,9 +6,44 @@
 
 namespace mamba_adaptor::cuda {
 
+namespace {
+
+// "13.0" for a CUDA version as CUDART_VERSION and cudaDriverGetVersion give it (13000).
+std::string cuda_version(int version) {
+  return std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10);
+}
+
+// What to do about the two errors that come from the user's setup, not from a call: a driver older than the
+// CUDA these kernels were built with, and a GPU they were not built for (MAMBA_ADAPTOR_CUDA_ARCHS_BUILT, from
+// CMake). Empty for any other error.
+std::string setup_advice(cudaError_t err) {
+  if (err == cudaErrorInsufficientDriver) {
+    int driver = 0;
+    cudaDriverGetVersion(&driver);
+    return ". mamba_adaptor_ops was built with CUDA " + cuda_version(CUDART_VERSION) +
+           ", the installed NVIDIA driver supports CUDA " + cuda_version(driver) +
+           " at most: update the driver, or build mamba_adaptor_ops from source with a CUDA toolkit the driver "
+           "supports";
+  }
+  if (err == cudaErrorNoKernelImageForDevice) {
+    int device = 0, major = 0, minor = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    const std::string arch = std::to_string(major) + std::to_string(minor);
+    return ". This GPU is sm_" + arch + "; the kernels were built for " + MAMBA_ADAPTOR_CUDA_ARCHS_BUILT +
+           ". Build them for it in a source checkout: MAMBA_ADAPTOR_CUDA_ARCHS=" + arch +
+           "-real pip install --no-build-isolation .";
+  }
+  return "";
+}
+
+}  // namespace
+
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("mamba_adaptor_ops: CUDA error in ") + what + ": " + cudaGetErrorString(err));
+    std::string message = std::string("mamba_adaptor_ops: CUDA error in ") + what + ": " + cudaGetErrorString(err);
+    throw std::runtime_error(message + setup_advice(err));
   }
 }
 

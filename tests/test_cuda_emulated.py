@@ -38,18 +38,22 @@ pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"CUDA emulator:
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORWARD_ORDER, REVERSE_ORDER, SHUFFLED = 0, 1, 2
+# The emulated devices (emu.cpp's kDevices): an H100; 99 KiB of shared memory per block (sm_86, sm_89,
+# sm_120); a T4 (sm_75, which the kernels are not built for); an H100 under a driver for CUDA 12.8.
+H100, SMEM_99_KIB, T4, OLD_DRIVER = range(4)
 
 
 class Emulator:
-    """The emulated ops, with the emulator's controls: device (0: 227 KiB of shared memory per block, 1: 99 KiB)
-    and thread schedule."""
+    """The emulated ops, with the emulator's controls: device (H100, SMEM_99_KIB, T4, OLD_DRIVER) and thread
+    schedule."""
 
     def __init__(self, library: Path):
         torch.ops.load_library(str(library))
         self.controls = ctypes.CDLL(str(library))
         self.controls.mamba_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
 
-    def configure(self, device: int = 0, schedule: int = FORWARD_ORDER, seed: int = 0) -> None:
+    def configure(self, device: int = H100, schedule: int = FORWARD_ORDER, seed: int = 0) -> None:
+        assert device in (H100, SMEM_99_KIB, T4, OLD_DRIVER), device
         self.controls.mamba_emu_set_device(device)
         self.controls.mamba_emu_set_schedule(schedule, seed)
 
@@ -235,7 +239,7 @@ def test_state_gather_expanded_weights_and_non_finite_offsets(emu):
 @pytest.mark.parametrize("L", [3200, 4096])
 def test_state_gather_on_a_99_kib_device(emu, L):
     """With 99 KiB of shared memory per block (sm_86, sm_89, sm_120), L = 3200 no longer fits one window."""
-    emu.configure(device=1)
+    emu.configure(device=SMEM_99_KIB)
     try:
         inputs = gather_inputs(1, 2, 17, L, 3, dtype=torch.bfloat16, spread=300.0)
         check_against_reference(
@@ -271,7 +275,7 @@ def test_multi_dilation_dwconv2d(emu, dtype, channels_last, b, C, H, W, k, dilat
 
 def test_multi_dilation_dwconv2d_views_and_a_99_kib_device(emu):
     """A strided view of x; k = 7 channels_last near 99 KiB of shared memory per block."""
-    emu.configure(device=1)
+    emu.configure(device=SMEM_99_KIB)
     try:
         inputs = conv_inputs(1, 12, 30, 46, k=3)
         inputs["x"] = inputs["x"][:, :, :, ::2]
@@ -459,6 +463,30 @@ def test_emulator_exposes_kernel_faults(emu):
     assert status == 1 and "dynamic shared memory" in message, message
     status, message, out = emu.selftest(4)
     assert status == 0 and out[:32].isnan().all(), message
+
+
+def test_setup_errors_say_what_to_do(emu):
+    """The two CUDA errors that come from the user's setup, not from the call, name the cause and the fix: a
+    driver older than the CUDA the kernels were built with, and a GPU they were not built for."""
+    calls = [
+        lambda: scan_op(emu)(**scan_inputs(b=1, dim=4, L=8, N=1, G=1, dtype=torch.float32, with_C=True)),
+        lambda: gather_op(emu)(**gather_inputs(1, 2, 4, 8, 2, dtype=torch.float32)),
+        lambda: conv_op(emu)(**conv_inputs(1, 4, 5, 5, 3, dtype=torch.float32)),
+    ]
+    try:
+        for call in calls:
+            emu.configure(device=OLD_DRIVER)
+            with pytest.raises(RuntimeError, match=r"built with CUDA 1\d\.\d, the installed NVIDIA driver supports "
+                               r"CUDA 12\.8 at most: update the driver"):  # fmt: skip
+                call()
+            emu.configure(device=T4)
+            with pytest.raises(RuntimeError, match=r"no kernel image .* This GPU is sm_75; the kernels were built "
+                               r"for 80-real,90-real,90-virtual\. .* MAMBA_ADAPTOR_CUDA_ARCHS=75-real pip install"):  # fmt: skip
+                call()
+            emu.configure()
+            call()  # and the emulator is usable again
+    finally:
+        emu.configure()
 
 
 # ---- AddressSanitizer ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ EMU = Path(__file__).resolve().parent
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
 TORCH_TARGET_VERSION = "0x020a000000000000"  # as CMakeLists.txt
 LIBRARY = "libmamba_adaptor_emu.so"
+CUDA_ARCHS = "80-real,90-real,90-virtual"  # as CMakeLists.txt's default; emu.cpp runs kernels on sm_80 and newer
 
 
 def available() -> str | None:
@@ -177,6 +178,7 @@ def _flags(src: Path, sanitize: bool) -> list[str]:
     flags = [
         "-std=c++17", "-O2", "-fPIC", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-attributes",
         f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}", "-DPy_LIMITED_API=0x030a0000",
+        f"-DMAMBA_ADAPTOR_CUDA_ARCHS_BUILT=\"{CUDA_ARCHS}\"",
         f"-I{src / 'cpp'}", f"-I{src / 'cuda'}", f"-I{EMU}",
         *[f"-isystem{p}" for p in includes], f"-isystem{CUDA_HOME / 'include'}",
     ]  # fmt: skip

@@ -50,11 +50,18 @@ namespace {
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 4096;  // an unmapped page below each stack: an overflow faults at once
 
-// What the emulated device reports; device 1 has the smaller shared memory of sm_86 / sm_89 / sm_120.
+// What an emulated device reports.
 struct DeviceProfile {
   int sm_count, smem_optin;
+  int compute_capability;  // 10 * major + minor; kernels launch on 80 and newer (build.py's CUDA_ARCHS)
+  int driver_cuda;         // the newest CUDA the driver supports, as cudaDriverGetVersion gives it
 };
-constexpr DeviceProfile kDevices[] = {{132, 227 * 1024}, {84, 99 * 1024}};
+// 0: an H100. 1: 99 KiB of shared memory per block, like an A6000. 2: a T4, which the kernels are not built
+// for. 3: an H100 whose driver is older than the CUDA the kernels were built with.
+constexpr DeviceProfile kDevices[] = {
+    {132, 227 * 1024, 90, CUDART_VERSION}, {84, 99 * 1024, 86, CUDART_VERSION},
+    {40, 64 * 1024, 75, CUDART_VERSION},   {132, 227 * 1024, 90, 12080}};
+constexpr int kDeviceCount = sizeof(kDevices) / sizeof(kDevices[0]);
 constexpr size_t kDefaultSmem = 48 * 1024;
 
 enum class State { Ready, AtBarrier, AtWarpOp, Done };
@@ -243,6 +250,13 @@ void set_error(cudaError_t err, const std::string& text) {
   g_last_error_text = text;
 }
 
+// Under a driver older than the CUDA runtime every runtime call fails, as a real one does.
+bool driver_too_old() {
+  if (kDevices[g_device].driver_cuda >= CUDART_VERSION) return false;
+  set_error(cudaErrorInsufficientDriver, "CUDA driver version is insufficient for CUDA runtime version");
+  return true;
+}
+
 struct Stacks {
   std::vector<char*> mappings;
   char* get(size_t i) {
@@ -303,11 +317,16 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cons
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   const DeviceProfile& device = kDevices[g_device];
+  if (driver_too_old()) return;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > 1024 || grid.x > 0x7fffffffu ||
       grid.y > 65535 || grid.z > 65535) {
     set_error(cudaErrorInvalidConfiguration, "invalid launch: grid (" + std::to_string(grid.x) + ", " +
                                                  std::to_string(grid.y) + ", " + std::to_string(grid.z) +
                                                  "), " + std::to_string(threads) + " threads per block");
+    return;
+  }
+  if (device.compute_capability < 80) {
+    set_error(cudaErrorNoKernelImageForDevice, "no kernel image is available for execution on the device");
     return;
   }
   if (dynamic_smem > dynamic_smem_limit(kernel, 0) || dynamic_smem > static_cast<size_t>(device.smem_optin)) {
@@ -369,7 +388,13 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cons
 extern "C" {
 
 cudaError_t cudaGetDevice(int* device) {
+  if (emu::driver_too_old()) return cudaErrorInsufficientDriver;
   *device = emu::g_device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int* version) {
+  *version = emu::kDevices[emu::g_device].driver_cuda;
   return cudaSuccess;
 }
 
@@ -378,11 +403,14 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = d.sm_count; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_optin; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = d.compute_capability / 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = d.compute_capability % 10; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
 }
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (emu::driver_too_old()) return cudaErrorInsufficientDriver;
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
       value > emu::kDevices[emu::g_device].smem_optin) {
     emu::set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute(" + std::to_string(static_cast<int>(attr)) + ", " +
@@ -395,6 +423,7 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
 }
 
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
+  if (emu::driver_too_old()) return cudaErrorInsufficientDriver;
   std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
@@ -409,9 +438,11 @@ const char* cudaGetErrorString(cudaError_t err) {
   return err == cudaSuccess ? "no error" : emu::g_last_error_text.c_str();
 }
 
-// Test controls, reached through ctypes: the emulated device (0: 227 KiB of shared memory per block and 132
-// SMs, like an H100; 1: 99 KiB and 84 SMs) and the order in which ready threads run.
-__attribute__((visibility("default"))) void mamba_emu_set_device(int device) { emu::g_device = device ? 1 : 0; }
+// Test controls, reached through ctypes: the emulated device (an index of kDevices) and the order in which
+// ready threads run.
+__attribute__((visibility("default"))) void mamba_emu_set_device(int device) {
+  emu::g_device = device >= 0 && device < emu::kDeviceCount ? device : 0;
+}
 __attribute__((visibility("default"))) void mamba_emu_set_schedule(int mode, uint64_t seed) {
   emu::g_schedule = emu::Schedule{mode, seed};
 }
