@@ -35,7 +35,8 @@ budget() { local left=$(( DEADLINE - ($(date +%s) - started) )); echo $(( left <
 
 step "machine"
 run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-run "$PYTHON" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+run "$PYTHON" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" ||
+  { echo "no GPU that this torch can use: nothing to check here" | tee -a "$LOG"; exit 1; }
 
 export MAMBA_ADAPTOR_CUDA=ON MAMBA_ADAPTOR_REQUIRE_CUDA_KERNELS=1
 export MAMBA_ADAPTOR_CUDA_ARCHS="${MAMBA_ADAPTOR_CUDA_ARCHS:-90-real}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
@@ -81,7 +82,7 @@ if wants bench; then
   # Default: the issues' goal shapes (b2-s1 with d_state 1 and 16, b2-s3) and b1-s1, models without compile.
   # Its own --time-limit, inside the step's, lets it stop starting cases and still write its table and JSON.
   seconds=$(budget 200)
-  run timeout "$seconds" mamba-adaptor-bench --out "$OUT" --json "$OUT/bench.json" \
+  run timeout "$seconds" "$PYTHON" -m mamba_adaptor_ops.bench --out "$OUT" --json "$OUT/bench.json" \
     --time-limit $(( seconds > 80 ? seconds - 40 : seconds / 2 )) \
     ${BENCH_ARGS:---stages b1-s1 b2-s1 b2-s3 --no-compile --budget 0.5}
 fi
