@@ -43,10 +43,16 @@ def assert_close_to_reference(
 
 
 def run_with_grads(fn, inputs: dict[str, torch.Tensor | None], grad_out: torch.Tensor, **kwargs):
-    """fn(**inputs, **kwargs) and the gradients of <out, grad_out> for every floating input tensor."""
+    """fn(**inputs, **kwargs) and the gradients of <out, grad_out> for every floating input tensor (zeros for
+    those the output does not depend on, as the reference's on empty inputs)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
     out = fn(**{k: leaves.get(k) for k in inputs}, **kwargs)
-    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+    if out.requires_grad:
+        grads = torch.autograd.grad(
+            out, list(leaves.values()), grad_out.to(out.dtype), allow_unused=True, materialize_grads=True
+        )
+    else:
+        grads = [torch.zeros_like(v) for v in leaves.values()]
     return out.detach(), dict(zip(leaves, grads))
 
 

@@ -351,6 +351,31 @@ def test_paper_stage_shapes(emu, stage):
     check_against_reference(conv_op(emu), conv_reference, conv, random_like(conv["x"]), dtype)
 
 
+def test_empty_inputs(emu):
+    """A zero-size batch, channel count or length: no launch (a grid of zero blocks is an invalid launch), empty
+    outputs, and the weights' gradients written as zeros (new tensors are NaN-filled here) in both modes."""
+    dtype = torch.bfloat16
+    for b, dim, L in [(0, 4, 8), (2, 0, 8), (2, 4, 0)]:
+        for N, with_C in [(1, True), (16, True), (1, False)]:
+            scan = scan_inputs(b=b, dim=dim, L=L, N=N, G=2 if dim else 1, dtype=dtype, with_C=with_C)
+            for deterministic in (False, True):
+                op = functools.partial(scan_op(emu), deterministic=deterministic)
+                check_against_reference(
+                    op, reference.selective_scan, scan, scan_grad(scan), dtype, delta_softplus=True
+                )
+    for shape in [(0, 2, 4, 8, 3), (2, 2, 0, 8, 3), (2, 2, 4, 0, 3)]:
+        gather = gather_inputs(*shape, dtype=dtype)
+        for deterministic in (False, True):
+            op = functools.partial(gather_op(emu), deterministic=deterministic)
+            check_against_reference(op, reference.state_gather, gather, random_like(gather["h"]), dtype)
+    for b, C, H, W in [(0, 4, 5, 5), (2, 0, 5, 5), (2, 4, 0, 5), (2, 4, 5, 0)]:
+        for channels_last in (False, True):
+            conv = conv_inputs(b, C, H, W, k=3, dtype=dtype)
+            if channels_last:
+                conv["x"] = conv["x"].to(memory_format=torch.channels_last)
+            check_against_reference(conv_op(emu), conv_reference, conv, random_like(conv["x"]), dtype)
+
+
 # ---- random shapes -----------------------------------------------------------------------------------------
 
 

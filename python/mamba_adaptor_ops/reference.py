@@ -44,7 +44,7 @@ def selective_scan(
     B_ = B.to(acc).repeat_interleave(per_group, dim=1)  # (b, dim, N, L)
     decay = torch.exp(dt[:, :, None, :] * A.to(acc)[None, :, :, None])  # (b, dim, N, L)
     drive = (dt * u_)[:, :, None, :] * B_  # (b, dim, N, L)
-    h = torch.zeros_like(decay[..., 0])
+    h = decay.new_zeros(decay.shape[:-1])  # (b, dim, N)
     states = []
     # unbind, not decay[..., t]: the backward of L selects would write L zero-filled (b, dim, N, L) gradients
     for decay_t, drive_t in zip(decay.unbind(-1), drive.unbind(-1)):
@@ -90,6 +90,8 @@ def multi_dilation_dwconv2d(
     x (b, C, H, W); weight (len(dilations), C, k, k); bias (C,) or None.
     """
     channels, k = x.shape[1], weight.shape[-1]
+    if 0 in x.shape[1:]:  # no channel or an empty plane, which torch's conv2d rejects: an empty output
+        return x.clone() if bias is None else x + bias.view(1, -1, 1, 1)
     out = sum(
         F.conv2d(x, weight[i].unsqueeze(1), padding=d * (k - 1) // 2, dilation=d, groups=channels)
         for i, d in enumerate(dilations)
