@@ -15,7 +15,8 @@ std::string cuda_version(int version) {
 
 // What to do about the two errors that come from the user's setup, not from a call: a driver older than the
 // CUDA these kernels were built with, and a GPU they were not built for (MAMBA_ADAPTOR_CUDA_ARCHS_BUILT, from
-// CMake). Empty for any other error.
+// CMake; a launch reports it as "no kernel image", cudaFuncSetAttribute as "invalid device function"). Empty
+// for any other error.
 std::string setup_advice(cudaError_t err) {
   if (err == cudaErrorInsufficientDriver) {
     int driver = 0;
@@ -25,14 +26,14 @@ std::string setup_advice(cudaError_t err) {
            " at most: update the driver, or build mamba_adaptor_ops from source with a CUDA toolkit the driver "
            "supports";
   }
-  if (err == cudaErrorNoKernelImageForDevice) {
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
     int device = 0, major = 0, minor = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     const std::string arch = std::to_string(major) + std::to_string(minor);
     return ". This GPU is sm_" + arch + "; the kernels were built for " + MAMBA_ADAPTOR_CUDA_ARCHS_BUILT +
-           ". Build them for it in a source checkout: MAMBA_ADAPTOR_CUDA_ARCHS=" + arch +
+           ". To build them for it, in a source checkout: MAMBA_ADAPTOR_CUDA_ARCHS=" + arch +
            "-real pip install --no-build-isolation .";
   }
   return "";
