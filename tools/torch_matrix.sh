@@ -24,6 +24,16 @@ if [ -z "${WHEEL:-}" ]; then
   WHEEL=$(ls "$MATRIX"/wheel/*.whl)
 fi
 echo "wheel: $WHEEL"
+# The oldest glibc and libstdc++ the wheel can load with: the newest symbol versions its modules import (set by
+# the glibc and gcc of the machine that built it, and by the static CUDA runtime).
+unpacked=$(mktemp -d)
+python3 -m zipfile -e $WHEEL "$unpacked"
+for module in "$unpacked"/mamba_adaptor_ops/*.so; do
+  needs=$(objdump -T "$module" | grep -oE "GLIBC_[0-9.]+|GLIBCXX_[0-9.]+" | sort -u -V |
+    awk -F_ '{newest[$1] = $0} END {print newest["GLIBC"], newest["GLIBCXX"]}')
+  echo "$(basename "$module") needs $needs"
+done
+rm -rf "$unpacked"
 
 status=0
 for python in $PYTHONS; do
