@@ -1,6 +1,9 @@
-"""torch.compile(fullgraph=True) traces all three ops (fake kernels, autograd) without graph breaks."""
+"""torch.compile(fullgraph=True) traces all three ops (fake kernels, autograd) without graph breaks, and a model
+with them deploys through torch.export (saved and loaded) and AOTInductor (a compiled package)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,3 +46,20 @@ def test_compile_fullgraph_forward_and_backward():
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(grad, grad_eager)
+
+
+def test_export_save_load_and_aot_inductor_package(tmp_path: Path):
+    torch.manual_seed(0)
+    model = TinyAdaptorBlock().eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        eager = model(x)
+    exported = torch.export.export(model, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if "mamba_adaptor" in str(node.target)}
+    assert ops == {f"mamba_adaptor.{op}.default" for op in ("selective_scan", "state_gather", "multi_dilation_dwconv2d")}
+    torch.export.save(exported, tmp_path / "block.pt2")
+    loaded = torch.export.load(tmp_path / "block.pt2")
+    torch.testing.assert_close(loaded.module()(x), eager)
+
+    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "block_aoti.pt2"))
+    torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), eager)
