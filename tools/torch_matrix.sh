@@ -23,11 +23,13 @@ if [ -z "${WHEEL:-}" ]; then
     python3 -m pip wheel --quiet --no-build-isolation --no-deps . -w "$MATRIX/wheel" || exit 1
   WHEEL=$(ls "$MATRIX"/wheel/*.whl)
 fi
+WHEEL=$(echo $WHEEL)  # a pattern as in the usage above: the one file it names
+[ -f "$WHEEL" ] || { echo "WHEEL must name one wheel file, got: $WHEEL"; exit 1; }
 echo "wheel: $WHEEL"
 # The oldest glibc and libstdc++ the wheel can load with: the newest symbol versions its modules import (set by
 # the glibc and gcc of the machine that built it, and by the static CUDA runtime).
 unpacked=$(mktemp -d)
-python3 -m zipfile -e $WHEEL "$unpacked"
+python3 -m zipfile -e "$WHEEL" "$unpacked"
 for module in "$unpacked"/mamba_adaptor_ops/*.so; do
   needs=$(objdump -T "$module" | grep -oE "GLIBC_[0-9.]+|GLIBCXX_[0-9.]+" | sort -u -V |
     awk -F_ '{newest[$1] = $0} END {print newest["GLIBC"], newest["GLIBCXX"]}')
@@ -43,9 +45,8 @@ for python in $PYTHONS; do
     log="$env.log"
     {
       [ -x "$env/bin/python" ] || "$python" -m venv "$env"
-      "$env/bin/python" -m pip install --quiet "torch==$torch" pytest hypothesis numpy matplotlib tqdm \
-        safetensors scikit-learn &&
-        "$env/bin/python" -m pip install --quiet --no-deps --force-reinstall $WHEEL &&
+      "$env/bin/python" -m pip uninstall --quiet --yes mamba-adaptor-ops  # a reused environment's
+      "$env/bin/python" -m pip install --quiet "torch==$torch" "$WHEEL[test]" &&
         "$env/bin/python" -m pytest -q -p no:cacheprovider
     } > "$log" 2>&1
     rc=$?
