@@ -351,6 +351,9 @@ def test_paper_stage_shapes(emu, stage):
     check_against_reference(conv_op(emu), conv_reference, conv, random_like(conv["x"]), dtype)
 
 
+# ---- empty inputs ------------------------------------------------------------------------------------------
+
+
 def test_empty_inputs(emu):
     """A zero-size batch, channel count or length: no launch (a grid of zero blocks is an invalid launch), empty
     outputs, and the weights' gradients written as zeros (new tensors are NaN-filled here) in both modes."""
