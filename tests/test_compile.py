@@ -56,7 +56,8 @@ def test_export_save_load_and_aot_inductor_package(tmp_path: Path):
         eager = model(x)
     exported = torch.export.export(model, (x,))
     ops = {str(node.target) for node in exported.graph.nodes if "mamba_adaptor" in str(node.target)}
-    assert ops == {f"mamba_adaptor.{op}.default" for op in ("selective_scan", "state_gather", "multi_dilation_dwconv2d")}
+    names = ("selective_scan", "state_gather", "multi_dilation_dwconv2d")
+    assert ops == {f"mamba_adaptor.{name}.default" for name in names}
     torch.export.save(exported, tmp_path / "block.pt2")
     loaded = torch.export.load(tmp_path / "block.pt2")
     torch.testing.assert_close(loaded.module()(x), eager)

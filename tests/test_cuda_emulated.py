@@ -501,15 +501,18 @@ def test_setup_errors_say_what_to_do(emu):
         lambda: gather_op(emu)(**gather_inputs(1, 2, 4, 8, 2, dtype=torch.float32)),
         lambda: conv_op(emu)(**conv_inputs(1, 4, 5, 5, 3, dtype=torch.float32)),
     ]
+    old_driver = r"built with CUDA 1\d\.\d, the installed NVIDIA driver supports CUDA 12\.8 at most: update"
+    no_image = (
+        r"no kernel image .* This GPU is sm_75; the kernels were built for 80-real,90-real,90-virtual\. "
+        r".* MAMBA_ADAPTOR_CUDA_ARCHS=75-real pip install"
+    )
     try:
         for call in calls:
             emu.configure(device=OLD_DRIVER)
-            with pytest.raises(RuntimeError, match=r"built with CUDA 1\d\.\d, the installed NVIDIA driver supports "
-                               r"CUDA 12\.8 at most: update the driver"):  # fmt: skip
+            with pytest.raises(RuntimeError, match=old_driver):
                 call()
             emu.configure(device=T4)
-            with pytest.raises(RuntimeError, match=r"no kernel image .* This GPU is sm_75; the kernels were built "
-                               r"for 80-real,90-real,90-virtual\. .* MAMBA_ADAPTOR_CUDA_ARCHS=75-real pip install"):  # fmt: skip
+            with pytest.raises(RuntimeError, match=no_image):
                 call()
             emu.configure()
             call()  # and the emulator is usable again
