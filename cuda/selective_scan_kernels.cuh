@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -146,14 +147,19 @@ struct alignas(16) Items {
   T v[K];
 };
 
+// The vectors' bits enter and leave the items by memcpy (register moves after compilation): writing the items
+// through a V* and reading them as T would break C++'s aliasing rule, and GCC -O2 (the emulator's build) then
+// reads items that were never written.
 template <typename V, typename T, int K>
 __device__ __forceinline__ void load_vectors(const T* p, Items<T, K>& x) {
   constexpr int kPerVector = sizeof(V) / sizeof(T);
   static_assert(sizeof(V) % sizeof(T) == 0 && K % kPerVector == 0, "K items must be whole vectors");
   const V* src = reinterpret_cast<const V*>(p);
-  V* dst = reinterpret_cast<V*>(x.v);
 #pragma unroll
-  for (int k = 0; k < K / kPerVector; ++k) dst[k] = __ldg(src + k);
+  for (int k = 0; k < K / kPerVector; ++k) {
+    const V v = __ldg(src + k);
+    memcpy(x.v + k * kPerVector, &v, sizeof(V));
+  }
 }
 
 // p[0 .. K): the widest loads the address alignment allows when all items are valid; otherwise only p[0 .. valid)
@@ -194,9 +200,12 @@ __device__ __forceinline__ void store_vectors(T* p, const Items<T, K>& x) {
   constexpr int kPerVector = sizeof(V) / sizeof(T);
   static_assert(sizeof(V) % sizeof(T) == 0 && K % kPerVector == 0, "K items must be whole vectors");
   V* dst = reinterpret_cast<V*>(p);
-  const V* src = reinterpret_cast<const V*>(x.v);
 #pragma unroll
-  for (int k = 0; k < K / kPerVector; ++k) dst[k] = src[k];
+  for (int k = 0; k < K / kPerVector; ++k) {
+    V v;
+    memcpy(&v, x.v + k * kPerVector, sizeof(V));
+    dst[k] = v;
+  }
 }
 
 // Writes p[0 .. valid) from x, converted to T.
