@@ -7,6 +7,7 @@
 #include <string>
 
 #ifdef __x86_64__
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -519,10 +520,16 @@ MA_AVX2 void convert_avx2(Half* y, const float* x, int64_t n) {
 // The widest build this CPU runs, capped by MAMBA_ADAPTOR_CPU_CAPABILITY.
 enum class Capability { kDefault, kAvx2, kAvx512 };
 
+// F16C is read from CPUID (leaf 1, ECX) itself: GCC before 11 has no __builtin_cpu_supports("f16c").
+bool has_f16c() {
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+
 Capability capability() {
   static const Capability picked = [] {
     Capability best = Capability::kDefault;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c()) {
       best = __builtin_cpu_supports("avx512f") ? Capability::kAvx512 : Capability::kAvx2;
     }
     const char* cap = std::getenv("MAMBA_ADAPTOR_CPU_CAPABILITY");
