@@ -5,7 +5,8 @@
 # Nsight Compute's DRAM bytes, occupancy and registers of every kernel on the goal shapes.
 #
 #   bash tools/gpu_check.sh                 # build from this checkout against the installed torch
-#   WHEEL=.whl/mamba_adaptor_ops-*.whl bash tools/gpu_check.sh   # test a wheel built on another machine
+#   WHEEL=dist/mamba_adaptor_ops-*.whl bash tools/gpu_check.sh   # test a wheel built on another machine
+#                                                                  # (the release wheel: tools/manylinux_wheel.sh)
 #   STEPS="install tests" bash tools/gpu_check.sh   # a subset of: install tests sanitizer bench profile
 #
 # Results (at most 8 files) go to $OUT (default gpu-check-results/): check.log (versions, build, tests, the
