@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The release wheel: one file that loads wherever torch's own wheels do (glibc >= 2.28: RHEL 8, Ubuntu 20.04,
+# The release wheel: one file for every system torch's own wheels support (glibc >= 2.28: RHEL 8, Ubuntu 20.04,
 # Debian 11 and newer), tagged manylinux_2_28 and tested on an older glibc than the machine that builds it.
 #
-#   sudo bash tools/manylinux_wheel.sh   # -> dist/mamba_adaptor_ops-<version>-cp310-abi3-manylinux_2_28_x86_64.whl
+#   sudo bash tools/manylinux_wheel.sh
+#   # -> dist/mamba_adaptor_ops-<version>-cp310-abi3-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl
 #
 # A module needs the symbol versions of the glibc it was linked against: built on Debian 12 (glibc 2.36) it
 # needs glibc >= 2.34. So the wheel is built in a Debian 11 root (glibc 2.31, GCC 10) made with debootstrap,
 # with a CPython 3.11 compiled there and this machine's nvcc, whose static CUDA runtime targets glibc 2.28;
 # cpp/common/libstdcxx_compat.cpp keeps the libstdc++ it needs at GCC 5's. auditwheel then checks every
 # symbol version against the manylinux_2_28 policy and tags the wheel, and the whole test suite runs on the
-# installed wheel inside the root (glibc 2.31). The wheel carries the CUDA kernels for MAMBA_ADAPTOR_CUDA_ARCHS
-# (pyproject.toml's default when unset).
+# installed wheel inside the root (glibc 2.31); only a wheel that passed is copied to dist/. It carries the
+# CUDA kernels for MAMBA_ADAPTOR_CUDA_ARCHS (pyproject.toml's default when unset).
 #
-# Needs root (debootstrap, chroot, mount), Debian's package registry and PyPI. The root (ROOT, about 2 GB) is
+# Needs root (debootstrap, chroot, mount), Debian's package registry and PyPI. The root (ROOT, about 5 GB) is
 # kept and reused; the first run takes about 15 minutes on 2 cores. TORCH is the torch the wheel is built
 # against and tested with; the directories in PIP_FIND_LINKS are visible inside the root, so a local torch
 # wheel there is used.
@@ -45,6 +46,7 @@ unmount_all() {
   for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount "${mounted[i]}" || true; done
 }
 trap unmount_all EXIT
+trap 'exit 1' INT TERM  # through the EXIT trap: no mount is left behind
 bind() {  # bind SOURCE [ro]: SOURCE at the same path inside the root
   mkdir -p "$ROOT$1"
   mount --bind "$1" "$ROOT$1"

@@ -8,8 +8,8 @@
 // each definition below constructs the stream that way. References in the other object files bind to these
 // definitions when the module is linked. This is what GCC Toolset's libstdc++_nonshared.a does for manylinux
 // builds, for the two symbols the modules use.
-#include <sstream>
 #include <new>
+#include <sstream>
 
 #if defined(__GLIBCXX__) && defined(_GLIBCXX_RELEASE) && _GLIBCXX_RELEASE >= 9 && _GLIBCXX_USE_CXX11_ABI
 
