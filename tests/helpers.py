@@ -42,6 +42,12 @@ def assert_close_to_reference(
     assert err <= bound, f"{name} ({dtype}): error {err:.3g} > bound {bound:.3g} (reference error {ref_err:.3g})"
 
 
+def random_like(t: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """float64 normal values of t's shape on t's device: the same values for a seed on every device."""
+    values = torch.randn(t.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return values.to(t.device)
+
+
 def run_with_grads(fn, inputs: dict[str, torch.Tensor | None], grad_out: torch.Tensor, **kwargs):
     """fn(**inputs, **kwargs) and the gradients of <out, grad_out> for every floating input tensor (zeros for
     those the output does not depend on, as the reference's on empty inputs)."""

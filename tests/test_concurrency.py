@@ -12,7 +12,7 @@ from test_selective_scan import make_inputs as scan_inputs
 from test_state_gather import make_inputs as gather_inputs
 
 import mamba_adaptor_ops as mao
-from helpers import DEVICES
+from helpers import DEVICES, run_with_grads
 
 
 def forward_and_grads(seed: int, device: str) -> list[torch.Tensor]:
@@ -27,10 +27,10 @@ def forward_and_grads(seed: int, device: str) -> list[torch.Tensor]:
     ]  # fmt: skip
     results = []
     for op, inputs, kwargs in calls:
-        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
-        out = op(**{k: leaves.get(k) for k in inputs}, **kwargs)
-        grads = torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
-        results += [out.detach(), *grads]
+        # Each op's output has the shape of its first input (u, h, x).
+        grad_out = torch.ones_like(next(iter(inputs.values())))
+        out, grads = run_with_grads(op, inputs, grad_out, **kwargs)
+        results += [out, *grads.values()]
     return results
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mamba_adaptor_ops as mao
-from helpers import check_against_reference
+from helpers import check_against_reference, random_like
 from mamba_adaptor_ops import reference
 
 pytestmark = [
@@ -40,10 +40,6 @@ def conv_inputs(b, C, H, W, k=3, n_dilations=2, dtype=torch.float32, bias=True, 
     return dict(x=randn(b, C, H, W), weight=randn(n_dilations, C, k, k) / k, bias=randn(C) if bias else None)
 
 
-def grad_like(x: torch.Tensor, seed: int = 1) -> torch.Tensor:
-    return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to("cuda")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("L", [3136, 5000])  # one staged row; tiles with halos (L > 3584)
 def test_gather_deterministic_backward_is_bit_identical(dtype, L):
@@ -69,7 +65,7 @@ def test_gather_deterministic_backward_is_bit_identical(dtype, L):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gather_kernel_paths(b, S, D, L, K, spread, dtype):
     inputs = gather_inputs(b, S, D, L, K, dtype, spread=spread)
-    check_against_reference(mao.state_gather, reference.state_gather, inputs, grad_like(inputs["h"]), dtype)
+    check_against_reference(mao.state_gather, reference.state_gather, inputs, random_like(inputs["h"]), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,7 +75,7 @@ def test_gather_long_rows_within_the_device_shared_memory(dtype, L):
     window on sm_80 / sm_90 (163 / 227 KiB) but tiles on sm_86 / sm_89 / sm_120 (99 KiB), and L = 4096 tiles
     on every device. Forward and backward against the reference."""
     inputs = gather_inputs(1, 2, 17, L, 3, dtype, spread=300.0)
-    check_against_reference(mao.state_gather, reference.state_gather, inputs, grad_like(inputs["h"]), dtype)
+    check_against_reference(mao.state_gather, reference.state_gather, inputs, random_like(inputs["h"]), dtype)
 
 
 def test_float64_on_cuda_raises_a_clear_error():
@@ -161,8 +157,8 @@ def check_conv(inputs: dict, dtype: torch.dtype, dilations: tuple[int, ...], cha
     if channels_last:
         inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
     check_against_reference(
-        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad_like(inputs["x"]), dtype,
-        dilations=dilations,
+        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, random_like(inputs["x"]),
+        dtype, dilations=dilations,
     )
 
 

@@ -26,7 +26,7 @@ from test_selective_scan import grad_like as scan_grad
 from test_selective_scan import make_inputs as scan_inputs
 from test_state_gather import make_inputs as gather_inputs
 
-from helpers import check_against_reference, run_with_grads
+from helpers import check_against_reference, random_like, run_with_grads
 from mamba_adaptor_ops import reference
 
 EMU_DIR = Path(__file__).parent / "cuda_emu"
@@ -135,10 +135,6 @@ def conv_reference(x, weight, bias=None, dilations=(1, 2)):
     """The reference on NCHW x: torch 2.13's CPU bfloat16 depthwise conv2d on channels_last x gives wrong weight
     gradients, even inf and NaN, with dilation > 1 on planes of 40 channels 70 x 70 (against float64)."""
     return reference.multi_dilation_dwconv2d(x.contiguous(), weight, bias, dilations)
-
-
-def random_like(t: torch.Tensor, seed: int = 1) -> torch.Tensor:
-    return torch.randn(t.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 # ---- selective_scan ----------------------------------------------------------------------------------------

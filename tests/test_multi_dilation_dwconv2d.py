@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mamba_adaptor_ops as mao
-from helpers import DEVICE_DTYPES, DEVICES, check_against_reference
+from helpers import DEVICE_DTYPES, DEVICES, check_against_reference, random_like
 from mamba_adaptor_ops import reference
 
 
@@ -22,10 +22,6 @@ def make_inputs(b=2, C=6, H=13, W=11, k=3, n_dilations=2, dtype=torch.float32, d
     return dict(x=randn(b, C, H, W), weight=randn(n_dilations, C, k, k) / k, bias=randn(C) if bias else None)
 
 
-def grad_for(x: torch.Tensor, seed: int = 1) -> torch.Tensor:
-    return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.device)
-
-
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_matches_reference(device, dtype, channels_last):
@@ -33,8 +29,8 @@ def test_matches_reference(device, dtype, channels_last):
     if channels_last:
         inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
     check_against_reference(
-        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad_for(inputs["x"]), dtype,
-        dilations=(1, 2),
+        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, random_like(inputs["x"]),
+        dtype, dilations=(1, 2),
     )
 
 
@@ -44,7 +40,7 @@ def test_matches_reference(device, dtype, channels_last):
 def test_kernel_sizes_and_dilations(device, k, dilations):
     inputs = make_inputs(b=1, C=3, H=12, W=9, k=k, n_dilations=len(dilations), device=device)
     check_against_reference(
-        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad_for(inputs["x"]),
+        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, random_like(inputs["x"]),
         torch.float32, dilations=dilations,
     )
 
@@ -55,7 +51,7 @@ def test_tiny_and_odd_planes(device, b, C, H, W):
     """Planes smaller than the kernel and its dilation: most taps read padding."""
     inputs = make_inputs(b=b, C=C, H=H, W=W, k=5, device=device)
     check_against_reference(
-        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad_for(inputs["x"]),
+        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, random_like(inputs["x"]),
         torch.float32, dilations=(1, 3),
     )
 
@@ -66,7 +62,7 @@ def test_strided_views_and_no_bias(device):
     inputs = dict(x=base["x"][:, ::2, 1:, ::3], weight=base["weight"][:, ::2], bias=None)
     assert not inputs["x"].is_contiguous() and not inputs["weight"].is_contiguous()
     check_against_reference(
-        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad_for(inputs["x"]),
+        mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, random_like(inputs["x"]),
         torch.float32, dilations=(1, 2),
     )
 
@@ -115,7 +111,7 @@ CHANNELS_LAST_CASES = [
 def test_channels_last_cpu(b, C, H, W, k, dilations, bias, dtype):
     inputs = make_inputs(b, C, H, W, k, len(dilations), dtype, bias=bias)
     inputs["x"] = to_channels_last(inputs["x"])
-    grad = to_channels_last(grad_for(inputs["x"]))
+    grad = to_channels_last(random_like(inputs["x"]))
     check_against_reference(
         mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad, dtype, dilations=dilations
     )
@@ -131,7 +127,7 @@ def test_channels_last_views_cpu():
     ]:
         assert view.stride(1) == 1 and not view.is_contiguous(memory_format=torch.channels_last)
         inputs = dict(x=view, weight=weight, bias=bias)
-        grad = to_channels_last(grad_for(view))
+        grad = to_channels_last(random_like(view))
         check_against_reference(
             mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, inputs, grad, torch.float32,
             dilations=(1, 2),
@@ -141,7 +137,7 @@ def test_channels_last_views_cpu():
 def test_channels_last_mixed_layouts_cpu():
     """A channels_last x with an NCHW grad_out, and the reverse (the backward then takes the plane path)."""
     inputs = make_inputs(b=2, C=16, H=9, W=10)
-    nchw_x, nchw_grad = inputs["x"], grad_for(inputs["x"])
+    nchw_x, nchw_grad = inputs["x"], random_like(inputs["x"])
     for x, grad in [(to_channels_last(nchw_x), nchw_grad), (nchw_x, to_channels_last(nchw_grad))]:
         check_against_reference(
             mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, {**inputs, "x": x}, grad,
@@ -229,7 +225,7 @@ def test_opcheck(channels_last):
 )
 def test_property_float64(b, C, H, W, k, dilations, bias, channels_last, seed):
     inputs = make_inputs(b, C, H, W, k, len(dilations), torch.float64, bias=bias, seed=seed)
-    grad = grad_for(inputs["x"], seed)
+    grad = random_like(inputs["x"], seed)
     if channels_last:
         inputs["x"], grad = to_channels_last(inputs["x"]), to_channels_last(grad)
     check_against_reference(

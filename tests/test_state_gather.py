@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mamba_adaptor_ops as mao
-from helpers import DEVICE_DTYPES, DEVICES, check_against_reference
+from helpers import DEVICE_DTYPES, DEVICES, check_against_reference, random_like
 from mamba_adaptor_ops import reference
 
 
@@ -153,9 +153,8 @@ def test_opcheck():
 )
 def test_property_float64(b, S, D, L, K, spread, residual, seed):
     inputs = make_inputs(b, S, D, L, K, torch.float64, spread=spread, seed=seed)
-    grad = torch.randn(inputs["h"].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grad = random_like(inputs["h"], seed)
     check_against_reference(mao.state_gather, reference.state_gather, inputs, grad, torch.float64, residual=residual)
-
 
 
 @settings(max_examples=40, deadline=None)
@@ -170,8 +169,9 @@ def test_property_float64(b, S, D, L, K, spread, residual, seed):
 def test_property_single_precision(D, L, K, dtype, residual, seed):
     """float32 and bfloat16 (the CPU kernels' vector transposes: full 8 x 8 blocks and their edges)."""
     inputs = make_inputs(2, 2, D, L, K, dtype, spread=L / 4 + 1, seed=seed)
-    grad = torch.randn(inputs["h"].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grad = random_like(inputs["h"], seed)
     check_against_reference(mao.state_gather, reference.state_gather, inputs, grad, dtype, residual=residual)
+
 
 BAD_INPUTS = [
     ("h rank", lambda a: a.update(h=a["h"][0]), r"state_gather: expected `h` to be a 4-D tensor \(b, S, D, L\)"),
