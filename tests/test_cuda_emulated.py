@@ -4,8 +4,9 @@ No GPU needed: tests/cuda_emu/build.py compiles the CUDA registration, argument 
 with g++ against the CUDA headers, as ops torch.ops.mamba_adaptor_emu.* that take CPU tensors. This checks the
 kernels' index arithmetic, tilings, shared-memory plans, barriers and warp shuffles on every path (segments and
 carries, staged windows and tiles, direct and staged convolutions, both shared-memory sizes a device may have),
-and that their results do not depend on the order in which threads run (a missing barrier would). It does not
-check what only a GPU shows: the fast-math intrinsics' accuracy, the memory model between blocks, speed.
+that their results do not depend on the order in which threads run (a missing barrier would), and, again under
+AddressSanitizer and ThreadSanitizer, that no access leaves its buffer or races with another thread's. It does
+not check what only a GPU shows: the fast-math intrinsics' accuracy, the hardware's memory ordering, speed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ import build as emu_build  # noqa: E402
 UNAVAILABLE = emu_build.available()  # why the emulator cannot be built here, or None
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"CUDA emulator: {UNAVAILABLE}")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Set by the sanitized runs (test_kernels_under_*) for the run they start: "address" or "thread".
+SANITIZER = os.environ.get("MAMBA_EMU_SANITIZER") or None
+# The racecheck run (the slowest) leaves float16 out: it takes bfloat16's paths (2-byte elements, 8 per vector).
+DTYPES = [torch.float32, torch.bfloat16] if SANITIZER == "thread" else [torch.float32, torch.float16, torch.bfloat16]
 FORWARD_ORDER, REVERSE_ORDER, SHUFFLED = 0, 1, 2
 # The emulated devices (emu.cpp's kDevices): an H100; 99 KiB of shared memory per block (sm_86, sm_89,
 # sm_120); a T4 (sm_75, which the kernels are not built for); an H100 under a driver for CUDA 12.8.
@@ -91,8 +95,6 @@ class Emulator:
         return call
 
 
-# Set by test_kernels_under_address_sanitizer for the run it starts: the library built with AddressSanitizer.
-SANITIZE = os.environ.get("MAMBA_EMU_SANITIZE") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def emu():
     """The emulator, with torch filling every new tensor with NaN (its deterministic mode): an output element
     or workspace float that a kernel reads before writing, or never writes, shows as NaN (the emulator's
     initcheck)."""
-    emulator = Emulator(emu_build.build(sanitize=SANITIZE))
+    emulator = Emulator(emu_build.build(sanitizer=SANITIZER))
     before = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -516,36 +518,109 @@ def test_setup_errors_say_what_to_do(emu):
         emu.configure()
 
 
-# ---- AddressSanitizer ------------------------------------------------------------------------------------
+# ---- sanitizers: the emulator's memcheck and racecheck -------------------------------------------------
+
+# Per sanitizer: g++'s runtime libraries to preload into a fresh Python, and its options variable. libstdc++ is
+# preloaded with ASan: its interceptor of C++ throws needs it from the start (else a C++ extension that throws
+# while being imported, as triton's does in torch 2.14, stops ASan).
+SANITIZER_RUNTIMES = {
+    "address": (["libasan.so", "libstdc++.so"], "ASAN_OPTIONS", "detect_leaks=0"),
+    "thread": (["libtsan.so"], "TSAN_OPTIONS", "halt_on_error=0"),
+}
+KERNEL_TESTS = "not emulator_exposes and not thread_order"  # the kernels' tests; thread orders add nothing here
 
 
-@pytest.mark.skipif(SANITIZE, reason="this is the sanitized run's launcher")
-def test_kernels_under_address_sanitizer():
-    """The kernel tests above again, built with AddressSanitizer (preloaded into a fresh Python) and UBSan's
-    alignment check: any read or write outside a tensor or a block's shared memory, or off its type's alignment,
-    is an error. The emulator's memcheck."""
-    # libstdc++ is preloaded too: ASan's interceptor of C++ throws needs it from the start (else a C++ extension
-    # that throws while being imported, as triton's does in torch 2.14, stops ASan).
-    runtimes = [
-        subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-        for name in ("libasan.so", "libstdc++.so")
-    ]
-    if not all(map(os.path.isabs, runtimes)):
-        pytest.skip("no AddressSanitizer runtime for g++")
-    emu_build.build(sanitize=True)  # here, so that a build error shows as such
-    env = {**os.environ, "MAMBA_EMU_SANITIZE": "1", "LD_PRELOAD": " ".join(runtimes),
-           "ASAN_OPTIONS": "detect_leaks=0"}  # fmt: skip
-    tests = (
-        "not emulator_exposes and not thread_order"  # the kernels' tests; thread orders add no coverage here
-    )
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", tests]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert run.returncode == 0, f"sanitized run failed:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
+class SanitizedRun:
+    """`python args...` started in a fresh Python whose emulator is built with `sanitizer` ("address" or
+    "thread"), its runtime preloaded; output and the sanitizer's reports go to files in `logs`."""
+
+    def __init__(self, sanitizer: str, logs: Path, *args: str):
+        names, variable, options = SANITIZER_RUNTIMES[sanitizer]
+        runtimes = [
+            subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+            for name in names
+        ]
+        if not all(map(os.path.isabs, runtimes)):
+            pytest.skip(f"no {sanitizer} sanitizer runtime for g++")
+        emu_build.build(sanitizer=sanitizer)  # here, so that a build error shows as such
+        logs.mkdir(parents=True, exist_ok=True)
+        self.logs = logs
+        env = {
+            **os.environ,
+            "MAMBA_EMU_SANITIZER": sanitizer,
+            "LD_PRELOAD": " ".join(runtimes),
+            variable: f"{options} log_path={logs / 'report'}",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(EMU_DIR)]),
+            # torch's worker threads synchronise in code TSan cannot see (libgomp): one thread, no false reports.
+            "OMP_NUM_THREADS": "1",
+        }
+        with open(logs / "output.txt", "w") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, *args], env=env, stdout=output, stderr=subprocess.STDOUT, cwd=Path(__file__).parent
+            )
+
+    def wait(self) -> tuple[int, str]:
+        """The exit status, and the end of the output with the sanitizer's reports."""
+        status = self.process.wait()
+        reports = "".join(path.read_text() for path in sorted(self.logs.glob("report*")))
+        return status, (self.logs / "output.txt").read_text()[-4000:] + reports
+
+
+@pytest.fixture(scope="module")
+def sanitized_kernel_tests(tmp_path_factory):
+    """The kernel tests above, run again under each sanitizer: both runs at once, one per core."""
+    runs = {}
+    for sanitizer in SANITIZER_RUNTIMES:
+        try:
+            runs[sanitizer] = SanitizedRun(
+                sanitizer, tmp_path_factory.mktemp(sanitizer),
+                "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", KERNEL_TESTS,
+            )  # fmt: skip
+        except pytest.skip.Exception as skipped:
+            runs[sanitizer] = skipped
+    yield runs
+    for run in runs.values():
+        if isinstance(run, SanitizedRun) and run.process.poll() is None:
+            run.process.kill()
+
+
+def finished(runs: dict, sanitizer: str) -> tuple[int, str]:
+    run = runs[sanitizer]
+    if not isinstance(run, SanitizedRun):
+        pytest.skip(str(run))
+    return run.wait()
+
+
+@pytest.mark.skipif(SANITIZER is not None, reason="this is the sanitized run's launcher")
+def test_kernels_under_address_sanitizer(sanitized_kernel_tests, tmp_path):
+    """The kernel tests with AddressSanitizer and UBSan's alignment check: any read or write outside a tensor or
+    a block's shared memory, or off its type's alignment, is an error. The emulator's memcheck."""
+    status, output = finished(sanitized_kernel_tests, "address")
+    assert status == 0, f"sanitized run failed:\n{output}"
 
     # ... and the sanitized build does catch a misaligned vector load (which a GPU faults on).
-    script = "import test_cuda_emulated as t, build; t.Emulator(build.build(sanitize=True)).selftest(5)"
-    fault = subprocess.run(
-        [sys.executable, "-c", script], env={**env, "PYTHONPATH": f"{Path(__file__).parent}:{EMU_DIR}"},
-        capture_output=True, text=True, cwd=Path(__file__).parent,
-    )  # fmt: skip
-    assert fault.returncode != 0 and "misaligned address" in fault.stderr, fault.stderr[-4000:]
+    script = "import test_cuda_emulated as t, build; t.Emulator(build.build(sanitizer='address')).selftest(5)"
+    status, output = SanitizedRun("address", tmp_path, "-c", script).wait()
+    assert status != 0 and "misaligned address" in output, output
+
+
+@pytest.mark.skipif(SANITIZER is not None, reason="this is the sanitized run's launcher")
+def test_kernels_under_thread_sanitizer(sanitized_kernel_tests, tmp_path):
+    """The kernel tests with ThreadSanitizer, every emulated thread a fiber that only barriers, __syncwarp and
+    launch boundaries order (emu.cpp's race): any access to shared or global memory that another thread of the
+    launch, in its block or another, writes with no barrier between them and not both atomic, is an error. The
+    emulator's racecheck (compute-sanitizer's covers shared memory only)."""
+    status, output = finished(sanitized_kernel_tests, "thread")
+    assert status == 0 and "ThreadSanitizer" not in output, f"sanitized run failed:\n{output}"
+
+    # ... and it does report a race in shared memory and one between blocks in global memory, but not the same
+    # exchanges ordered by __syncwarp, __syncthreads and atomics.
+    script = (
+        "import test_cuda_emulated as t, build\n"
+        "e = t.Emulator(build.build(sanitizer='thread'))\n"
+        "for which in (0, 6, 7): assert e.selftest(which)[0] == 0"
+    )
+    status, output = SanitizedRun("thread", tmp_path, "-c", script).wait()
+    assert status != 0 and output.count("WARNING: ThreadSanitizer: data race") == 2, output
+    assert "unsynchronised_broadcast" in output and "racy_global_sum" in output, output
+    assert "synchronised_exchange" not in output, output

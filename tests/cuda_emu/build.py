@@ -7,11 +7,12 @@ are moved to the CPU dispatch key of the mamba_adaptor_emu namespace, and everyt
 against the CUDA headers (no GPU, driver or libcudart needed). Builds are cached under build/cuda-emu/ by a
 hash of the inputs.
 
-    python tests/cuda_emu/build.py        # prints the path of the built library
+    python tests/cuda_emu/build.py [--sanitizer address|thread]   # prints the path of the built library
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import hashlib
 import os
@@ -173,7 +174,16 @@ def _torch_paths() -> tuple[list[str], str]:
     return cpp_extension.include_paths(), str(Path(cpp_extension.library_paths()[0]))
 
 
-def _flags(src: Path, sanitize: bool) -> list[str]:
+SANITIZERS = {
+    # A GPU faults on an access that is not aligned to its type's size (a float4 load off a 16-byte boundary):
+    # UBSan's alignment check is that rule on the CPU.
+    "address": ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer"],
+    # The racecheck build: emu.cpp, not instrumented itself, makes each emulated thread a TSan fiber.
+    "thread": ["-fsanitize=thread"],
+}
+
+
+def _flags(src: Path, unit: Path, sanitizer: str | None) -> list[str]:
     includes, _ = _torch_paths()
     flags = [
         "-std=c++17", "-O2", "-fPIC", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-attributes",
@@ -182,14 +192,13 @@ def _flags(src: Path, sanitize: bool) -> list[str]:
         f"-I{src / 'cpp'}", f"-I{src / 'cuda'}", f"-I{EMU}",
         *[f"-isystem{p}" for p in includes], f"-isystem{CUDA_HOME / 'include'}",
     ]  # fmt: skip
-    # A GPU faults on an access that is not aligned to its type's size (a float4 load off a 16-byte boundary):
-    # UBSan's alignment check is that rule on the CPU.
-    sanitizers = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer"]
-    return flags + (sanitizers if sanitize else [])
+    if sanitizer == "thread" and unit.name == "emu.cpp":
+        return [*flags, "-DEMU_RACECHECK"]
+    return flags + SANITIZERS.get(sanitizer, [])
 
 
-def _inputs_hash(sanitize: bool) -> str:
-    digest = hashlib.sha256(f"{sanitize} {sys.version} {_torch_paths()}".encode())
+def _inputs_hash(sanitizer: str | None) -> str:
+    digest = hashlib.sha256(f"{sanitizer} {sys.version} {_torch_paths()}".encode())
     for folder in (ROOT / "cpp", ROOT / "cuda", EMU):
         for path in sorted(folder.rglob("*")):
             if path.is_file() and path.suffix in (".h", ".cpp", ".cu", ".cuh", ".py"):
@@ -197,12 +206,14 @@ def _inputs_hash(sanitize: bool) -> str:
     return digest.hexdigest()[:16]
 
 
-def build(sanitize: bool = False, jobs: int | None = None, verbose: bool = False) -> Path:
-    """The built library (cached); `sanitize` builds it with AddressSanitizer."""
+def build(sanitizer: str | None = None, jobs: int | None = None, verbose: bool = False) -> Path:
+    """The built library (cached), with `sanitizer` ("address", "thread" or None) in every unit."""
     reason = available()
     if reason:
         raise RuntimeError(f"cannot build the CUDA emulator: {reason}")
-    out = ROOT / "build" / "cuda-emu" / (("asan-" if sanitize else "") + _inputs_hash(sanitize))
+    if sanitizer not in (None, *SANITIZERS):
+        raise ValueError(f"sanitizer: expected one of {[None, *SANITIZERS]}, got {sanitizer!r}")
+    out = ROOT / "build" / "cuda-emu" / ((f"{sanitizer}-" if sanitizer else "") + _inputs_hash(sanitizer))
     library = out / LIBRARY
     if library.exists():
         return library
@@ -210,12 +221,11 @@ def build(sanitize: bool = False, jobs: int | None = None, verbose: bool = False
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     units = prepare_sources(work / "src")
-    flags = _flags(work / "src", sanitize)
 
     def compile_unit(unit: Path) -> Path:
         obj = work / (unit.parent.name + "_" + unit.name + ".o")
         language = ["-x", "c++", "-include", str(EMU / "emu.h")] if unit.suffix == ".cu" else []
-        command = ["g++", *flags, *language, "-c", str(unit), "-o", str(obj)]
+        command = ["g++", *_flags(work / "src", unit, sanitizer), *language, "-c", str(unit), "-o", str(obj)]
         if verbose:
             print(" ".join(command), flush=True)
         result = subprocess.run(command, capture_output=True, text=True)
@@ -230,8 +240,8 @@ def build(sanitize: bool = False, jobs: int | None = None, verbose: bool = False
     # CUDA build of torch has loaded the real libcudart (whose calls would fail without a GPU, or act on one).
     link = ["g++", "-shared", "-Wl,-Bsymbolic", "-o", str(work / LIBRARY), *map(str, objects), f"-L{torch_lib}",
             "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]  # fmt: skip
-    if sanitize:
-        link.append("-fsanitize=address,alignment")
+    if sanitizer:
+        link.append(SANITIZERS[sanitizer][0])
     result = subprocess.run(link, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"linking the emulator failed:\n{result.stderr[-6000:]}")
@@ -241,4 +251,8 @@ def build(sanitize: bool = False, jobs: int | None = None, verbose: bool = False
 
 
 if __name__ == "__main__":
-    print(build(sanitize="--asan" in sys.argv, verbose="-v" in sys.argv))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sanitizer", choices=sorted(SANITIZERS))
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    print(build(sanitizer=args.sanitizer, verbose=args.verbose))

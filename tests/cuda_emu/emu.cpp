@@ -2,6 +2,13 @@
 #include "emu.h"
 
 #include <sys/mman.h>
+#ifdef EMU_RACECHECK
+#include <sanitizer/tsan_interface.h>
+extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);  // TSan's runtime
+extern "C" void AnnotateIgnoreWritesEnd(const char* file, int line);
+extern "C" void AnnotateBenignRaceSized(const char* file, int line, const volatile void* mem, long size,
+                                        const char* description);
+#endif
 
 #include <algorithm>
 #include <map>
@@ -47,6 +54,45 @@ emu_switch:
 namespace emu {
 namespace {
 
+// ---- racecheck: the build with ThreadSanitizer (build.py's "thread"; this file alone is compiled without
+// instrumentation, with EMU_RACECHECK). Every emulated thread is a TSan fiber, switched to without
+// synchronisation, and only what orders threads on a GPU orders them here: a block barrier, a __syncwarp, the
+// start of a launch (after what the host wrote) and its end (before what the host reads). So an access to
+// shared or global memory that another thread of the launch (same block or not) writes, with no barrier
+// between them and not both atomic, is reported as a data race: the emulator's racecheck, which also covers
+// global memory. Shuffles do not order memory (as in the PTX memory model). What the emulator itself writes
+// (the 0xff fill of shared memory) is invisible to TSan, shared memory a block used is unmapped when it ends
+// (the next block's carries no history), and thread stacks, which the next block's threads reuse, are
+// private (a GPU thread's registers and local memory): no race on them is reported. Fibers are costly to make
+// (TSan maps a shadow stack for each), so they are kept: thread i of even blocks runs as one fiber, of odd
+// blocks as another. Two adjacent blocks thus never share a fiber (a race between them is seen), while the
+// accesses of blocks 0 and 2 are ordered by their fiber (a race only between those is missed).
+namespace race {
+#ifdef EMU_RACECHECK
+constexpr bool kOn = true;
+void* create_fiber() { return __tsan_create_fiber(0); }
+void* current_fiber() { return __tsan_get_current_fiber(); }
+void switch_to_fiber(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
+void release(void* token) { __tsan_release(token); }
+void acquire(void* token) { __tsan_acquire(token); }
+void ignore_begin() { AnnotateIgnoreWritesBegin(__FILE__, __LINE__); }  // a mapping then clears TSan's record
+void ignore_end() { AnnotateIgnoreWritesEnd(__FILE__, __LINE__); }
+void private_memory(void* p, size_t bytes) {  // a thread stack: what a GPU thread keeps in registers
+  AnnotateBenignRaceSized(__FILE__, __LINE__, p, static_cast<long>(bytes), "an emulated thread's stack");
+}
+#else
+constexpr bool kOn = false;
+void* create_fiber() { return nullptr; }
+void* current_fiber() { return nullptr; }
+void switch_to_fiber(void*) {}
+void release(void*) {}
+void acquire(void*) {}
+void ignore_begin() {}
+void ignore_end() {}
+void private_memory(void*, size_t) {}
+#endif
+}  // namespace race
+
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 4096;  // an unmapped page below each stack: an overflow faults at once
 
@@ -69,6 +115,7 @@ enum class State { Ready, AtBarrier, AtWarpOp, Done };
 struct Thread {
   void* sp = nullptr;
   char* mapping = nullptr;
+  void* fiber = nullptr;  // racecheck: its TSan fiber
   uint3 index{};
   int linear = 0;
   State state = State::Ready;
@@ -87,11 +134,17 @@ struct BlockState {
   std::vector<Thread> threads;
   Thread* current = nullptr;
   void* scheduler_sp = nullptr;
+  void* scheduler_fiber = nullptr;  // racecheck: the host thread's TSan context
   const std::function<void()>* body = nullptr;
   dim3 block_index, block_dim, grid_dim;
   void* dynamic_smem = nullptr;
   std::map<int, void*> static_smem;
   size_t static_bytes = 0;
+  std::vector<std::pair<void*, size_t>> memory;  // what the block allocated (block_alloc), freed at its end
+  char* tokens = nullptr;                        // racecheck: unused sync tokens (block_token)
+  size_t tokens_left = 0;
+  char* start_token = nullptr;  // racecheck: released by the host before the block runs
+  char* end_token = nullptr;    // racecheck: released by every thread as it ends, acquired by the host after the launch
   std::string fault;  // set by a thread that found an error on its own stack; raised by the scheduler
 };
 
@@ -112,13 +165,90 @@ std::string thread_name(const Thread& t) {
   return s.str();
 }
 
-void switch_to(void** save, void* target) { emu_switch(save, target); }
+// Fresh pages, filled with `fill` bytes. Under racecheck TSan keeps no record of them (it would count a
+// mapping as a write by the thread that maps it) until they are used, and none once they are unmapped.
+char* map_memory(size_t bytes, unsigned char fill) {
+  race::ignore_begin();
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p != MAP_FAILED && fill != 0) std::memset(p, fill, bytes);
+  race::ignore_end();
+  if (p == MAP_FAILED) fault("cannot map memory");
+  return static_cast<char*>(p);
+}
+
+// Memory for the current block, filled with 0xff bytes and freed when the block ends: a block's shared
+// memory and its sync tokens. Under racecheck, mapped (see map_memory); else from malloc, for AddressSanitizer.
+void* block_alloc(size_t bytes) {
+  bytes = std::max<size_t>(bytes, 1);
+  void* p;
+  if (race::kOn) {
+    p = map_memory(bytes, 0xff);
+  } else {
+    p = std::malloc(bytes);
+    std::memset(p, 0xff, bytes);
+  }
+  g_block->memory.emplace_back(p, bytes);
+  return p;
+}
+
+void free_block_memory(BlockState& blk) {
+  for (auto [p, bytes] : blk.memory) race::kOn ? static_cast<void>(munmap(p, bytes)) : std::free(p);
+  blk.memory.clear();
+  blk.tokens_left = 0;
+}
+
+// Racecheck: an address no synchronisation has used yet (TSan keys sync objects by address, 8-byte cells).
+char* block_token() {
+  BlockState& blk = *g_block;
+  if (blk.tokens_left == 0) {
+    blk.tokens = static_cast<char*>(block_alloc(4096));
+    blk.tokens_left = 4096 / 8;
+  }
+  --blk.tokens_left;
+  return blk.tokens + 8 * blk.tokens_left;
+}
+
+// Racecheck: `threads` (waiting at one barrier or warp op that now completes) synchronise with each other:
+// each releases a fresh token, then each acquires it, in its own TSan context (entered without a stack switch).
+template <typename Threads>
+void synchronise(Threads&& threads) {
+  if (!race::kOn) return;
+  BlockState& blk = *g_block;
+  char* token = block_token();
+  for (Thread* t : threads) race::switch_to_fiber(t->fiber), race::release(token);
+  for (Thread* t : threads) race::switch_to_fiber(t->fiber), race::acquire(token);
+  race::switch_to_fiber(blk.scheduler_fiber);
+}
+
+// Runs f, called by an emulated thread, in the host thread's TSan context: the emulator's own bookkeeping
+// (allocations the host frees later) is no access of the kernel's.
+template <typename F>
+decltype(auto) as_scheduler(F&& f) {
+  struct Back {
+    ~Back() { race::switch_to_fiber(g_block->current->fiber); }
+  } back;
+  race::switch_to_fiber(g_block->scheduler_fiber);
+  return f();
+}
+
+void resume(Thread& t) {
+  g_block->current = &t;
+  race::switch_to_fiber(t.fiber);
+  emu_switch(&g_block->scheduler_sp, t.sp);
+}
+
+void yield_to_scheduler(Thread& t) {
+  race::switch_to_fiber(g_block->scheduler_fiber);
+  emu_switch(&t.sp, g_block->scheduler_sp);
+}
 
 void thread_main() {
   BlockState& blk = *g_block;
+  race::acquire(blk.start_token);
   (*blk.body)();
+  race::release(blk.end_token);
   blk.current->state = State::Done;
-  switch_to(&blk.current->sp, blk.scheduler_sp);
+  yield_to_scheduler(*blk.current);
   __builtin_unreachable();
 }
 
@@ -138,7 +268,7 @@ void* initial_stack(char* top) {
 void block_current(State state) {
   Thread& t = *g_block->current;
   t.state = state;
-  switch_to(&t.sp, g_block->scheduler_sp);
+  yield_to_scheduler(t);
 }
 
 // The lanes of warp `w` at a warp op whose masks all contain them: complete it when every lane of the mask is
@@ -186,11 +316,14 @@ bool try_complete_warp(int w) {
     if (!(mask >> src & 1u)) fault(thread_name(t) + ": shuffles from lane " + std::to_string(src) + ", outside the mask");
     results[l] = threads[first + src].payload;
   }
+  std::vector<Thread*> lanes_at_op;
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     threads[first + l].payload = results[l];
     threads[first + l].state = State::Ready;
+    lanes_at_op.push_back(&threads[first + l]);
   }
+  if (leader->op == WarpOp::Sync) synchronise(lanes_at_op);
   return true;
 }
 
@@ -217,8 +350,7 @@ void run_block(BlockState& blk, std::mt19937_64& rng) {
     for (int i : order) {
       Thread& t = blk.threads[i];
       if (t.state != State::Ready) continue;
-      blk.current = &t;
-      switch_to(&blk.scheduler_sp, t.sp);
+      resume(t);
       if (!blk.fault.empty()) fault(blk.fault);
       ran = true;
     }
@@ -233,9 +365,11 @@ void run_block(BlockState& blk, std::mt19937_64& rng) {
     }
     if (all_done) return;
     if (!all_at_barrier) fault(describe_deadlock());
+    std::vector<Thread*> at_barrier;
     for (Thread& t : blk.threads) {
-      if (t.state == State::AtBarrier) t.state = State::Ready;
+      if (t.state == State::AtBarrier) t.state = State::Ready, at_barrier.push_back(&t);
     }
+    synchronise(at_barrier);
   }
 }
 
@@ -257,18 +391,35 @@ bool driver_too_old() {
   return true;
 }
 
+// Thread stacks, kept from block to block.
 struct Stacks {
   std::vector<char*> mappings;
   char* get(size_t i) {
     while (mappings.size() <= i) {
-      void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (m == MAP_FAILED) fault("cannot map a thread stack");
+      char* m = map_memory(kStackBytes + kGuardBytes, 0);
       mprotect(m, kGuardBytes, PROT_NONE);
-      mappings.push_back(static_cast<char*>(m));
+      race::private_memory(m + kGuardBytes, kStackBytes);
+      mappings.push_back(m);
     }
     return mappings[i];
   }
 };
+
+// Racecheck: the TSan fibers, kept for the process: fiber(2 * i + parity) runs thread i of blocks of that parity.
+struct Fibers {
+  std::vector<void*> pool;
+  void* get(size_t i) {
+    while (pool.size() <= i) pool.push_back(race::create_fiber());
+    return pool[i];
+  }
+};
+
+// What a block leaves behind, whether it ended or faulted.
+void end_block(BlockState& blk) {
+  free_block_memory(blk);
+  blk.dynamic_smem = nullptr;
+  blk.static_smem.clear();
+}
 
 }  // namespace
 
@@ -288,7 +439,7 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t payload, int arg, int width)
     error = ": calls a warp op whose mask omits its own lane";
   }
   if (!error.empty()) {
-    g_block->fault = thread_name(t) + error;
+    as_scheduler([&] { g_block->fault = thread_name(t) + error; });
     block_current(State::Done);  // never resumed: the scheduler raises the fault
   }
   t.op = op;
@@ -306,11 +457,12 @@ void* static_shared_bytes(int site, size_t bytes) {
   BlockState& blk = *g_block;
   auto it = blk.static_smem.find(site);
   if (it != blk.static_smem.end()) return it->second;
-  void* p = std::malloc(bytes);
-  std::memset(p, 0xff, bytes);
-  blk.static_smem.emplace(site, p);
-  blk.static_bytes += bytes;
-  return p;
+  return as_scheduler([&] {
+    void* p = block_alloc(bytes);
+    blk.static_smem.emplace(site, p);
+    blk.static_bytes += bytes;
+    return p;
+  });
 }
 
 void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body) {
@@ -336,21 +488,30 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cons
     return;
   }
   thread_local Stacks stacks;
+  thread_local Fibers fibers;
   std::mt19937_64 rng(g_schedule.seed);
   BlockState blk;
   blk.body = &body;
   blk.block_dim = block;
   blk.grid_dim = grid;
   blk.threads.resize(threads);
+  blk.scheduler_fiber = race::current_fiber();
+  // Racecheck: the launch's end token, on a page of its own that is unmapped after the host acquired it.
+  char* const launch_page = race::kOn ? map_memory(4096, 0) : nullptr;
+  blk.end_token = launch_page;
   BlockState* const outer = g_block;
   g_block = &blk;
+  const auto end_launch = [&] {
+    race::acquire(blk.end_token);
+    if (launch_page) munmap(launch_page, 4096);
+    g_block = outer;
+  };
   try {
     for (unsigned bz = 0; bz < grid.z; ++bz) {
       for (unsigned by = 0; by < grid.y; ++by) {
         for (unsigned bx = 0; bx < grid.x; ++bx) {
           blk.block_index = dim3(bx, by, bz);
-          blk.dynamic_smem = std::malloc(dynamic_smem > 0 ? dynamic_smem : 1);
-          std::memset(blk.dynamic_smem, 0xff, dynamic_smem);
+          blk.dynamic_smem = block_alloc(dynamic_smem);
           for (uint64_t i = 0; i < threads; ++i) {
             Thread& t = blk.threads[i];
             t = Thread{};
@@ -358,12 +519,16 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cons
             t.index = make_uint3(i % block.x, i / block.x % block.y, i / block.x / block.y);
             t.mapping = stacks.get(i);
             t.sp = initial_stack(t.mapping + kGuardBytes + kStackBytes);
+            if (race::kOn) t.fiber = fibers.get(2 * i + ((bx + by + bz) & 1));
           }
-          run_block(blk, rng);
-          std::free(blk.dynamic_smem);
-          blk.dynamic_smem = nullptr;
-          for (auto& [site, p] : blk.static_smem) std::free(p);
-          blk.static_smem.clear();
+          if (race::kOn) blk.start_token = block_token(), race::release(blk.start_token);
+          try {
+            run_block(blk, rng);
+          } catch (...) {
+            end_block(blk);
+            throw;
+          }
+          end_block(blk);
           if (blk.static_bytes + dynamic_smem > static_cast<size_t>(device.smem_optin) ||
               dynamic_smem > dynamic_smem_limit(kernel, blk.static_bytes)) {
             fault("a block uses " + std::to_string(blk.static_bytes) + " bytes of static and " +
@@ -376,10 +541,10 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cons
       }
     }
   } catch (...) {
-    g_block = outer;
+    end_launch();
     throw;
   }
-  g_block = outer;
+  end_launch();
 }
 
 }  // namespace emu

@@ -15,7 +15,8 @@
 // configuration. Shared memory is freshly allocated per block at its exact size and filled with 0xff bytes
 // (NaN floats, -1 ints), so reads of unwritten shared memory show in the results and, under AddressSanitizer,
 // accesses past its end are reported. The order in which ready threads run is a setting (set_schedule):
-// results that depend on it expose a missing barrier.
+// results that depend on it expose a missing barrier. Built with ThreadSanitizer (emu.cpp's race), an access
+// that another thread of the launch writes with no barrier between them is reported whatever the order.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -155,17 +156,17 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
-// Threads of a block never run at the same time: atomics are plain read-modify-writes.
+// Emulated threads never run at the same time, but the atomics are atomic for the racecheck build's sake
+// (ThreadSanitizer counts two atomic accesses to one address as no race).
 inline float atomicAdd(float* p, float v) {
-  const float old = *p;
-  *p = old + v;
+  float old, sum;
+  __atomic_load(p, &old, __ATOMIC_RELAXED);
+  do {
+    sum = old + v;
+  } while (!__atomic_compare_exchange(p, &old, &sum, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   return old;
 }
-inline int atomicAdd(int* p, int v) {
-  const int old = *p;
-  *p = old + v;
-  return old;
-}
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
