@@ -471,8 +471,8 @@ def test_multi_dilation_dwconv2d_random_shapes(
 
 def test_emulator_exposes_kernel_faults(emu):
     """What a GPU would get wrong, the emulator shows: a missing barrier (results change with the thread order),
-    a barrier half the threads never reach, a shuffle from an exited lane, a launch over its shared memory and a
-    read of unwritten shared memory (0xff bytes: NaN)."""
+    a barrier half the threads never reach, a shuffle from an exited lane, a launch over its shared memory, a
+    read of unwritten shared memory (0xff bytes: NaN) and a block split between two __syncthreads."""
     try:
         emu.configure(schedule=FORWARD_ORDER)
         assert emu.selftest(0)[0] == 0
@@ -489,6 +489,8 @@ def test_emulator_exposes_kernel_faults(emu):
     assert status == 1 and "dynamic shared memory" in message, message
     status, message, out = emu.selftest(4)
     assert status == 0 and out[:32].isnan().all(), message
+    status, message, _ = emu.selftest(8)
+    assert status == 2 and "a block must meet at one __syncthreads" in message, message
 
 
 def test_setup_errors_say_what_to_do(emu):

@@ -123,6 +123,8 @@ struct Thread {
   unsigned mask = 0;
   uint64_t payload = 0;
   int arg = 0, width = 32;
+  const char* barrier_file = nullptr;  // the __syncthreads it waits at
+  int barrier_line = 0;
 };
 
 struct Schedule {
@@ -367,7 +369,15 @@ void run_block(BlockState& blk, std::mt19937_64& rng) {
     if (!all_at_barrier) fault(describe_deadlock());
     std::vector<Thread*> at_barrier;
     for (Thread& t : blk.threads) {
-      if (t.state == State::AtBarrier) t.state = State::Ready, at_barrier.push_back(&t);
+      if (t.state != State::AtBarrier) continue;
+      const Thread& first = at_barrier.empty() ? t : *at_barrier.front();
+      if (t.barrier_line != first.barrier_line || std::strcmp(t.barrier_file, first.barrier_file) != 0) {
+        fault(thread_name(first) + " waits at the __syncthreads of " + first.barrier_file + ":" +
+              std::to_string(first.barrier_line) + ", " + thread_name(t) + " at " + t.barrier_file + ":" +
+              std::to_string(t.barrier_line) + " (a block must meet at one __syncthreads)");
+      }
+      t.state = State::Ready;
+      at_barrier.push_back(&t);
     }
     synchronise(at_barrier);
   }
@@ -428,7 +438,11 @@ dim3 block_index() { return g_block->block_index; }
 dim3 block_dim() { return g_block->block_dim; }
 dim3 grid_dim() { return g_block->grid_dim; }
 
-void sync_block() { block_current(State::AtBarrier); }
+void sync_block(const char* file, int line) {
+  g_block->current->barrier_file = file;
+  g_block->current->barrier_line = line;
+  block_current(State::AtBarrier);
+}
 
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t payload, int arg, int width) {
   Thread& t = *g_block->current;

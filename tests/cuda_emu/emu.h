@@ -10,7 +10,8 @@
 // on one OS thread, each running until it reaches a barrier (__syncthreads), a warp-synchronous intrinsic
 // (__syncwarp, __shfl*_sync, __match_any_sync) or its end. A warp intrinsic completes when every lane of its
 // mask has reached it, a block barrier when every live thread has. What a GPU would do wrong, the emulator
-// reports as an exception: a barrier some threads never reach (deadlock), a warp intrinsic whose mask names
+// reports as an exception: a barrier some threads never reach (deadlock), threads of a block waiting at
+// different __syncthreads (undefined on a GPU: bar.sync is .aligned), a warp intrinsic whose mask names
 // an exited lane or a lane at another intrinsic, shared memory beyond the launch's budget, an invalid launch
 // configuration. Shared memory is freshly allocated per block at its exact size and filled with 0xff bytes
 // (NaN floats, -1 ints), so reads of unwritten shared memory show in the results and, under AddressSanitizer,
@@ -57,7 +58,8 @@ dim3 grid_dim();
 
 // ---- synchronisation (emu.cpp) -----------------------------------------------------------------------------
 enum class WarpOp { Sync, Shfl, ShflUp, ShflDown, ShflXor, MatchAny };
-void sync_block();
+// `file` and `line` name the __syncthreads: the whole block must wait at the same one.
+void sync_block(const char* file, int line);
 // Waits for the lanes of `mask` at the same op; returns the payload this lane receives.
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t payload, int arg, int width);
 
@@ -118,7 +120,7 @@ inline cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, 
 #define gridDim (::emu::grid_dim())
 
 // ---- device intrinsics -------------------------------------------------------------------------------------
-inline void __syncthreads() { ::emu::sync_block(); }
+#define __syncthreads() ::emu::sync_block(__FILE__, __LINE__)
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::warp_op(::emu::WarpOp::Sync, mask, 0, 0, 32); }
 
 template <typename T>

@@ -1,8 +1,9 @@
 // Kernels with the faults the emulator must expose, run by tests/test_cuda_emulated.py so that its passing
-// kernels mean something: a missing barrier, a barrier not all threads reach, a shuffle naming an exited lane,
-// too much shared memory for a launch, shared memory read before it is written, (in the AddressSanitizer build,
-// where it aborts the process) a vector load off its alignment and (in the ThreadSanitizer build) data races
-// in shared and global memory next to accesses that barriers or atomics make race-free.
+// kernels mean something: a missing barrier, a barrier not all threads reach, a block split between two
+// barriers, a shuffle naming an exited lane, too much shared memory for a launch, shared memory read before it
+// is written, (in the AddressSanitizer build, where it aborts the process) a vector load off its alignment and
+// (in the ThreadSanitizer build) data races in shared and global memory next to accesses that barriers or
+// atomics make race-free.
 #include <cstdio>
 #include <exception>
 
@@ -21,6 +22,16 @@ __global__ void divergent_barrier(float* out) {
     __syncwarp();
   }
   out[threadIdx.x] = 1.f;
+}
+
+__global__ void barriers_at_two_places(float* out) {
+  if (threadIdx.x < 16) {
+    out[threadIdx.x] = 1.f;
+    __syncthreads();
+  } else {
+    __syncthreads();
+    out[threadIdx.x] = 2.f;
+  }
 }
 
 __global__ void shuffle_from_exited_lane(float* out) {
@@ -62,7 +73,7 @@ __global__ void synchronised_exchange(float* out) {
 
 }  // namespace
 
-// Runs fault `which` (0 to 7 above, 4 being read_dynamic_shared with a valid launch) writing `out` (64 floats);
+// Runs fault `which` (0 to 8 above, 4 being read_dynamic_shared with a valid launch) writing `out` (64 floats);
 // returns 0, 1 with the launch error or 2 with the emulator's fault in `message`.
 extern "C" __attribute__((visibility("default"))) int mamba_emu_selftest(int which, float* out, char* message,
                                                                          int size) {
@@ -75,7 +86,8 @@ extern "C" __attribute__((visibility("default"))) int mamba_emu_selftest(int whi
       case 4: read_dynamic_shared<<<1, 32, 32 * sizeof(float)>>>(out); break;
       case 5: misaligned_vector_load<<<1, 32>>>(out); break;
       case 6: racy_global_sum<<<2, 32>>>(out); break;
-      default: synchronised_exchange<<<2, 64>>>(out); break;
+      case 7: synchronised_exchange<<<2, 64>>>(out); break;
+      default: barriers_at_two_places<<<1, 64>>>(out); break;
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) {
