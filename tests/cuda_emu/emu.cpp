@@ -154,6 +154,7 @@ thread_local BlockState* g_block = nullptr;
 std::mutex g_launch_mutex;  // one grid at a time; also guards g_max_dynamic_smem
 int g_device = 0;
 Schedule g_schedule;
+IntrinsicError g_intrinsic_error = IntrinsicError::Spread;
 std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 thread_local cudaError_t g_last_error = cudaSuccess;  // per host thread, as in CUDA
 thread_local std::string g_last_error_text;
@@ -433,6 +434,7 @@ void end_block(BlockState& blk) {
 
 }  // namespace
 
+IntrinsicError intrinsic_error() { return g_intrinsic_error; }
 uint3 thread_index() { return g_block->current->index; }
 dim3 block_index() { return g_block->block_index; }
 dim3 block_dim() { return g_block->block_dim; }
@@ -617,13 +619,17 @@ const char* cudaGetErrorString(cudaError_t err) {
   return err == cudaSuccess ? "no error" : emu::g_last_error_text.c_str();
 }
 
-// Test controls, reached through ctypes: the emulated device (an index of kDevices) and the order in which
-// ready threads run.
+// Test controls, reached through ctypes: the emulated device (an index of kDevices), the order in which
+// ready threads run and the error of the approximate transcendentals.
 __attribute__((visibility("default"))) void mamba_emu_set_device(int device) {
   emu::g_device = device >= 0 && device < emu::kDeviceCount ? device : 0;
 }
 __attribute__((visibility("default"))) void mamba_emu_set_schedule(int mode, uint64_t seed) {
   emu::g_schedule = emu::Schedule{mode, seed};
+}
+// 0: exact, 1: spread (the default), 2: up, 3: down (emu.h's IntrinsicError).
+__attribute__((visibility("default"))) void mamba_emu_set_intrinsic_error(int mode) {
+  emu::g_intrinsic_error = static_cast<emu::IntrinsicError>(mode >= 0 && mode <= 3 ? mode : 1);
 }
 
 }  // extern "C"

@@ -151,8 +151,47 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline float __uint_as_float(unsigned x) { return ::emu::from_payload<float>(x); }
 inline unsigned __float_as_uint(float x) { return static_cast<unsigned>(::emu::to_payload(x)); }
-inline float __expf(float x) { return expf(x); }
-inline float __logf(float x) { return logf(x); }
+
+// ---- the approximate transcendentals (--use_fast_math) ----------------------------------------------------
+// A GPU computes exp2f (ex2.approx.ftz.f32), __expf (ex2.approx of x * log2(e) rounded to float) and __logf
+// within documented bounds, not correctly rounded (CUDA Programming Guide, "Intrinsic Functions"): exp2f to
+// 2 ulp; __expf to 2 + floor(|1.173 x|) ulp, which the rounding of x * log2(e) accounts for; __logf to 2^-21.41
+// absolute on [0.5, 2], else 3 ulp. The emulator moves the correctly rounded result within those bounds
+// (mamba_emu_set_intrinsic_error): by a pseudo-random amount fixed per input value (the default, as the
+// hardware's error is a fixed function of the input), or always up, or always down (a bias that adds up along a
+// sequence); or it computes them correctly rounded (Exact), as the CPU reference does.
+namespace emu {
+enum class IntrinsicError { Exact, Spread, Up, Down };
+IntrinsicError intrinsic_error();  // emu.cpp
+
+// `exact` moved by up to `bound` ulp (or, with `absolute` > 0, by up to `absolute`) in the direction and by the
+// amount intrinsic_error() picks for `input`.
+inline float approximate(float exact, float input, int bound, float absolute = 0.f) {
+  const IntrinsicError mode = intrinsic_error();
+  if (mode == IntrinsicError::Exact || !isfinite(exact) || exact == 0.f) return exact;
+  int steps = mode == IntrinsicError::Up ? bound : -bound;
+  if (mode == IntrinsicError::Spread) {
+    uint32_t h = static_cast<uint32_t>(to_payload(input)) * 0x9e3779b1u;  // Fibonacci hashing of the bits
+    h ^= h >> 15;
+    steps = static_cast<int>(h % static_cast<uint32_t>(2 * bound + 1)) - bound;
+  }
+  if (absolute > 0.f) return exact + absolute * static_cast<float>(steps) / static_cast<float>(bound);
+  float r = exact;
+  for (int i = 0; i < (steps < 0 ? -steps : steps); ++i) r = nextafterf(r, steps > 0 ? INFINITY : -INFINITY);
+  return r;
+}
+inline float ex2_approx(float y) { return approximate(::exp2f(y), y, 2); }
+}  // namespace emu
+
+#define exp2f(y) ::emu::ex2_approx(y)
+inline float __expf(float x) {
+  if (::emu::intrinsic_error() == ::emu::IntrinsicError::Exact) return expf(x);
+  return ::emu::ex2_approx(x * 1.44269504088896341f);
+}
+inline float __logf(float x) {
+  const bool near_one = x >= 0.5f && x <= 2.f;
+  return ::emu::approximate(logf(x), x, 3, near_one ? 3.6e-7f : 0.f);  // 2^-21.41 = 3.6e-7
+}
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
