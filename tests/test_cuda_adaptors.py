@@ -93,10 +93,11 @@ def test_float64_on_cuda_raises_a_clear_error():
 
 
 def test_gather_more_than_2_pow_31_elements():
-    """h with > 2^31 elements (L = 2^24 - 1, the longest CUDA row): forward and backward checked at samples.
-    Positions are float32 like the reference's, so the expected values round them the same way."""
-    D, L, K = 129, 2**24 - 1, 2
-    assert D * L > 2**31
+    """h with > 2^31 elements (L = 2^24 - 1, the longest CUDA row; the last chunk of 16 rows that a block stages
+    starts past 2^31): forward and backward checked at samples. Positions are float32 like the reference's, so
+    the expected values round them the same way."""
+    D, L, K = 145, 2**24 - 1, 2
+    assert (D - 1) // 16 * 16 * L > 2**31
     gen = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(1, 1, D, L, device="cuda", dtype=torch.bfloat16, generator=gen)
     shifts = torch.tensor(
@@ -104,7 +105,7 @@ def test_gather_more_than_2_pow_31_elements():
     )  # one constant shift per point: grad_h is easy to invert
     offsets = shifts.view(1, 1, K, 1).expand(1, 1, K, L).to(torch.bfloat16)
     weights = torch.rand(1, 1, K, L, device="cuda", generator=gen).to(torch.bfloat16)
-    rows = torch.tensor([0, 64, 128], device="cuda")
+    rows = torch.tensor([0, 64, D - 1], device="cuda")
     t = torch.cat(
         [
             torch.randint(0, L, (500,), device="cuda", generator=gen),
@@ -186,9 +187,10 @@ def test_conv_k7_within_the_device_shared_memory(dilations, dtype, channels_last
 
 
 def test_conv_more_than_2_pow_31_elements():
-    """x with > 2^31 elements: the forward checked on an interior patch and on the corner patch."""
-    C, H, W, r = 2, 33000, 33000, 2  # k = 3, dilations (1, 2): halo 2
-    assert C * H * W > 2**31
+    """x with > 2^31 elements (the last channel's plane starts past 2^31): the forward checked on an interior
+    patch and on the corner patch."""
+    C, H, W, r = 3, 33000, 33000, 2  # k = 3, dilations (1, 2): halo 2
+    assert (C - 1) * H * W > 2**31
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, C, H, W, device="cuda", dtype=torch.bfloat16, generator=gen)
     weight = torch.randn(2, C, 3, 3, device="cuda", dtype=torch.bfloat16, generator=gen) / 3

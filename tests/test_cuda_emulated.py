@@ -12,6 +12,7 @@ the hardware's own transcendental errors, its memory ordering, speed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -23,6 +24,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cuda_selective_scan import GRAD_NAMES, assert_close_scaled, cpu_forward_backward
 from test_multi_dilation_dwconv2d import make_inputs as conv_inputs
 from test_selective_scan import grad_like as scan_grad
 from test_selective_scan import make_inputs as scan_inputs
@@ -53,21 +55,29 @@ EXACT_MATH, SPREAD_ERROR, UP_ERROR, DOWN_ERROR = range(4)
 
 class Emulator:
     """The emulated ops, with the emulator's controls: device (H100, SMEM_99_KIB, T4, OLD_DRIVER), thread
-    schedule and the error of the approximate transcendentals."""
+    schedule, the error of the approximate transcendentals and which blocks run."""
 
     def __init__(self, library: Path):
         torch.ops.load_library(str(library))
         self.controls = ctypes.CDLL(str(library))
         self.controls.mamba_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
+        self.controls.mamba_emu_set_last_blocks.argtypes = [ctypes.c_uint64]
 
     def configure(
-        self, device: int = H100, schedule: int = FORWARD_ORDER, seed: int = 0, intrinsic_error: int = SPREAD_ERROR
+        self,
+        device: int = H100,
+        schedule: int = FORWARD_ORDER,
+        seed: int = 0,
+        intrinsic_error: int = SPREAD_ERROR,
+        last_blocks: int = 0,
     ) -> None:
+        """`last_blocks` > 0 runs only that many blocks at the end of each launch."""
         assert device in (H100, SMEM_99_KIB, T4, OLD_DRIVER), device
         assert intrinsic_error in (EXACT_MATH, SPREAD_ERROR, UP_ERROR, DOWN_ERROR), intrinsic_error
         self.controls.mamba_emu_set_device(device)
         self.controls.mamba_emu_set_schedule(schedule, seed)
         self.controls.mamba_emu_set_intrinsic_error(intrinsic_error)
+        self.controls.mamba_emu_set_last_blocks(last_blocks)
 
     def selftest(self, which: int) -> tuple[int, str, torch.Tensor]:
         """Runs fault `which` of tests/cuda_emu/selftest.cu: (status, message, output)."""
@@ -338,6 +348,108 @@ def test_results_do_not_depend_on_thread_order(emu, dtype):
         emu.configure()
 
 
+# ---- more than 2^31 elements ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def far_end_only(emu, blocks: int):
+    """Only the last `blocks` blocks of each launch run, and torch leaves new memory unfilled: a tensor of more
+    than 2^31 elements costs only the pages those blocks touch (the rest stays unmapped zeros)."""
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    emu.configure(last_blocks=blocks)
+    try:
+        yield
+    finally:
+        emu.configure()
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.mark.parametrize("states", [False, True], ids=["y", "states"])
+def test_selective_scan_past_2_pow_31_elements(emu, states):
+    """u (1, 2^25 + 64, 64) or the states (1, 2^21 + 64, 16, 64), bfloat16, groups of 64 channels, run by their
+    last blocks: the last 8 channels, all of their row offsets past 2^31, forward and backward against the CPU
+    kernels on them alone. (dB and dC, summed by grid-stride kernels that the skipped blocks share, are the GPU
+    test's.)"""
+    L, per_group, n = 64, 64, 8
+    dim, N = (2**21 + per_group, 16) if states else (2**25 + per_group, 1)
+    gen = torch.Generator().manual_seed(0)
+
+    def far_end(*shape, rows: int = n, dtype=torch.bfloat16, scale: float = 1.0):  # values in the last rows only
+        t = torch.empty(*shape, dtype=dtype)
+        part = t[:, -rows:] if shape[0] == 1 else t[-rows:]
+        part.copy_(torch.randn(part.shape, generator=gen) * scale)
+        return t
+
+    inputs = dict(
+        u=far_end(1, dim, L),
+        delta=far_end(1, dim, L, scale=0.3),
+        A=-torch.exp(0.5 * far_end(dim, N, dtype=torch.float32)),
+        B=far_end(1, dim // per_group, N, L, rows=1),
+        C=None if states else far_end(1, dim // per_group, N, L, rows=1),
+        D=None if states else far_end(dim, dtype=torch.float32),
+        delta_bias=0.5 * far_end(dim, dtype=torch.float32),
+    )
+    grad = far_end(1, dim, N, L) if states else far_end(1, dim, L)
+    ops = torch.ops.mamba_adaptor_emu
+    with far_end_only(emu, blocks=per_group):  # a block runs one or more channels of a group
+        out = ops.selective_scan(*inputs.values(), True, False)
+        grads = dict(zip(GRAD_NAMES, ops.selective_scan_backward(grad, *inputs.values(), True, False)))
+    last = slice(dim - n, dim)
+    assert out[:, last].storage_offset() >= 2**31
+    group = {k: None if v is None else v[:, -1:] if k in "BC" else v[:, last] if v.dim() > 2 else v[last]
+             for k, v in inputs.items()}  # fmt: skip
+    ref_out, ref_grads = cpu_forward_backward(group, grad[:, last], True)
+    assert_close_scaled("output", out[:, last], ref_out, 2e-2)
+    for name, ref_g in zip(GRAD_NAMES, ref_grads):
+        if ref_g is not None and name not in ("dB", "dC"):
+            g = grads[name]
+            assert_close_scaled(name, g[:, last] if g.dim() > 2 else g[last], ref_g, 2e-2)
+
+
+def test_state_gather_past_2_pow_31_elements(emu):
+    """h (1, 1, 145, 2^24 - 1) in bfloat16, the longest CUDA row, run by its last blocks: the last row (its
+    block's chunk of 16 rows starts past 2^31) at its last positions, against linear interpolation at float32
+    positions (t + offset rounds to a multiple of 1 or 2 up there, as in the reference)."""
+    D, L, K, W = 145, 2**24 - 1, 2, 4096
+    gen = torch.Generator().manual_seed(0)
+    h = torch.empty(1, 1, D, L, dtype=torch.bfloat16)
+    h[..., -W:] = torch.randn(1, 1, D, W, generator=gen).to(torch.bfloat16)
+    offsets = torch.tensor([-2.75, 1.25]).view(1, 1, K, 1).expand(1, 1, K, L).to(torch.bfloat16)
+    weights = torch.empty(1, 1, K, L, dtype=torch.bfloat16)
+    weights[..., -W:] = torch.rand(1, 1, K, W, generator=gen).to(torch.bfloat16)
+    with far_end_only(emu, blocks=4):
+        out = torch.ops.mamba_adaptor_emu.state_gather(h, offsets, weights, True, False)
+    assert (D - 1) // 16 * 16 * L >= 2**31
+    row, t = h[0, 0, -1].double(), torch.arange(L - 32, L)
+    expected = row[t].clone()
+    for k in range(K):
+        pos = t.float() + offsets[0, 0, k, t].float()
+        lo = torch.floor(pos)
+        for index, coef in ((lo, 1 - (pos - lo).double()), (lo + 1, (pos - lo).double())):
+            inside = (index >= 0) & (index <= L - 1)
+            expected += weights[0, 0, k, t].double() * torch.where(inside, coef * row[index.long().clamp(0, L - 1)], 0)
+    assert_close_scaled("output", out[0, 0, -1, -32:], expected, 2e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_multi_dilation_dwconv2d_past_2_pow_31_elements(emu, channels_last):
+    """x (1, 3, 33000, 33000) in bfloat16, run by its last block: the bottom-right corner (in NCHW the last plane
+    starts past 2^31), against the reference on the last 64 x 64 (3 x 3 weights, dilations 1 and 2: halo 2)."""
+    C, H, W, P = 3, 33000, 33000, 64
+    gen = torch.Generator().manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(1, C, H, W, dtype=torch.bfloat16, memory_format=layout)
+    x[..., -P:, -P:] = torch.randn(1, C, P, P, generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(2, C, 3, 3, generator=gen) / 3).to(torch.bfloat16)
+    with far_end_only(emu, blocks=1):
+        out = torch.ops.mamba_adaptor_emu.multi_dilation_dwconv2d(x, weight, None, [1, 2])
+    corner = out[0, -1, -8:, -8:]  # the last block's: the last channel (block) at the last tile
+    assert corner.storage_offset() >= 2**31
+    expected = reference.multi_dilation_dwconv2d(x[..., -P:, -P:].float(), weight.float(), None, (1, 2))
+    assert_close_scaled("output", corner, expected[0, -1, -8:, -8:], 2e-2)
+
+
 # ---- the paper's shapes --------------------------------------------------------------------------------------
 
 
@@ -567,7 +679,9 @@ SANITIZER_RUNTIMES = {
     "address": (["libasan.so", "libstdc++.so"], "ASAN_OPTIONS", "detect_leaks=0"),
     "thread": (["libtsan.so"], "TSAN_OPTIONS", "halt_on_error=0"),
 }
-KERNEL_TESTS = "not emulator_exposes and not thread_order"  # the kernels' tests; thread orders add nothing here
+# The kernels' tests; thread orders add nothing here, and a sanitizer's shadow of the > 2^31-element tensors
+# would cost minutes.
+KERNEL_TESTS = "not emulator_exposes and not thread_order and not past_2_pow"
 
 
 class SanitizedRun:

@@ -155,6 +155,7 @@ std::mutex g_launch_mutex;  // one grid at a time; also guards g_max_dynamic_sme
 int g_device = 0;
 Schedule g_schedule;
 IntrinsicError g_intrinsic_error = IntrinsicError::Spread;
+uint64_t g_last_blocks = 0;  // run only the last this many blocks of each launch (0: all)
 std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 thread_local cudaError_t g_last_error = cudaSuccess;  // per host thread, as in CUDA
 thread_local std::string g_last_error_text;
@@ -522,10 +523,13 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cons
     if (launch_page) munmap(launch_page, 4096);
     g_block = outer;
   };
+  const uint64_t n_blocks = uint64_t{grid.x} * grid.y * grid.z;
+  const uint64_t first_block = g_last_blocks > 0 && g_last_blocks < n_blocks ? n_blocks - g_last_blocks : 0;
   try {
     for (unsigned bz = 0; bz < grid.z; ++bz) {
       for (unsigned by = 0; by < grid.y; ++by) {
         for (unsigned bx = 0; bx < grid.x; ++bx) {
+          if (bx + uint64_t{grid.x} * (by + uint64_t{grid.y} * bz) < first_block) continue;
           blk.block_index = dim3(bx, by, bz);
           blk.dynamic_smem = block_alloc(dynamic_smem);
           for (uint64_t i = 0; i < threads; ++i) {
@@ -620,13 +624,15 @@ const char* cudaGetErrorString(cudaError_t err) {
 }
 
 // Test controls, reached through ctypes: the emulated device (an index of kDevices), the order in which
-// ready threads run and the error of the approximate transcendentals.
+// ready threads run, the error of the approximate transcendentals and which blocks run.
 __attribute__((visibility("default"))) void mamba_emu_set_device(int device) {
   emu::g_device = device >= 0 && device < emu::kDeviceCount ? device : 0;
 }
 __attribute__((visibility("default"))) void mamba_emu_set_schedule(int mode, uint64_t seed) {
   emu::g_schedule = emu::Schedule{mode, seed};
 }
+// Only the last `n` blocks of each launch run (0: all): a kernel's far end of a huge tensor, reached cheaply.
+__attribute__((visibility("default"))) void mamba_emu_set_last_blocks(uint64_t n) { emu::g_last_blocks = n; }
 // 0: exact, 1: spread (the default), 2: up, 3: down (emu.h's IntrinsicError).
 __attribute__((visibility("default"))) void mamba_emu_set_intrinsic_error(int mode) {
   emu::g_intrinsic_error = static_cast<emu::IntrinsicError>(mode >= 0 && mode <= 3 ? mode : 1);
