@@ -48,6 +48,19 @@ def random_like(t: torch.Tensor, seed: int = 1) -> torch.Tensor:
     return values.to(t.device)
 
 
+def interpolate(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """float64 values of `rows` (..., L) at fractional positions `pos` (float32, as the reference computes
+    t + offset): linear between the two neighbouring integer positions, 0 outside [0, L - 1]."""
+    L = rows.shape[-1]
+    lo = torch.floor(pos)
+    frac = (pos - lo).double()
+    out = torch.zeros((*rows.shape[:-1], *pos.shape), dtype=torch.float64, device=pos.device)
+    for index, coef in ((lo, 1 - frac), (lo + 1, frac)):
+        inside = (index >= 0) & (index <= L - 1)
+        out += torch.where(inside, coef * rows[..., index.long().clamp(0, L - 1)].double(), 0.0)
+    return out
+
+
 def run_with_grads(fn, inputs: dict[str, torch.Tensor | None], grad_out: torch.Tensor, **kwargs):
     """fn(**inputs, **kwargs) and the gradients of <out, grad_out> for every floating input tensor (zeros for
     those the output does not depend on, as the reference's on empty inputs)."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mamba_adaptor_ops as mao
-from helpers import check_against_reference, random_like
+from helpers import check_against_reference, interpolate, random_like
 from mamba_adaptor_ops import reference
 
 pytestmark = [
@@ -113,20 +113,11 @@ def test_gather_more_than_2_pow_31_elements():
         ]
     )
 
-    def interp(row: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # float64 values at float32 positions
-        lo = torch.floor(pos)
-        frac = (pos - lo).double()
-        out = torch.zeros(pos.shape, dtype=torch.float64, device="cuda")
-        for index, coef in ((lo, 1 - frac), (lo + 1, frac)):
-            valid = (index >= 0) & (index <= L - 1)
-            out += torch.where(valid, coef * row[..., index.long().clamp(0, L - 1)].double(), 0.0)
-        return out
-
     out = mao.state_gather(h, offsets, weights)
     pos = t.float() + offsets[0, 0, :, t].float()  # (K, n)
     w = weights[0, 0, :, t].double()
     for d in rows.tolist():
-        expected = h[0, 0, d, t].double() + (w * interp(h[0, 0, d], pos)).sum(0)
+        expected = h[0, 0, d, t].double() + (w * interpolate(h[0, 0, d], pos)).sum(0)
         torch.testing.assert_close(out[0, 0, d, t].double(), expected, atol=0.05, rtol=0.02)
     del out
 
@@ -136,7 +127,7 @@ def test_gather_more_than_2_pow_31_elements():
     )
     g = grad[0, 0, :, t].double()  # (D, n)
     for k in range(K):
-        v = interp(h[0, 0], pos[k])  # (D, n)
+        v = interpolate(h[0, 0], pos[k])  # (D, n)
         torch.testing.assert_close(grad_weights[0, 0, k, t].double(), (g * v).sum(0), atol=0.3, rtol=0.02)
     # Targets below 2^20, where t + shift is exact: sources t - floor(shift) (coef 1 - frac), t - floor(shift) - 1 (frac).
     i = t[t < 2**20]
