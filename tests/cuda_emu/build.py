@@ -5,9 +5,11 @@ CPU tensors. Tests only; the wheel never contains it.
 The sources are copied and rewritten where C++ cannot read CUDA (launches, shared memory), the registrations
 are moved to the CPU dispatch key of the mamba_adaptor_emu namespace, and everything is compiled with g++
 against the CUDA headers (no GPU, driver or libcudart needed). Builds are cached under build/cuda-emu/ by a
-hash of the inputs.
+hash of the inputs. Variants: "address" (AddressSanitizer, UBSan's alignment check), "thread" (ThreadSanitizer:
+the racecheck) and "traffic" (ThreadSanitizer's instrumentation counting global memory traffic: emu.cpp's
+traffic).
 
-    python tests/cuda_emu/build.py [--sanitizer address|thread]   # prints the path of the built library
+    python tests/cuda_emu/build.py [--variant address|thread|traffic]   # prints the path of the built library
 """
 
 from __future__ import annotations
@@ -101,17 +103,22 @@ def rewrite_shared(text: str) -> str:
     )
 
 
-def rewrite_registration(text: str) -> str:
-    """The CUDA registration as CPU ops of mamba_adaptor_emu: the same checks, params and launches."""
+def namespace(variant: str | None) -> str:
+    """The emulated ops' namespace: torch.ops.mamba_adaptor_emu, or mamba_adaptor_emu_traffic for the traffic
+    build, which is loaded next to a plain one."""
+    return "mamba_adaptor_emu_traffic" if variant == "traffic" else "mamba_adaptor_emu"
+
+
+def rewrite_registration(text: str, ns: str) -> str:
+    """The CUDA registration as CPU ops of namespace `ns`: the same checks, params and launches."""
     text = text.replace(
-        "STABLE_TORCH_LIBRARY_IMPL(mamba_adaptor, CUDA, m)",
-        "STABLE_TORCH_LIBRARY_IMPL(mamba_adaptor_emu, CPU, m)",
+        "STABLE_TORCH_LIBRARY_IMPL(mamba_adaptor, CUDA, m)", f"STABLE_TORCH_LIBRARY_IMPL({ns}, CPU, m)"
     )
     return text.replace("Backend::CUDA", "Backend::CPU")
 
 
-def schemas(cpp: Path) -> str:
-    """The op schemas of cpp/*.cpp, defined again in the mamba_adaptor_emu namespace."""
+def schemas(cpp: Path, ns: str) -> str:
+    """The op schemas of cpp/*.cpp, defined again in namespace `ns`."""
     defs = []
     for source in sorted(cpp.glob("*.cpp")):
         for block in re.findall(
@@ -121,7 +128,7 @@ def schemas(cpp: Path) -> str:
     if not defs:
         raise RuntimeError("no op schema found in cpp/*.cpp")
     return (
-        "#include <torch/csrc/stable/library.h>\n\nSTABLE_TORCH_LIBRARY_FRAGMENT(mamba_adaptor_emu, m) {"
+        f"#include <torch/csrc/stable/library.h>\n\nSTABLE_TORCH_LIBRARY_FRAGMENT({ns}, m) {{"
         + "".join(defs)
         + "\n}\n"
     )
@@ -140,8 +147,8 @@ class CudaScope {
 """
 
 
-def prepare_sources(src: Path) -> list[Path]:
-    """Copies cpp/ and cuda/ into `src`, rewritten; returns the files to compile."""
+def prepare_sources(src: Path, ns: str) -> list[Path]:
+    """Copies cpp/ and cuda/ into `src`, rewritten for ops in namespace `ns`; returns the files to compile."""
     shutil.copytree(ROOT / "cpp", src / "cpp")
     (src / "cuda").mkdir()
     units = [src / "cpp" / "common" / "check.cpp", *sorted((src / "cpp").glob("*_args.cpp"))]
@@ -155,11 +162,11 @@ def prepare_sources(src: Path) -> list[Path]:
         elif path.suffix in (".cu", ".cuh"):
             text = rewrite_shared(rewrite_launches(text))
         elif path.suffix == ".cpp":
-            text = rewrite_registration(text)
+            text = rewrite_registration(text, ns)
         target.write_text(text)
         if path.suffix in (".cu", ".cpp"):
             units.append(target)
-    (src / "schemas.cpp").write_text(schemas(ROOT / "cpp"))
+    (src / "schemas.cpp").write_text(schemas(ROOT / "cpp", ns))
     (src / "selftest.cu").write_text(rewrite_shared(rewrite_launches((EMU / "selftest.cu").read_text())))
     shutil.copy(EMU / "emu.cpp", src / "emu.cpp")
     return [*units, src / "schemas.cpp", src / "selftest.cu", src / "emu.cpp"]
@@ -174,16 +181,23 @@ def _torch_paths() -> tuple[list[str], str]:
     return cpp_extension.include_paths(), str(Path(cpp_extension.library_paths()[0]))
 
 
-SANITIZERS = {
+# Per variant: the flags of every unit but emu.cpp, emu.cpp's define, and the link's flags.
+VARIANTS = {
     # A GPU faults on an access that is not aligned to its type's size (a float4 load off a 16-byte boundary):
     # UBSan's alignment check is that rule on the CPU.
-    "address": ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer"],
+    "address": (
+        ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer"],
+        None,
+        ["-fsanitize=address,alignment"],
+    ),
     # The racecheck build: emu.cpp, not instrumented itself, makes each emulated thread a TSan fiber.
-    "thread": ["-fsanitize=thread"],
+    "thread": (["-fsanitize=thread"], "EMU_RACECHECK", ["-fsanitize=thread"]),
+    # TSan's calls before each access, without its runtime: emu.cpp's counters take them.
+    "traffic": (["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"], "EMU_TRAFFIC", []),
 }
 
 
-def _flags(src: Path, unit: Path, sanitizer: str | None) -> list[str]:
+def _flags(src: Path, unit: Path, variant: str | None) -> list[str]:
     includes, _ = _torch_paths()
     flags = [
         "-std=c++17", "-O2", "-fPIC", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-attributes",
@@ -192,13 +206,16 @@ def _flags(src: Path, unit: Path, sanitizer: str | None) -> list[str]:
         f"-I{src / 'cpp'}", f"-I{src / 'cuda'}", f"-I{EMU}",
         *[f"-isystem{p}" for p in includes], f"-isystem{CUDA_HOME / 'include'}",
     ]  # fmt: skip
-    if sanitizer == "thread" and unit.name == "emu.cpp":
-        return [*flags, "-DEMU_RACECHECK"]
-    return flags + SANITIZERS.get(sanitizer, [])
+    if variant is None:
+        return flags
+    unit_flags, emu_define, _ = VARIANTS[variant]
+    if unit.name == "emu.cpp":
+        return [*flags, f"-D{emu_define}"] if emu_define else flags
+    return flags + unit_flags
 
 
-def _inputs_hash(sanitizer: str | None) -> str:
-    digest = hashlib.sha256(f"{sanitizer} {sys.version} {_torch_paths()}".encode())
+def _inputs_hash(variant: str | None) -> str:
+    digest = hashlib.sha256(f"{variant} {sys.version} {_torch_paths()}".encode())
     for folder in (ROOT / "cpp", ROOT / "cuda", EMU):
         for path in sorted(folder.rglob("*")):
             if path.is_file() and path.suffix in (".h", ".cpp", ".cu", ".cuh", ".py"):
@@ -206,26 +223,26 @@ def _inputs_hash(sanitizer: str | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def build(sanitizer: str | None = None, jobs: int | None = None, verbose: bool = False) -> Path:
-    """The built library (cached), with `sanitizer` ("address", "thread" or None) in every unit."""
+def build(variant: str | None = None, jobs: int | None = None, verbose: bool = False) -> Path:
+    """The built library (cached): plain, or a `variant` of VARIANTS ("address", "thread", "traffic")."""
     reason = available()
     if reason:
         raise RuntimeError(f"cannot build the CUDA emulator: {reason}")
-    if sanitizer not in (None, *SANITIZERS):
-        raise ValueError(f"sanitizer: expected one of {[None, *SANITIZERS]}, got {sanitizer!r}")
-    out = ROOT / "build" / "cuda-emu" / ((f"{sanitizer}-" if sanitizer else "") + _inputs_hash(sanitizer))
+    if variant not in (None, *VARIANTS):
+        raise ValueError(f"variant: expected one of {[None, *VARIANTS]}, got {variant!r}")
+    out = ROOT / "build" / "cuda-emu" / ((f"{variant}-" if variant else "") + _inputs_hash(variant))
     library = out / LIBRARY
     if library.exists():
         return library
     work = out.with_name(out.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    units = prepare_sources(work / "src")
+    units = prepare_sources(work / "src", namespace(variant))
 
     def compile_unit(unit: Path) -> Path:
         obj = work / (unit.parent.name + "_" + unit.name + ".o")
         language = ["-x", "c++", "-include", str(EMU / "emu.h")] if unit.suffix == ".cu" else []
-        command = ["g++", *_flags(work / "src", unit, sanitizer), *language, "-c", str(unit), "-o", str(obj)]
+        command = ["g++", *_flags(work / "src", unit, variant), *language, "-c", str(unit), "-o", str(obj)]
         if verbose:
             print(" ".join(command), flush=True)
         result = subprocess.run(command, capture_output=True, text=True)
@@ -240,8 +257,8 @@ def build(sanitizer: str | None = None, jobs: int | None = None, verbose: bool =
     # CUDA build of torch has loaded the real libcudart (whose calls would fail without a GPU, or act on one).
     link = ["g++", "-shared", "-Wl,-Bsymbolic", "-o", str(work / LIBRARY), *map(str, objects), f"-L{torch_lib}",
             "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]  # fmt: skip
-    if sanitizer:
-        link.append(SANITIZERS[sanitizer][0])
+    if variant:
+        link += VARIANTS[variant][2]
     result = subprocess.run(link, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"linking the emulator failed:\n{result.stderr[-6000:]}")
@@ -252,7 +269,7 @@ def build(sanitizer: str | None = None, jobs: int | None = None, verbose: bool =
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sanitizer", choices=sorted(SANITIZERS))
+    parser.add_argument("--variant", choices=sorted(VARIANTS))
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    print(build(sanitizer=args.sanitizer, verbose=args.verbose))
+    print(build(variant=args.variant, verbose=args.verbose))

@@ -1,6 +1,8 @@
 // The emulator's scheduler, shared memory and the few CUDA runtime calls the kernels' launchers make (see emu.h).
 #include "emu.h"
 
+#include <dlfcn.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #ifdef EMU_RACECHECK
 #include <sanitizer/tsan_interface.h>
@@ -17,6 +19,7 @@ extern "C" void AnnotateBenignRaceSized(const char* file, int line, const volati
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 // ---- fibers: a stack and a saved stack pointer; emu_switch saves the callee-saved registers, the SSE and x87
@@ -433,6 +436,85 @@ void end_block(BlockState& blk) {
   blk.static_smem.clear();
 }
 
+// ---- traffic: the build that counts global memory accesses (build.py's "traffic"). The kernels are compiled
+// with GCC's ThreadSanitizer instrumentation, which calls __tsan_read4(address) and the like before every memory
+// access, and linked without TSan's runtime: the functions at the end of this file are those calls. An access by
+// an emulated thread to memory that is neither its stack (a GPU thread's registers), nor its block's shared
+// memory, nor a host thread's stack (where the launch keeps the kernel's parameters: constant memory on a GPU)
+// is an access to global memory. Per launch: the bytes the threads request, and the distinct 32-byte sectors
+// they touch (a GPU's unit of DRAM traffic), read and written: each sector read from DRAM once and written
+// back once is the least a launch can move, the rest coming from the caches.
+namespace traffic {
+constexpr int kSectorShift = 5;
+
+struct Record {
+  uintptr_t kernel;  // the kernel's address relative to this library's load address; 0 for a memset
+  uint64_t requested_read = 0, requested_written = 0;
+  std::unordered_set<uint64_t> read_sectors, written_sectors;
+};
+
+bool g_on = false;                 // counting (mamba_emu_traffic_start / _stop)
+std::vector<Record> g_records;     // one per launch while counting
+Record* g_current = nullptr;       // the running launch's record (launches run one at a time)
+
+// [begin, end) of the calling host thread's stack.
+std::pair<uintptr_t, uintptr_t> host_stack() {
+  thread_local std::pair<uintptr_t, uintptr_t> range{0, 0};
+  if (range.second == 0) {
+    pthread_attr_t attr;
+    void* base = nullptr;
+    size_t size = 0;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+      pthread_attr_getstack(&attr, &base, &size);
+      pthread_attr_destroy(&attr);
+    }
+    range = {reinterpret_cast<uintptr_t>(base), reinterpret_cast<uintptr_t>(base) + size};
+  }
+  return range;
+}
+
+void begin_launch(const void* kernel) {
+  if (!g_on) return;
+  Dl_info info{};
+  dladdr(kernel, &info);
+  g_records.emplace_back();
+  g_records.back().kernel = reinterpret_cast<uintptr_t>(kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase);
+  g_current = &g_records.back();
+  host_stack();  // computed here, on the host thread, before any emulated thread asks
+}
+
+void end_launch() { g_current = nullptr; }
+
+void add_sectors(std::unordered_set<uint64_t>& sectors, uintptr_t a, size_t size) {
+  for (uint64_t s = a >> kSectorShift; s <= (a + size - 1) >> kSectorShift; ++s) sectors.insert(s);
+}
+
+// cudaMemsetAsync's writes: DRAM traffic on a GPU too, though no kernel's.
+void count_memset(const void* p, size_t bytes) {
+  if (!g_on || bytes == 0) return;
+  Record& r = g_records.emplace_back();
+  r.kernel = 0;
+  r.requested_written = bytes;
+  add_sectors(r.written_sectors, reinterpret_cast<uintptr_t>(p), bytes);
+}
+
+// An access of `size` bytes at `address` by the running code.
+void count(const volatile void* address, size_t size, bool write) {
+  Record* record = g_current;
+  BlockState* blk = g_block;
+  if (record == nullptr || blk == nullptr || blk->current == nullptr) return;  // host code
+  const uintptr_t a = reinterpret_cast<uintptr_t>(address);
+  if (a - reinterpret_cast<uintptr_t>(blk->current->mapping) < kGuardBytes + kStackBytes) return;
+  const auto [stack_begin, stack_end] = host_stack();
+  if (a >= stack_begin && a < stack_end) return;
+  for (const auto& [p, bytes] : blk->memory) {
+    if (a - reinterpret_cast<uintptr_t>(p) < bytes) return;  // shared memory
+  }
+  (write ? record->requested_written : record->requested_read) += size;
+  add_sectors(write ? record->written_sectors : record->read_sectors, a, size);
+}
+}  // namespace traffic
+
 }  // namespace
 
 IntrinsicError intrinsic_error() { return g_intrinsic_error; }
@@ -518,7 +600,9 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cons
   blk.end_token = launch_page;
   BlockState* const outer = g_block;
   g_block = &blk;
+  traffic::begin_launch(kernel);
   const auto end_launch = [&] {
+    traffic::end_launch();
     race::acquire(blk.end_token);
     if (launch_page) munmap(launch_page, 4096);
     g_block = outer;
@@ -609,6 +693,7 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
 
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
   if (emu::driver_too_old()) return cudaErrorInsufficientDriver;
+  emu::traffic::count_memset(ptr, bytes);
   std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
@@ -637,5 +722,68 @@ __attribute__((visibility("default"))) void mamba_emu_set_last_blocks(uint64_t n
 __attribute__((visibility("default"))) void mamba_emu_set_intrinsic_error(int mode) {
   emu::g_intrinsic_error = static_cast<emu::IntrinsicError>(mode >= 0 && mode <= 3 ? mode : 1);
 }
+
+// Traffic (the "traffic" build; elsewhere only memsets are counted): start clears the records and counts every
+// launch and memset until stop. Record i: the kernel's address relative to the library's load address (0: a
+// memset), the bytes requested, read and written, and the distinct 32-byte sectors read and written. Returns 0
+// past the last record.
+__attribute__((visibility("default"))) int mamba_emu_traffic_counted() {
+#ifdef EMU_TRAFFIC
+  return 1;
+#else
+  return 0;
+#endif
+}
+__attribute__((visibility("default"))) void mamba_emu_traffic_start() {
+  emu::traffic::g_records.clear();
+  emu::traffic::g_on = true;
+}
+__attribute__((visibility("default"))) void mamba_emu_traffic_stop() { emu::traffic::g_on = false; }
+__attribute__((visibility("default"))) int mamba_emu_traffic_record(uint64_t i, uint64_t* kernel, uint64_t* counts) {
+  if (i >= emu::traffic::g_records.size()) return 0;
+  const emu::traffic::Record& r = emu::traffic::g_records[i];
+  *kernel = r.kernel;
+  counts[0] = r.requested_read;
+  counts[1] = r.requested_written;
+  counts[2] = r.read_sectors.size();
+  counts[3] = r.written_sectors.size();
+  return 1;
+}
+
+#ifdef EMU_TRAFFIC
+// The calls GCC's -fsanitize=thread puts before each access of the instrumented units (see emu::traffic).
+#define EMU_TRAFFIC_ACCESS(n)                                                                 \
+  void __tsan_read##n(void* p) { emu::traffic::count(p, n, false); }                          \
+  void __tsan_write##n(void* p) { emu::traffic::count(p, n, true); }                          \
+  void __tsan_unaligned_read##n(void* p) { emu::traffic::count(p, n, false); }                \
+  void __tsan_unaligned_write##n(void* p) { emu::traffic::count(p, n, true); }
+EMU_TRAFFIC_ACCESS(1)
+EMU_TRAFFIC_ACCESS(2)
+EMU_TRAFFIC_ACCESS(4)
+EMU_TRAFFIC_ACCESS(8)
+EMU_TRAFFIC_ACCESS(16)
+#undef EMU_TRAFFIC_ACCESS
+void __tsan_read_range(void* p, unsigned long size) { emu::traffic::count(p, size, false); }
+void __tsan_write_range(void* p, unsigned long size) { emu::traffic::count(p, size, true); }
+void __tsan_init() {}
+void __tsan_vptr_update(void**, void*) {}  // host code's virtual calls
+void __tsan_vptr_read(void**) {}
+// The atomics (atomicAdd's compare-and-swap loop): a read, and a write where it stores.
+int __tsan_atomic32_load(const volatile int* p, int) {
+  emu::traffic::count(p, 4, false);
+  return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+int __tsan_atomic32_fetch_add(volatile int* p, int v, int) {
+  emu::traffic::count(p, 4, false);
+  emu::traffic::count(p, 4, true);
+  return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+int __tsan_atomic32_compare_exchange_strong(volatile int* p, int* expected, int desired, int, int) {
+  emu::traffic::count(p, 4, false);
+  const bool stored = __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+  if (stored) emu::traffic::count(p, 4, true);
+  return stored;
+}
+#endif
 
 }  // extern "C"

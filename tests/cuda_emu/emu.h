@@ -17,7 +17,8 @@
 // (NaN floats, -1 ints), so reads of unwritten shared memory show in the results and, under AddressSanitizer,
 // accesses past its end are reported. The order in which ready threads run is a setting (set_schedule):
 // results that depend on it expose a missing barrier. Built with ThreadSanitizer (emu.cpp's race), an access
-// that another thread of the launch writes with no barrier between them is reported whatever the order.
+// that another thread of the launch writes with no barrier between them is reported whatever the order. Built
+// with its instrumentation alone (emu.cpp's traffic), each launch's global memory traffic is counted.
 #pragma once
 
 #include <cuda_bf16.h>
