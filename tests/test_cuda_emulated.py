@@ -687,18 +687,34 @@ def sector_bytes(tensors) -> int:
     return 32 * len(sectors)
 
 
+# How coalesced each forward's warp requests are at least (the fewest sectors they need over the sectors they
+# touch; b2 stage 1), by element size. The scan's float32 lanes load their 8 timesteps as two 16-byte vectors, so
+# each request touches 32 sectors and uses half of each (the next request reads the other half from L1). The NCHW
+# convolution stages 2-byte (4-byte) elements with lanes along x: halos and row ends split a warp's run.
+FORWARD_COALESCING = {
+    "selective_scan": {4: 0.5, 2: 0.99},
+    "state_gather": {4: 0.99, 2: 0.99},
+    "multi_dilation_dwconv2d NCHW": {4: 0.7, 2: 0.55},
+    "multi_dilation_dwconv2d NHWC": {4: 0.7, 2: 0.55},
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_traffic_forward_reads_its_inputs_once_and_writes_its_output_once(traffic, dtype):
     """Each op's forward, on the paper's b2 stage-1 shapes (batch 1; the scan also with d_state 16), is one kernel
     whose global memory accesses touch exactly the sectors of its inputs, read, and of its output, written: one
     pass over memory at DRAM's granularity, nothing read outside the tensors (and the counter sees no shared
-    memory, no stack, no parameters)."""
+    memory, no stack, no parameters); its warps' requests are as coalesced as FORWARD_COALESCING says."""
     for case in stage_cases(list(OPS), ["b2-s1"], 1, [dtype], "cpu"):
         inputs = case.make_inputs()
         forward, _ = traffic.op_calls(case, deterministic=False, inputs=inputs)
         output, (launch,) = traffic.count(forward)
         expected = (sector_bytes(inputs.values()), sector_bytes([output]))
         assert (launch.unique_read, launch.unique_written) == expected, (case.op, case.shape, launch)
+        name = f"{case.op} {case.shape.split()[-1]}" if case.op == "multi_dilation_dwconv2d" else case.op
+        bound = FORWARD_COALESCING[name][dtype.itemsize]
+        assert launch.requests.coalescing >= bound, (name, dtype, launch.requests, sorted(
+            launch.sites, key=lambda site: site.ideal_sectors - site.sectors)[:3])
 
 
 # The backward's DRAM traffic over the fewest bytes it must move (inputs read once, outputs written once: the

@@ -193,7 +193,8 @@ VARIANTS = {
     # The racecheck build: emu.cpp, not instrumented itself, makes each emulated thread a TSan fiber.
     "thread": (["-fsanitize=thread"], "EMU_RACECHECK", ["-fsanitize=thread"]),
     # TSan's calls before each access, without its runtime: emu.cpp's counters take them.
-    "traffic": (["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"], "EMU_TRAFFIC", []),
+    # -g: traffic.py names each call site's file and line.
+    "traffic": (["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-g"], "EMU_TRAFFIC", []),
 }
 
 

@@ -13,6 +13,7 @@ extern "C" void AnnotateBenignRaceSized(const char* file, int line, const volati
 #endif
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <random>
@@ -441,21 +442,60 @@ void end_block(BlockState& blk) {
 // access, and linked without TSan's runtime: the functions at the end of this file are those calls. An access by
 // an emulated thread to memory that is neither its stack (a GPU thread's registers), nor its block's shared
 // memory, nor a host thread's stack (where the launch keeps the kernel's parameters: constant memory on a GPU)
-// is an access to global memory. Per launch: the bytes the threads request, and the distinct 32-byte sectors
-// they touch (a GPU's unit of DRAM traffic), read and written: each sector read from DRAM once and written
-// back once is the least a launch can move, the rest coming from the caches.
+// is an access to global memory. Per launch:
+// - the bytes the threads request, and the distinct 32-byte sectors they read and write (a GPU's unit of DRAM
+//   traffic): each sector read from DRAM once and written back once is the least a launch can move, the rest
+//   coming from the caches;
+// - its warps' requests, each the accesses of a warp's lanes at one instruction (the call site of the
+//   instrumentation) executed for the n-th time by each lane, as a GPU issues one memory instruction for the
+//   warp's active lanes: the sectors each request touches against the fewest its distinct bytes fit in (every
+//   lane reading the same word is one sector; 32 lanes reading 4 consecutive bytes each, four). More sectors
+//   than that is an uncoalesced access, in total and per call site. g++ copies a vector (uint4, float2, ...)
+//   field by field, where the GPU moves it with one instruction: a lane's access of 4 or 8 bytes that continues
+//   its previous one (same kind and size, within one 16-byte block) joins that access's request.
 namespace traffic {
 constexpr int kSectorShift = 5;
+
+// A call site's requests, or a launch's: sectors touched and the fewest their distinct bytes need.
+struct Requests {
+  uint64_t requests = 0, sectors = 0, ideal_sectors = 0;
+  bool write = false;
+};
 
 struct Record {
   uintptr_t kernel;  // the kernel's address relative to this library's load address; 0 for a memset
   uint64_t requested_read = 0, requested_written = 0;
   std::unordered_set<uint64_t> read_sectors, written_sectors;
+  Requests requests;
+  std::map<uintptr_t, Requests> sites;  // by call site, relative to this library's load address
 };
 
-bool g_on = false;                 // counting (mamba_emu_traffic_start / _stop)
-std::vector<Record> g_records;     // one per launch while counting
-Record* g_current = nullptr;       // the running launch's record (launches run one at a time)
+// One request of a warp being gathered: the byte ranges [begin, end) its lanes accessed, and their sectors.
+struct Request {
+  bool write = false;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  std::vector<uint64_t> sectors;
+};
+
+enum Kind { kRead = 1, kWrite = 2, kReadWrite = 3 };  // an atomic read-modify-write is one request doing both
+
+// A thread's last global access: the request and range it went to, for the next field of a vector to join.
+struct LastAccess {
+  Request* request = nullptr;
+  size_t range = 0;
+  Kind kind = kRead;
+  size_t size = 0;
+};
+
+bool g_on = false;              // counting (mamba_emu_traffic_start / _stop)
+std::deque<Record> g_records;   // one per launch while counting
+Record* g_current = nullptr;    // the running launch's record (launches run one at a time)
+uintptr_t g_library_base = 0;   // this library's load address
+// The running block's requests: per thread, how often it executed each call site; per warp, its requests by
+// (call site, execution).
+std::vector<std::unordered_map<uintptr_t, uint32_t>> g_executions;
+std::vector<std::map<std::pair<uintptr_t, uint32_t>, Request>> g_warp_requests;
+std::vector<LastAccess> g_last_access;  // per thread
 
 // [begin, end) of the calling host thread's stack.
 std::pair<uintptr_t, uintptr_t> host_stack() {
@@ -477,16 +517,63 @@ void begin_launch(const void* kernel) {
   if (!g_on) return;
   Dl_info info{};
   dladdr(kernel, &info);
-  g_records.emplace_back();
-  g_records.back().kernel = reinterpret_cast<uintptr_t>(kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase);
-  g_current = &g_records.back();
+  g_library_base = reinterpret_cast<uintptr_t>(info.dli_fbase);
+  g_current = &g_records.emplace_back();
+  g_current->kernel = reinterpret_cast<uintptr_t>(kernel) - g_library_base;
   host_stack();  // computed here, on the host thread, before any emulated thread asks
 }
 
-void end_launch() { g_current = nullptr; }
+void begin_block(size_t threads) {
+  if (g_current == nullptr) return;
+  g_executions.assign(threads, {});
+  g_warp_requests.assign((threads + 31) / 32, {});
+  g_last_access.assign(threads, {});
+}
 
-void add_sectors(std::unordered_set<uint64_t>& sectors, uintptr_t a, size_t size) {
-  for (uint64_t s = a >> kSectorShift; s <= (a + size - 1) >> kSectorShift; ++s) sectors.insert(s);
+// Bytes in the union of the ranges.
+uint64_t covered_bytes(std::vector<std::pair<uintptr_t, uintptr_t>> ranges) {
+  std::sort(ranges.begin(), ranges.end());
+  uint64_t bytes = 0;
+  uintptr_t reached = 0;
+  for (const auto& [begin, end] : ranges) {
+    const uintptr_t from = std::max(begin, reached);
+    if (end > from) bytes += end - from;
+    reached = std::max(reached, end);
+  }
+  return bytes;
+}
+
+void clear_block() {
+  g_executions.clear();
+  g_warp_requests.clear();
+  g_last_access.clear();
+}
+
+// Adds the block's warp requests to the launch's record.
+void end_block() {
+  if (g_current == nullptr) return;
+  for (const auto& warp : g_warp_requests) {
+    for (const auto& [key, request] : warp) {
+      const uint64_t ideal = (covered_bytes(request.ranges) + (1u << kSectorShift) - 1) >> kSectorShift;
+      for (Requests* r : {&g_current->requests, &g_current->sites[key.first - g_library_base]}) {
+        ++r->requests;
+        r->sectors += request.sectors.size();
+        r->ideal_sectors += ideal;
+        r->write = request.write;
+      }
+    }
+  }
+  clear_block();
+}
+
+void end_launch() {
+  clear_block();  // after a fault, the block's requests are left uncounted
+  g_current = nullptr;
+}
+
+template <typename Add>
+void for_each_sector(uintptr_t a, size_t size, Add&& add) {
+  for (uint64_t s = a >> kSectorShift; s <= (a + size - 1) >> kSectorShift; ++s) add(s);
 }
 
 // cudaMemsetAsync's writes: DRAM traffic on a GPU too, though no kernel's.
@@ -495,11 +582,11 @@ void count_memset(const void* p, size_t bytes) {
   Record& r = g_records.emplace_back();
   r.kernel = 0;
   r.requested_written = bytes;
-  add_sectors(r.written_sectors, reinterpret_cast<uintptr_t>(p), bytes);
+  for_each_sector(reinterpret_cast<uintptr_t>(p), bytes, [&](uint64_t s) { r.written_sectors.insert(s); });
 }
 
-// An access of `size` bytes at `address` by the running code.
-void count(const volatile void* address, size_t size, bool write) {
+// An access of `size` bytes at `address` by the running code, made at `site` (the instrumentation's caller).
+void count(const volatile void* address, size_t size, Kind kind, const void* site) {
   Record* record = g_current;
   BlockState* blk = g_block;
   if (record == nullptr || blk == nullptr || blk->current == nullptr) return;  // host code
@@ -510,8 +597,30 @@ void count(const volatile void* address, size_t size, bool write) {
   for (const auto& [p, bytes] : blk->memory) {
     if (a - reinterpret_cast<uintptr_t>(p) < bytes) return;  // shared memory
   }
-  (write ? record->requested_written : record->requested_read) += size;
-  add_sectors(write ? record->written_sectors : record->read_sectors, a, size);
+  if (kind & kRead) record->requested_read += size;
+  if (kind & kWrite) record->requested_written += size;
+  const int thread = blk->current->linear;
+  LastAccess& last = g_last_access[thread];
+  const bool joins = last.request != nullptr && last.kind == kind && last.size == size && (size == 4 || size == 8) &&
+                     last.request->ranges[last.range].second == a &&
+                     last.request->ranges[last.range].first / 16 == (a + size - 1) / 16;
+  if (joins) {
+    last.request->ranges[last.range].second = a + size;
+  } else {
+    const auto pc = reinterpret_cast<uintptr_t>(site);
+    Request& request = g_warp_requests[thread / 32][{pc, g_executions[thread][pc]++}];
+    request.write = kind & kWrite;
+    request.ranges.emplace_back(a, a + size);
+    last = {&request, request.ranges.size() - 1, kind, size};
+  }
+  Request& request = *last.request;
+  for_each_sector(a, size, [&](uint64_t s) {
+    if (kind & kRead) record->read_sectors.insert(s);
+    if (kind & kWrite) record->written_sectors.insert(s);
+    if (std::find(request.sectors.begin(), request.sectors.end(), s) == request.sectors.end()) {
+      request.sectors.push_back(s);
+    }
+  });
 }
 }  // namespace traffic
 
@@ -626,12 +735,14 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cons
             if (race::kOn) t.fiber = fibers.get(2 * i + ((bx + by + bz) & 1));
           }
           if (race::kOn) blk.start_token = block_token(), race::release(blk.start_token);
+          traffic::begin_block(threads);
           try {
             run_block(blk, rng);
           } catch (...) {
             end_block(blk);
             throw;
           }
+          traffic::end_block();
           end_block(blk);
           if (blk.static_bytes + dynamic_smem > static_cast<size_t>(device.smem_optin) ||
               dynamic_smem > dynamic_smem_limit(kernel, blk.static_bytes)) {
@@ -725,8 +836,9 @@ __attribute__((visibility("default"))) void mamba_emu_set_intrinsic_error(int mo
 
 // Traffic (the "traffic" build; elsewhere only memsets are counted): start clears the records and counts every
 // launch and memset until stop. Record i: the kernel's address relative to the library's load address (0: a
-// memset), the bytes requested, read and written, and the distinct 32-byte sectors read and written. Returns 0
-// past the last record.
+// memset); the bytes requested, read and written; the distinct 32-byte sectors read and written; the warps'
+// requests, their sectors and the fewest sectors they needed; the number of call sites. Returns 0 past the last
+// record.
 __attribute__((visibility("default"))) int mamba_emu_traffic_counted() {
 #ifdef EMU_TRAFFIC
   return 1;
@@ -743,47 +855,57 @@ __attribute__((visibility("default"))) int mamba_emu_traffic_record(uint64_t i, 
   if (i >= emu::traffic::g_records.size()) return 0;
   const emu::traffic::Record& r = emu::traffic::g_records[i];
   *kernel = r.kernel;
-  counts[0] = r.requested_read;
-  counts[1] = r.requested_written;
-  counts[2] = r.read_sectors.size();
-  counts[3] = r.written_sectors.size();
+  const uint64_t values[] = {r.requested_read,      r.requested_written,    r.read_sectors.size(),
+                             r.written_sectors.size(), r.requests.requests, r.requests.sectors,
+                             r.requests.ideal_sectors, r.sites.size()};
+  std::copy(std::begin(values), std::end(values), counts);
+  return 1;
+}
+// Call site j of record i: its address relative to the library's load address; its requests, sectors, fewest
+// sectors, and 1 for a store.
+__attribute__((visibility("default"))) int mamba_emu_traffic_site(uint64_t i, uint64_t j, uint64_t* site,
+                                                                  uint64_t* counts) {
+  if (i >= emu::traffic::g_records.size() || j >= emu::traffic::g_records[i].sites.size()) return 0;
+  const auto& [pc, r] = *std::next(emu::traffic::g_records[i].sites.begin(), static_cast<long>(j));
+  *site = pc;
+  const uint64_t values[] = {r.requests, r.sectors, r.ideal_sectors, r.write ? 1u : 0u};
+  std::copy(std::begin(values), std::end(values), counts);
   return 1;
 }
 
 #ifdef EMU_TRAFFIC
 // The calls GCC's -fsanitize=thread puts before each access of the instrumented units (see emu::traffic).
-#define EMU_TRAFFIC_ACCESS(n)                                                                 \
-  void __tsan_read##n(void* p) { emu::traffic::count(p, n, false); }                          \
-  void __tsan_write##n(void* p) { emu::traffic::count(p, n, true); }                          \
-  void __tsan_unaligned_read##n(void* p) { emu::traffic::count(p, n, false); }                \
-  void __tsan_unaligned_write##n(void* p) { emu::traffic::count(p, n, true); }
+#define EMU_CALLER __builtin_return_address(0)
+#define EMU_TRAFFIC_ACCESS(n)                                                                    \
+  void __tsan_read##n(void* p) { emu::traffic::count(p, n, emu::traffic::kRead, EMU_CALLER); }            \
+  void __tsan_write##n(void* p) { emu::traffic::count(p, n, emu::traffic::kWrite, EMU_CALLER); }          \
+  void __tsan_unaligned_read##n(void* p) { emu::traffic::count(p, n, emu::traffic::kRead, EMU_CALLER); }  \
+  void __tsan_unaligned_write##n(void* p) { emu::traffic::count(p, n, emu::traffic::kWrite, EMU_CALLER); }
 EMU_TRAFFIC_ACCESS(1)
 EMU_TRAFFIC_ACCESS(2)
 EMU_TRAFFIC_ACCESS(4)
 EMU_TRAFFIC_ACCESS(8)
 EMU_TRAFFIC_ACCESS(16)
 #undef EMU_TRAFFIC_ACCESS
-void __tsan_read_range(void* p, unsigned long size) { emu::traffic::count(p, size, false); }
-void __tsan_write_range(void* p, unsigned long size) { emu::traffic::count(p, size, true); }
+void __tsan_read_range(void* p, unsigned long size) { emu::traffic::count(p, size, emu::traffic::kRead, EMU_CALLER); }
+void __tsan_write_range(void* p, unsigned long size) { emu::traffic::count(p, size, emu::traffic::kWrite, EMU_CALLER); }
 void __tsan_init() {}
 void __tsan_vptr_update(void**, void*) {}  // host code's virtual calls
 void __tsan_vptr_read(void**) {}
 // The atomics (atomicAdd's compare-and-swap loop): a read, and a write where it stores.
 int __tsan_atomic32_load(const volatile int* p, int) {
-  emu::traffic::count(p, 4, false);
+  emu::traffic::count(p, 4, emu::traffic::kRead, EMU_CALLER);
   return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 int __tsan_atomic32_fetch_add(volatile int* p, int v, int) {
-  emu::traffic::count(p, 4, false);
-  emu::traffic::count(p, 4, true);
+  emu::traffic::count(p, 4, emu::traffic::kReadWrite, EMU_CALLER);
   return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
 int __tsan_atomic32_compare_exchange_strong(volatile int* p, int* expected, int desired, int, int) {
-  emu::traffic::count(p, 4, false);
-  const bool stored = __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
-  if (stored) emu::traffic::count(p, 4, true);
-  return stored;
+  emu::traffic::count(p, 4, emu::traffic::kReadWrite, EMU_CALLER);
+  return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
 }
+#undef EMU_CALLER
 #endif
 
 }  // extern "C"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import subprocess
 import sys
 from collections.abc import Callable
@@ -39,12 +40,31 @@ SECTOR = 32  # bytes
 
 
 @dataclass
+class Requests:
+    """A warp's memory instructions at one call site, or all of a launch's: the sectors they touched and the
+    fewest their distinct bytes fit in (emu.cpp's traffic)."""
+
+    requests: int
+    sectors: int
+    ideal_sectors: int
+    write: bool = False
+    site: str = ""  # file:line (function), for a call site
+
+    @property
+    def coalescing(self) -> float:
+        """Fewest sectors over sectors touched: 1 for perfectly coalesced requests."""
+        return self.ideal_sectors / self.sectors if self.sectors else 1.0
+
+
+@dataclass
 class Launch:
     kernel: str  # e.g. "scan::selective_scan_fwd_kernel", or "cudaMemsetAsync"
     requested_read: int
     requested_written: int
     unique_read: int  # bytes: distinct sectors read x 32
     unique_written: int
+    requests: Requests
+    sites: list[Requests]
 
     @property
     def requested(self) -> int:
@@ -65,9 +85,10 @@ class TrafficCounter:
         self.lib = ctypes.CDLL(str(library))
         if not self.lib.mamba_emu_traffic_counted():
             raise RuntimeError(f"{library} is not the emulator's traffic build")
-        self.lib.mamba_emu_traffic_record.argtypes = [
-            ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64)
-        ]  # fmt: skip
+        out = ctypes.POINTER(ctypes.c_uint64)
+        self.lib.mamba_emu_traffic_record.argtypes = [ctypes.c_uint64, out, out]  # record, kernel, counts
+        self.lib.mamba_emu_traffic_site.argtypes = [ctypes.c_uint64, ctypes.c_uint64, out, out]  # record, site, ...
+        self.library = library
         self.kernels = self._kernel_names(library)
 
     @staticmethod
@@ -91,11 +112,28 @@ class TrafficCounter:
             result = call(*args)
         finally:
             self.lib.mamba_emu_traffic_stop()
-        launches, kernel, counts = [], ctypes.c_uint64(), (ctypes.c_uint64 * 4)()
+        launches, kernel, counts = [], ctypes.c_uint64(), (ctypes.c_uint64 * 8)()
         while self.lib.mamba_emu_traffic_record(len(launches), ctypes.byref(kernel), counts):
             name = self.kernels.get(kernel.value, hex(kernel.value)) if kernel.value else "cudaMemsetAsync"
-            launches.append(Launch(name, counts[0], counts[1], counts[2] * SECTOR, counts[3] * SECTOR))
+            sites = [self._site(len(launches), j) for j in range(counts[7])]
+            launches.append(
+                Launch(name, *counts[:2], counts[2] * SECTOR, counts[3] * SECTOR, Requests(*counts[4:7]), sites)
+            )
         return result, launches
+
+    def _site(self, launch: int, j: int) -> Requests:
+        site, counts = ctypes.c_uint64(), (ctypes.c_uint64 * 4)()
+        self.lib.mamba_emu_traffic_site(launch, j, ctypes.byref(site), counts)
+        return Requests(*counts[:3], bool(counts[3]), self._source(site.value))
+
+    @functools.cache  # noqa: B019 (one counter per process)
+    def _source(self, address: int) -> str:
+        """file:line (function) of the instruction before `address` (the instrumentation's return address)."""
+        lines = subprocess.run(
+            ["addr2line", "-f", "-C", "-s", "-e", str(self.library), hex(address - 1)],
+            capture_output=True, text=True, check=True,
+        ).stdout.splitlines()  # fmt: skip
+        return f"{lines[1]} ({short_name(lines[0])})" if len(lines) >= 2 else hex(address)
 
     def op_calls(
         self, case: OpCase, deterministic: bool, inputs: dict[str, torch.Tensor] | None = None
@@ -147,24 +185,35 @@ def forecast(counter: TrafficCounter, cases: list[OpCase], gpu_cases: list[OpCas
     return rows
 
 
-def table(rows: list[Forecast], bandwidth: float) -> str:
-    """Per call, each launch's unique and requested bytes and their ratios to the minimum, then the total with
-    the time its unique bytes take at `bandwidth` (bytes/s), scaled to the benchmark's GPU batch."""
+def table(rows: list[Forecast], bandwidth: float, sites: int = 0) -> str:
+    """Per call, each launch's unique and requested bytes and their ratios to the minimum, and how coalesced its
+    warps' requests are (fewest sectors / sectors touched), then the total with the time its unique bytes take at
+    `bandwidth` (bytes/s), scaled to the benchmark's GPU batch; with `sites`, each launch's that many call sites
+    that touch the most sectors beyond their fewest."""
     lines = [
-        f"{'call':52} {'kernel':36} {'unique':>7} {'x min':>6} {'requested':>9} {'x min':>6} {'floor ms':>8}"
+        f"{'call':52} {'kernel':36} {'unique':>7} {'x min':>6} {'requested':>9} {'x min':>6} {'coalesced':>9} "
+        f"{'floor ms':>8}"
     ]
     for row in rows:
         label = row.label
         for launch in row.launches:
             lines.append(
                 f"{label:52} {launch.kernel[:36]:36} {launch.unique / 1e6:6.2f}M {launch.unique / row.min_bytes:6.3f} "
-                f"{launch.requested / 1e6:8.2f}M {launch.requested / row.min_bytes:6.2f}"
+                f"{launch.requested / 1e6:8.2f}M {launch.requested / row.min_bytes:6.2f} "
+                f"{launch.requests.coalescing:9.2f}"
             )
             label = ""
+            worst = sorted(launch.sites, key=lambda site: site.ideal_sectors - site.sectors)[:sites]
+            for site in worst:
+                if site.sectors > site.ideal_sectors:
+                    lines.append(
+                        f"{'':52}   {'store' if site.write else 'load'} {site.site}: {site.requests} requests, "
+                        f"{site.sectors / site.requests:.1f} sectors each, fewest {site.ideal_sectors / site.requests:.1f}"
+                    )
         unique, requested = sum(x.unique for x in row.launches), sum(x.requested for x in row.launches)
         lines.append(
             f"{'':52} {'total (min ' + format(row.min_bytes / 1e6, '.2f') + 'M)':36} {unique / 1e6:6.2f}M "
-            f"{unique / row.min_bytes:6.3f} {requested / 1e6:8.2f}M {requested / row.min_bytes:6.2f} "
+            f"{unique / row.min_bytes:6.3f} {requested / 1e6:8.2f}M {requested / row.min_bytes:6.2f} {'':9} "
             f"{unique * row.scale / bandwidth * 1e3:8.3f}"
         )
     return "\n".join(lines)
@@ -180,13 +229,14 @@ def main() -> None:
         "--gpu-batch", type=int, default=128, help="the batch of `floor ms` (the benchmark's)"
     )
     parser.add_argument("--bandwidth", type=float, default=2.96, help="copy bandwidth of `floor ms`, TB/s")
+    parser.add_argument("--sites", type=int, default=0, help="list each kernel's N least coalesced call sites")
     args = parser.parse_args()
     dtypes = [getattr(torch, args.dtype)]
     cases = stage_cases(args.ops, args.stages, args.batch, dtypes, "cpu")
     gpu_cases = stage_cases(
         args.ops, args.stages, args.gpu_batch, dtypes, "cpu"
     )  # sizes only: nothing is made
-    print(table(forecast(TrafficCounter(), cases, gpu_cases), args.bandwidth * 1e12))
+    print(table(forecast(TrafficCounter(), cases, gpu_cases), args.bandwidth * 1e12, args.sites))
 
 
 if __name__ == "__main__":
