@@ -74,6 +74,15 @@ __device__ __forceinline__ void unpack_word(uint32_t word, float* out, __nv_bflo
   out[0] = __uint_as_float(word << 16);
   out[1] = __uint_as_float(word & 0xffff0000u);
 }
+// The word of two 16-bit values, rounded from v[0] (the lower address) and v[1].
+__device__ __forceinline__ uint32_t pack_word(const float (&v)[2], __half) {
+  return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v[0]))) |
+         static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v[1]))) << 16;
+}
+__device__ __forceinline__ uint32_t pack_word(const float (&v)[2], __nv_bfloat16) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v[0]))) |
+         static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v[1]))) << 16;
+}
 
 // Lets `kernel`, which declares `static_bytes` of static shared memory, be launched with `bytes` of dynamic
 // shared memory where the two together exceed the default 48 KiB. The caller's plan keeps

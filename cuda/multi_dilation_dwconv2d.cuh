@@ -191,6 +191,57 @@ __device__ __forceinline__ bool unit_offset(const DwConvParams& p, const Tiling&
   return ch < p.channels;
 }
 
+// Whether unit j's channel word, two 16-bit channels, lies in one aligned 32-bit word of a tensor with `strides`
+// (its channels next to each other: channels_last) and both channels exist; `offset` is then the first one's.
+template <typename T>
+__device__ __forceinline__ bool unit_word(const DwConvParams& p, const Tiling& t, const Block& blk, const Units& u,
+                                          int j, const void* data, const int64_t* strides, int64_t& offset) {
+  int64_t second;
+  return strides[1] == 1 && unit_offset(p, t, blk, u, j, 1, 2, strides, second) &&
+         unit_offset(p, t, blk, u, j, 0, 2, strides, offset) &&
+         reinterpret_cast<uintptr_t>(static_cast<const T*>(data) + offset) % 4 == 0;
+}
+
+// Unit j's kPerWord channel values of `data` (0 for channels that do not exist): one 32-bit load where the word
+// lies in one (unit_word), else one load per channel.
+template <typename T>
+__device__ __forceinline__ void load_unit(const DwConvParams& p, const Tiling& t, const Block& blk, const Units& u,
+                                          int j, const void* data, const int64_t* strides,
+                                          float (&v)[kWordChannels<T>]) {
+  constexpr int kPerWord = kWordChannels<T>;
+  int64_t offset;
+  if constexpr (kPerWord == 2) {
+    if (unit_word<T>(p, t, blk, u, j, data, strides, offset)) {
+      unpack_word(*reinterpret_cast<const uint32_t*>(static_cast<const T*>(data) + offset), v, T{});
+      return;
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kPerWord; ++c) {
+    v[c] = unit_offset(p, t, blk, u, j, c, kPerWord, strides, offset) ? to_float(static_cast<const T*>(data)[offset]) : 0.f;
+  }
+}
+
+// Stores unit j's kPerWord channel values into `data` (the channels that exist): one 32-bit store where the
+// word lies in one (unit_word), else one store per channel.
+template <typename T>
+__device__ __forceinline__ void store_unit(const DwConvParams& p, const Tiling& t, const Block& blk, const Units& u,
+                                           int j, void* data, const int64_t* strides,
+                                           const float (&v)[kWordChannels<T>]) {
+  constexpr int kPerWord = kWordChannels<T>;
+  int64_t offset;
+  if constexpr (kPerWord == 2) {
+    if (unit_word<T>(p, t, blk, u, j, data, strides, offset)) {
+      *reinterpret_cast<uint32_t*>(static_cast<T*>(data) + offset) = pack_word(v, T{});
+      return;
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kPerWord; ++c) {
+    if (unit_offset(p, t, blk, u, j, c, kPerWord, strides, offset)) static_cast<T*>(data)[offset] = from_float<T>(v[c]);
+  }
+}
+
 // Calls f(j, kx, v) for each unit j < u.count of this thread and tap kx of kernel row ky at dilation d: v holds
 // the kPerWord channel values of the staged input that tap reads for unit j.
 template <typename T, int kK, typename F>
@@ -222,12 +273,14 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const DwConvParams p, co
   auto* tile = reinterpret_cast<Bits<T>*>(smem_words);
   float* weights = reinterpret_cast<float*>(smem_words + t.tile_bytes() / 4);
   stage_tile<T>(tile, p.x, p.x_strides, p, t, blk);
+  // Items in the order of p.weight (taps fastest: the block's channels are one contiguous run of it).
   const int n_weights = static_cast<int>(p.n_dilations) * kTaps * t.channels;
   for (int item = threadIdx.x; item < n_weights; item += kThreads) {
-    const int c = item % t.channels, tap = item / t.channels % kTaps;
-    const int64_t i = item / t.channels / kTaps, ch = blk.c0 + c;
-    const int src_tap = flip ? kTaps - 1 - tap : tap;
-    weights[item] = ch < p.channels ? to_float(static_cast<const T*>(p.weight)[(i * p.channels + ch) * kTaps + src_tap]) : 0.f;
+    const int src_tap = item % kTaps, c = item / kTaps % t.channels, i = item / kTaps / t.channels;
+    const int64_t ch = blk.c0 + c;
+    const int tap = flip ? kTaps - 1 - src_tap : src_tap;
+    weights[(i * kTaps + tap) * t.channels + c] =
+        ch < p.channels ? to_float(static_cast<const T*>(p.weight)[(i * p.channels + ch) * kTaps + src_tap]) : 0.f;
   }
   __syncthreads();
 
@@ -257,15 +310,10 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const DwConvParams p, co
     }
   }
 
-  T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int j = 0; j < kUnits; ++j) {
     if (j >= u.count) break;
-#pragma unroll
-    for (int c = 0; c < kPerWord; ++c) {
-      int64_t offset;
-      if (unit_offset(p, t, blk, u, j, c, kPerWord, p.out_strides, offset)) out[offset] = from_float<T>(acc[j][c]);
-    }
+    store_unit<T>(p, t, blk, u, j, p.out, p.out_strides, acc[j]);
   }
 }
 
@@ -307,11 +355,11 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const DwConvBwdPa
   float g[kUnits][kPerWord];
 #pragma unroll
   for (int j = 0; j < kUnits; ++j) {
+    if (j < u.count) {
+      load_unit<T>(p, t, blk, u, j, bp.grad_out, bp.grad_out_strides, g[j]);
+    } else {
 #pragma unroll
-    for (int c = 0; c < kPerWord; ++c) {
-      int64_t offset;
-      const bool exists = j < u.count && unit_offset(p, t, blk, u, j, c, kPerWord, bp.grad_out_strides, offset);
-      g[j][c] = exists ? to_float(static_cast<const T*>(bp.grad_out)[offset]) : 0.f;
+      for (int c = 0; c < kPerWord; ++c) g[j][c] = 0.f;
     }
   }
   __syncthreads();

@@ -695,7 +695,7 @@ FORWARD_COALESCING = {
     "selective_scan": {4: 0.5, 2: 0.99},
     "state_gather": {4: 0.99, 2: 0.99},
     "multi_dilation_dwconv2d NCHW": {4: 0.7, 2: 0.55},
-    "multi_dilation_dwconv2d NHWC": {4: 0.7, 2: 0.55},
+    "multi_dilation_dwconv2d NHWC": {4: 0.99, 2: 0.95},
 }
 
 
