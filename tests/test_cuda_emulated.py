@@ -312,6 +312,19 @@ def test_multi_dilation_dwconv2d_views_and_a_99_kib_device(emu):
         emu.configure()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_multi_dilation_dwconv2d_channels_last_words_off_alignment(emu, dtype):
+    """A channels_last 16-bit grad_out that starts one channel into its storage: its channel words straddle
+    32-bit words, so the weight gradient reads them one channel at a time (load_unit), where an aligned tensor
+    takes one 32-bit access per word."""
+    inputs = conv_inputs(2, 10, 9, 7, k=3, dtype=dtype)
+    inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+    grad = random_like(inputs["x"]).to(dtype)
+    grad = torch.cat([grad[:, :1], grad], dim=1).contiguous(memory_format=torch.channels_last)[:, 1:]
+    assert grad.data_ptr() % 4 == 2 and grad.stride(1) == 1
+    check_against_reference(conv_op(emu), conv_reference, inputs, grad, dtype)
+
+
 # ---- thread order --------------------------------------------------------------------------------------------
 
 
