@@ -13,7 +13,13 @@ time the unique bytes take at the benchmark's GPU batch and a copy bandwidth (de
 measured with the peers' timings). torch's own kernels are not counted: the ops' CUDA registrations call none
 on contiguous inputs (a contiguous copy of a strided grad_out would be one).
 
-    python tests/cuda_emu/traffic.py [--batch 1] [--stages b2-s1 b2-s3] [--ops selective_scan ...]
+The count also groups each warp's accesses into the requests a GPU issues (a lane's n-th execution of an
+instruction) and compares the sectors each touches with the fewest its distinct bytes fit in: `coalesced`, 1.00
+for perfectly coalesced requests; `--sites N` names each kernel's N call sites (file:line) with the most sectors
+beyond their fewest. The emulator runs the code paths of a build without __CUDA_ARCH__ >= 900: sm_80's, e.g.
+four scalar float atomics where sm_90 adds a float4 at once.
+
+    python tests/cuda_emu/traffic.py [--batch 1] [--stages b2-s1 b2-s3] [--ops selective_scan ...] [--sites 2]
 """
 
 from __future__ import annotations
@@ -41,8 +47,8 @@ SECTOR = 32  # bytes
 
 @dataclass
 class Requests:
-    """A warp's memory instructions at one call site, or all of a launch's: the sectors they touched and the
-    fewest their distinct bytes fit in (emu.cpp's traffic)."""
+    """The warp requests of one call site, or of a whole launch: the sectors they touched and the fewest their
+    distinct bytes fit in (emu.cpp's traffic)."""
 
     requests: int
     sectors: int
