@@ -876,33 +876,35 @@ __attribute__((visibility("default"))) int mamba_emu_traffic_site(uint64_t i, ui
 #ifdef EMU_TRAFFIC
 // The calls GCC's -fsanitize=thread puts before each access of the instrumented units (see emu::traffic).
 #define EMU_CALLER __builtin_return_address(0)
-#define EMU_TRAFFIC_ACCESS(n)                                                                    \
-  void __tsan_read##n(void* p) { emu::traffic::count(p, n, emu::traffic::kRead, EMU_CALLER); }            \
-  void __tsan_write##n(void* p) { emu::traffic::count(p, n, emu::traffic::kWrite, EMU_CALLER); }          \
-  void __tsan_unaligned_read##n(void* p) { emu::traffic::count(p, n, emu::traffic::kRead, EMU_CALLER); }  \
-  void __tsan_unaligned_write##n(void* p) { emu::traffic::count(p, n, emu::traffic::kWrite, EMU_CALLER); }
+using emu::traffic::count, emu::traffic::kRead, emu::traffic::kWrite, emu::traffic::kReadWrite;
+#define EMU_TRAFFIC_ACCESS(n)                                                                 \
+  void __tsan_read##n(void* p) { count(p, n, kRead, EMU_CALLER); }                            \
+  void __tsan_write##n(void* p) { count(p, n, kWrite, EMU_CALLER); }                          \
+  void __tsan_unaligned_read##n(void* p) { count(p, n, kRead, EMU_CALLER); }                  \
+  void __tsan_unaligned_write##n(void* p) { count(p, n, kWrite, EMU_CALLER); }
 EMU_TRAFFIC_ACCESS(1)
 EMU_TRAFFIC_ACCESS(2)
 EMU_TRAFFIC_ACCESS(4)
 EMU_TRAFFIC_ACCESS(8)
 EMU_TRAFFIC_ACCESS(16)
 #undef EMU_TRAFFIC_ACCESS
-void __tsan_read_range(void* p, unsigned long size) { emu::traffic::count(p, size, emu::traffic::kRead, EMU_CALLER); }
-void __tsan_write_range(void* p, unsigned long size) { emu::traffic::count(p, size, emu::traffic::kWrite, EMU_CALLER); }
+void __tsan_read_range(void* p, unsigned long size) { count(p, size, kRead, EMU_CALLER); }
+void __tsan_write_range(void* p, unsigned long size) { count(p, size, kWrite, EMU_CALLER); }
 void __tsan_init() {}
 void __tsan_vptr_update(void**, void*) {}  // host code's virtual calls
 void __tsan_vptr_read(void**) {}
-// The atomics (atomicAdd's compare-and-swap loop): a read, and a write where it stores.
+// The atomics (emu.h's atomicAdd): a load is a read; a fetch-add or compare-and-swap, one request that reads and
+// writes.
 int __tsan_atomic32_load(const volatile int* p, int) {
-  emu::traffic::count(p, 4, emu::traffic::kRead, EMU_CALLER);
+  count(p, 4, kRead, EMU_CALLER);
   return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 int __tsan_atomic32_fetch_add(volatile int* p, int v, int) {
-  emu::traffic::count(p, 4, emu::traffic::kReadWrite, EMU_CALLER);
+  count(p, 4, kReadWrite, EMU_CALLER);
   return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
 int __tsan_atomic32_compare_exchange_strong(volatile int* p, int* expected, int desired, int, int) {
-  emu::traffic::count(p, 4, emu::traffic::kReadWrite, EMU_CALLER);
+  count(p, 4, kReadWrite, EMU_CALLER);
   return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
 }
 #undef EMU_CALLER
