@@ -20,6 +20,7 @@ extern "C" void AnnotateBenignRaceSized(const char* file, int line, const volati
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <unordered_set>
 #include <vector>
 
@@ -452,13 +453,19 @@ void end_block(BlockState& blk) {
 //   lane reading the same word is one sector; 32 lanes reading 4 consecutive bytes each, four). More sectors
 //   than that is an uncoalesced access, in total and per call site. g++ copies a vector (uint4, float2, ...)
 //   field by field, where the GPU moves it with one instruction: a lane's access of 4 or 8 bytes that continues
-//   its previous one (same kind and size, within one 16-byte block) joins that access's request.
+//   its previous one, made by the next instruction (same kind and size, within one 16-byte block), joins that
+//   access's request. Executions are counted from the lane's last warp-synchronous point (a shuffle, __syncwarp,
+//   __syncthreads), where the lanes of a warp meet: lanes that skip an instruction (a branch around it) shift
+//   their n-th executions only up to the next one. Where lanes of a warp ran a call site more than one time
+//   apart between two such points, its requests there are divergent: counted apart, not as coalesced or not (a
+//   difference of one is a loop's last, partial iteration).
 namespace traffic {
 constexpr int kSectorShift = 5;
 
-// A call site's requests, or a launch's: sectors touched and the fewest their distinct bytes need.
+// A call site's requests, or a launch's: sectors touched and the fewest their distinct bytes need, and the
+// requests of divergent warps (not in the sectors).
 struct Requests {
-  uint64_t requests = 0, sectors = 0, ideal_sectors = 0;
+  uint64_t requests = 0, sectors = 0, ideal_sectors = 0, divergent = 0;
   bool write = false;
 };
 
@@ -479,23 +486,32 @@ struct Request {
 
 enum Kind { kRead = 1, kWrite = 2, kReadWrite = 3 };  // an atomic read-modify-write is one request doing both
 
-// A thread's last global access: the request and range it went to, for the next field of a vector to join.
-struct LastAccess {
+// An emulated thread's state: its warp-synchronous points passed (`epoch`), how often it ran each call site
+// since the last one, and its last global access (request, range, kind, size, call site), for the next field of
+// a vector to join.
+struct Lane {
+  uint32_t epoch = 0;
+  std::unordered_map<uintptr_t, uint32_t> executions;
   Request* request = nullptr;
   size_t range = 0;
   Kind kind = kRead;
   size_t size = 0;
+  uintptr_t pc = 0;
+};
+
+// A warp's requests being gathered, by (call site, epoch, execution), and per (call site, epoch) the fewest and
+// most times one of its lanes ran it.
+struct Warp {
+  std::map<std::tuple<uintptr_t, uint32_t, uint32_t>, Request> requests;
+  std::map<std::pair<uintptr_t, uint32_t>, std::pair<uint32_t, uint32_t>> runs;
 };
 
 bool g_on = false;              // counting (mamba_emu_traffic_start / _stop)
 std::deque<Record> g_records;   // one per launch while counting
 Record* g_current = nullptr;    // the running launch's record (launches run one at a time)
 uintptr_t g_library_base = 0;   // this library's load address
-// The running block's requests: per thread, how often it executed each call site; per warp, its requests by
-// (call site, execution).
-std::vector<std::unordered_map<uintptr_t, uint32_t>> g_executions;
-std::vector<std::map<std::pair<uintptr_t, uint32_t>, Request>> g_warp_requests;
-std::vector<LastAccess> g_last_access;  // per thread
+std::vector<Lane> g_lanes;  // the running block's threads
+std::vector<Warp> g_warps;  // and warps
 
 // [begin, end) of the calling host thread's stack.
 std::pair<uintptr_t, uintptr_t> host_stack() {
@@ -525,9 +541,27 @@ void begin_launch(const void* kernel) {
 
 void begin_block(size_t threads) {
   if (g_current == nullptr) return;
-  g_executions.assign(threads, {});
-  g_warp_requests.assign((threads + 31) / 32, {});
-  g_last_access.assign(threads, {});
+  g_lanes.assign(threads, {});
+  g_warps.assign((threads + 31) / 32, {});
+}
+
+// Thread `thread` leaves its epoch: its counts of runs go to its warp's.
+void close_epoch(size_t thread) {
+  Lane& lane = g_lanes[thread];
+  for (const auto& [pc, n] : lane.executions) {
+    const auto [it, fresh] = g_warps[thread / 32].runs.try_emplace({pc, lane.epoch}, n, n);
+    it->second = {std::min(it->second.first, n), std::max(it->second.second, n)};
+  }
+  lane.executions.clear();
+}
+
+// The running thread reached a warp-synchronous point.
+void sync_point() {
+  if (g_current == nullptr || g_block == nullptr || g_block->current == nullptr) return;
+  const size_t thread = g_block->current->linear;
+  close_epoch(thread);
+  Lane& lane = g_lanes[thread];
+  lane = Lane{lane.epoch + 1};
 }
 
 // Bytes in the union of the ranges.
@@ -544,22 +578,29 @@ uint64_t covered_bytes(std::vector<std::pair<uintptr_t, uintptr_t>> ranges) {
 }
 
 void clear_block() {
-  g_executions.clear();
-  g_warp_requests.clear();
-  g_last_access.clear();
+  g_lanes.clear();
+  g_warps.clear();
 }
 
 // Adds the block's warp requests to the launch's record.
 void end_block() {
   if (g_current == nullptr) return;
-  for (const auto& warp : g_warp_requests) {
-    for (const auto& [key, request] : warp) {
+  for (size_t thread = 0; thread < g_lanes.size(); ++thread) close_epoch(thread);
+  for (const Warp& warp : g_warps) {
+    for (const auto& [key, request] : warp.requests) {
+      const auto [pc, epoch, n] = key;
+      const auto [fewest, most] = warp.runs.at({pc, epoch});
+      const bool divergent = most - fewest > 1;
       const uint64_t ideal = (covered_bytes(request.ranges) + (1u << kSectorShift) - 1) >> kSectorShift;
-      for (Requests* r : {&g_current->requests, &g_current->sites[key.first - g_library_base]}) {
+      for (Requests* r : {&g_current->requests, &g_current->sites[pc - g_library_base]}) {
         ++r->requests;
-        r->sectors += request.sectors.size();
-        r->ideal_sectors += ideal;
         r->write = request.write;
+        if (divergent) {
+          ++r->divergent;
+        } else {
+          r->sectors += request.sectors.size();
+          r->ideal_sectors += ideal;
+        }
       }
     }
   }
@@ -600,20 +641,24 @@ void count(const volatile void* address, size_t size, Kind kind, const void* sit
   if (kind & kRead) record->requested_read += size;
   if (kind & kWrite) record->requested_written += size;
   const int thread = blk->current->linear;
-  LastAccess& last = g_last_access[thread];
-  const bool joins = last.request != nullptr && last.kind == kind && last.size == size && (size == 4 || size == 8) &&
-                     last.request->ranges[last.range].second == a &&
-                     last.request->ranges[last.range].first / 16 == (a + size - 1) / 16;
+  Lane& lane = g_lanes[thread];
+  const auto pc = reinterpret_cast<uintptr_t>(site);
+  const bool joins = lane.request != nullptr && lane.pc != pc && lane.kind == kind && lane.size == size &&
+                     (size == 4 || size == 8) && lane.request->ranges[lane.range].second == a &&
+                     lane.request->ranges[lane.range].first / 16 == (a + size - 1) / 16;
   if (joins) {
-    last.request->ranges[last.range].second = a + size;
+    lane.request->ranges[lane.range].second = a + size;
   } else {
-    const auto pc = reinterpret_cast<uintptr_t>(site);
-    Request& request = g_warp_requests[thread / 32][{pc, g_executions[thread][pc]++}];
+    Request& request = g_warps[thread / 32].requests[{pc, lane.epoch, lane.executions[pc]++}];
     request.write = kind & kWrite;
     request.ranges.emplace_back(a, a + size);
-    last = {&request, request.ranges.size() - 1, kind, size};
+    lane.request = &request;
+    lane.range = request.ranges.size() - 1;
+    lane.kind = kind;
+    lane.size = size;
   }
-  Request& request = *last.request;
+  lane.pc = pc;
+  Request& request = *lane.request;
   for_each_sector(a, size, [&](uint64_t s) {
     if (kind & kRead) record->read_sectors.insert(s);
     if (kind & kWrite) record->written_sectors.insert(s);
@@ -633,12 +678,14 @@ dim3 block_dim() { return g_block->block_dim; }
 dim3 grid_dim() { return g_block->grid_dim; }
 
 void sync_block(const char* file, int line) {
+  traffic::sync_point();
   g_block->current->barrier_file = file;
   g_block->current->barrier_line = line;
   block_current(State::AtBarrier);
 }
 
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t payload, int arg, int width) {
+  traffic::sync_point();
   Thread& t = *g_block->current;
   std::string error;
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0) {
@@ -837,8 +884,8 @@ __attribute__((visibility("default"))) void mamba_emu_set_intrinsic_error(int mo
 // Traffic (the "traffic" build; elsewhere only memsets are counted): start clears the records and counts every
 // launch and memset until stop. Record i: the kernel's address relative to the library's load address (0: a
 // memset); the bytes requested, read and written; the distinct 32-byte sectors read and written; the warps'
-// requests, their sectors and the fewest sectors they needed; the number of call sites. Returns 0 past the last
-// record.
+// requests, the sectors and fewest sectors of those not divergent, the divergent ones; the number of call sites.
+// Returns 0 past the last record.
 __attribute__((visibility("default"))) int mamba_emu_traffic_counted() {
 #ifdef EMU_TRAFFIC
   return 1;
@@ -855,20 +902,20 @@ __attribute__((visibility("default"))) int mamba_emu_traffic_record(uint64_t i, 
   if (i >= emu::traffic::g_records.size()) return 0;
   const emu::traffic::Record& r = emu::traffic::g_records[i];
   *kernel = r.kernel;
-  const uint64_t values[] = {r.requested_read,      r.requested_written,    r.read_sectors.size(),
-                             r.written_sectors.size(), r.requests.requests, r.requests.sectors,
-                             r.requests.ideal_sectors, r.sites.size()};
+  const uint64_t values[] = {r.requested_read,          r.requested_written,    r.read_sectors.size(),
+                             r.written_sectors.size(),  r.requests.requests,    r.requests.sectors,
+                             r.requests.ideal_sectors, r.requests.divergent, r.sites.size()};
   std::copy(std::begin(values), std::end(values), counts);
   return 1;
 }
 // Call site j of record i: its address relative to the library's load address; its requests, sectors, fewest
-// sectors, and 1 for a store.
+// sectors, divergent requests, and 1 for a store.
 __attribute__((visibility("default"))) int mamba_emu_traffic_site(uint64_t i, uint64_t j, uint64_t* site,
                                                                   uint64_t* counts) {
   if (i >= emu::traffic::g_records.size() || j >= emu::traffic::g_records[i].sites.size()) return 0;
   const auto& [pc, r] = *std::next(emu::traffic::g_records[i].sites.begin(), static_cast<long>(j));
   *site = pc;
-  const uint64_t values[] = {r.requests, r.sectors, r.ideal_sectors, r.write ? 1u : 0u};
+  const uint64_t values[] = {r.requests, r.sectors, r.ideal_sectors, r.divergent, r.write ? 1u : 0u};
   std::copy(std::begin(values), std::end(values), counts);
   return 1;
 }

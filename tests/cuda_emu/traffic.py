@@ -16,7 +16,9 @@ on contiguous inputs (a contiguous copy of a strided grad_out would be one).
 The count also groups each warp's accesses into the requests a GPU issues (a lane's n-th execution of an
 instruction) and compares the sectors each touches with the fewest its distinct bytes fit in: `coalesced`, 1.00
 for perfectly coalesced requests; `--sites N` names each kernel's N call sites (file:line) with the most sectors
-beyond their fewest. The emulator runs the code paths of a build without __CUDA_ARCH__ >= 900: sm_80's, e.g.
+beyond their fewest, and its divergent ones: where lanes of a warp ran an instruction more than once apart (a
+branch around it, loops of different lengths), their n-th executions are no longer one request, so those
+requests are counted apart (`divergent`) and left out of `coalesced`. The emulator runs the code paths of a build without __CUDA_ARCH__ >= 900: sm_80's, e.g.
 four scalar float atomics where sm_90 adds a float4 at once.
 
     python tests/cuda_emu/traffic.py [--batch 1] [--stages b2-s1 b2-s3] [--ops selective_scan ...] [--sites 2]
@@ -47,19 +49,24 @@ SECTOR = 32  # bytes
 
 @dataclass
 class Requests:
-    """The warp requests of one call site, or of a whole launch: the sectors they touched and the fewest their
-    distinct bytes fit in (emu.cpp's traffic)."""
+    """The warp requests of one call site, or of a whole launch: the sectors touched by those not divergent and
+    the fewest their distinct bytes fit in, and the divergent ones (emu.cpp's traffic)."""
 
     requests: int
     sectors: int
     ideal_sectors: int
+    divergent: int
     write: bool = False
     site: str = ""  # file:line (function), for a call site
 
     @property
     def coalescing(self) -> float:
-        """Fewest sectors over sectors touched: 1 for perfectly coalesced requests."""
+        """Fewest sectors over sectors touched, of the requests not divergent: 1 for perfectly coalesced ones."""
         return self.ideal_sectors / self.sectors if self.sectors else 1.0
+
+    @property
+    def divergent_share(self) -> float:
+        return self.divergent / self.requests if self.requests else 0.0
 
 
 @dataclass
@@ -118,19 +125,19 @@ class TrafficCounter:
             result = call(*args)
         finally:
             self.lib.mamba_emu_traffic_stop()
-        launches, kernel, counts = [], ctypes.c_uint64(), (ctypes.c_uint64 * 8)()
+        launches, kernel, counts = [], ctypes.c_uint64(), (ctypes.c_uint64 * 9)()
         while self.lib.mamba_emu_traffic_record(len(launches), ctypes.byref(kernel), counts):
             name = self.kernels.get(kernel.value, hex(kernel.value)) if kernel.value else "cudaMemsetAsync"
-            sites = [self._site(len(launches), j) for j in range(counts[7])]
+            sites = [self._site(len(launches), j) for j in range(counts[8])]
             launches.append(
-                Launch(name, *counts[:2], counts[2] * SECTOR, counts[3] * SECTOR, Requests(*counts[4:7]), sites)
+                Launch(name, *counts[:2], counts[2] * SECTOR, counts[3] * SECTOR, Requests(*counts[4:8]), sites)
             )
         return result, launches
 
     def _site(self, launch: int, j: int) -> Requests:
-        site, counts = ctypes.c_uint64(), (ctypes.c_uint64 * 4)()
+        site, counts = ctypes.c_uint64(), (ctypes.c_uint64 * 5)()
         self.lib.mamba_emu_traffic_site(launch, j, ctypes.byref(site), counts)
-        return Requests(*counts[:3], bool(counts[3]), self._source(site.value))
+        return Requests(*counts[:4], bool(counts[4]), self._source(site.value))
 
     @functools.cache  # noqa: B019 (one counter per process)
     def _source(self, address: int) -> str:
@@ -192,13 +199,13 @@ def forecast(counter: TrafficCounter, cases: list[OpCase], gpu_cases: list[OpCas
 
 
 def table(rows: list[Forecast], bandwidth: float, sites: int = 0) -> str:
-    """Per call, each launch's unique and requested bytes and their ratios to the minimum, and how coalesced its
-    warps' requests are (fewest sectors / sectors touched), then the total with the time its unique bytes take at
-    `bandwidth` (bytes/s), scaled to the benchmark's GPU batch; with `sites`, each launch's that many call sites
-    that touch the most sectors beyond their fewest."""
+    """Per call, each launch's unique and requested bytes and their ratios to the minimum, how coalesced its warps'
+    requests are (fewest sectors / sectors touched) and the share of them that is divergent, then the total with
+    the time its unique bytes take at `bandwidth` (bytes/s), scaled to the benchmark's GPU batch; with `sites`,
+    each launch's that many call sites with the most sectors beyond their fewest, and its divergent ones."""
     lines = [
         f"{'call':52} {'kernel':36} {'unique':>7} {'x min':>6} {'requested':>9} {'x min':>6} {'coalesced':>9} "
-        f"{'floor ms':>8}"
+        f"{'divergent':>9} {'floor ms':>8}"
     ]
     for row in rows:
         label = row.label
@@ -206,20 +213,25 @@ def table(rows: list[Forecast], bandwidth: float, sites: int = 0) -> str:
             lines.append(
                 f"{label:52} {launch.kernel[:36]:36} {launch.unique / 1e6:6.2f}M {launch.unique / row.min_bytes:6.3f} "
                 f"{launch.requested / 1e6:8.2f}M {launch.requested / row.min_bytes:6.2f} "
-                f"{launch.requests.coalescing:9.2f}"
+                f"{launch.requests.coalescing:9.2f} {launch.requests.divergent_share:9.0%}"
             )
             label = ""
-            worst = sorted(launch.sites, key=lambda site: site.ideal_sectors - site.sectors)[:sites]
-            for site in worst:
-                if site.sectors > site.ideal_sectors:
-                    lines.append(
-                        f"{'':52}   {'store' if site.write else 'load'} {site.site}: {site.requests} requests, "
-                        f"{site.sectors / site.requests:.1f} sectors each, fewest {site.ideal_sectors / site.requests:.1f}"
-                    )
+            uncoalesced = [site for site in launch.sites if site.sectors > site.ideal_sectors]
+            for site in sorted(uncoalesced, key=lambda site: site.ideal_sectors - site.sectors)[:sites]:
+                lines.append(
+                    f"{'':52}   {'store' if site.write else 'load'} {site.site}: {site.requests} requests, "
+                    f"{site.sectors / (site.requests - site.divergent):.1f} sectors each, fewest "
+                    f"{site.ideal_sectors / (site.requests - site.divergent):.1f}"
+                )
+            for site in [site for site in launch.sites if site.divergent][: sites and len(launch.sites)]:
+                lines.append(
+                    f"{'':52}   {'store' if site.write else 'load'} {site.site}: {site.requests} requests, "
+                    f"{site.divergent_share:.0%} divergent"
+                )
         unique, requested = sum(x.unique for x in row.launches), sum(x.requested for x in row.launches)
         lines.append(
             f"{'':52} {'total (min ' + format(row.min_bytes / 1e6, '.2f') + 'M)':36} {unique / 1e6:6.2f}M "
-            f"{unique / row.min_bytes:6.3f} {requested / 1e6:8.2f}M {requested / row.min_bytes:6.2f} {'':9} "
+            f"{unique / row.min_bytes:6.3f} {requested / 1e6:8.2f}M {requested / row.min_bytes:6.2f} {'':19} "
             f"{unique * row.scale / bandwidth * 1e3:8.3f}"
         )
     return "\n".join(lines)
