@@ -181,20 +181,17 @@ def _torch_paths() -> tuple[list[str], str]:
     return cpp_extension.include_paths(), str(Path(cpp_extension.library_paths()[0]))
 
 
-# Per variant: the flags of every unit but emu.cpp, emu.cpp's define, and the link's flags.
+# Per variant: the flags of every unit but emu.cpp, emu.cpp's flags, and the link's flags.
+_ASAN = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer"]
 VARIANTS = {
     # A GPU faults on an access that is not aligned to its type's size (a float4 load off a 16-byte boundary):
     # UBSan's alignment check is that rule on the CPU.
-    "address": (
-        ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer"],
-        None,
-        ["-fsanitize=address,alignment"],
-    ),
+    "address": (_ASAN, _ASAN, ["-fsanitize=address,alignment"]),
     # The racecheck build: emu.cpp, not instrumented itself, makes each emulated thread a TSan fiber.
-    "thread": (["-fsanitize=thread"], "EMU_RACECHECK", ["-fsanitize=thread"]),
-    # TSan's calls before each access, without its runtime: emu.cpp's counters take them.
-    # -g: traffic.py names each call site's file and line.
-    "traffic": (["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-g"], "EMU_TRAFFIC", []),
+    "thread": (["-fsanitize=thread"], ["-DEMU_RACECHECK"], ["-fsanitize=thread"]),
+    # TSan's calls before each access, without its runtime: emu.cpp's counters take them. -g: traffic.py names
+    # each call site's file and line.
+    "traffic": (["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-g"], ["-DEMU_TRAFFIC"], []),
 }
 
 
@@ -209,10 +206,8 @@ def _flags(src: Path, unit: Path, variant: str | None) -> list[str]:
     ]  # fmt: skip
     if variant is None:
         return flags
-    unit_flags, emu_define, _ = VARIANTS[variant]
-    if unit.name == "emu.cpp":
-        return [*flags, f"-D{emu_define}"] if emu_define else flags
-    return flags + unit_flags
+    unit_flags, emu_flags, _ = VARIANTS[variant]
+    return flags + (emu_flags if unit.name == "emu.cpp" else unit_flags)
 
 
 def _inputs_hash(variant: str | None) -> str:
