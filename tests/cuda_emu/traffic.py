@@ -223,7 +223,7 @@ def table(rows: list[Forecast], bandwidth: float, sites: int = 0) -> str:
                     f"{site.sectors / (site.requests - site.divergent):.1f} sectors each, fewest "
                     f"{site.ideal_sectors / (site.requests - site.divergent):.1f}"
                 )
-            for site in [site for site in launch.sites if site.divergent][: sites and len(launch.sites)]:
+            for site in [site for site in launch.sites if site.divergent and sites]:
                 lines.append(
                     f"{'':52}   {'store' if site.write else 'load'} {site.site}: {site.requests} requests, "
                     f"{site.divergent_share:.0%} divergent"
