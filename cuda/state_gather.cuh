@@ -37,7 +37,7 @@ constexpr int kMaxWindow = 3584;             // positions: 112 KiB of shared mem
 constexpr int kHalo = 768;                   // rows longer than the window: tiles with this halo each side
 constexpr int kPointsTile = kThreads;        // grad_points_kernel: one position per thread ...
 constexpr int kPointsHalo = 128;             // ... and this halo each side
-constexpr int kPointGroup = 4;               // points k per pass of grad_points_kernel (registers)
+constexpr int kPointGroup = 4;               // points k loaded together (SegmentPoints::group)
 constexpr int kCursorSmem = 112 * 1024;      // buckets_kernel keeps its per-warp cursors in shared memory up to this
 constexpr size_t kBucketsStaticSmem = kWarps * sizeof(int);  // buckets_kernel's static shared memory (scan scratch)
 
@@ -123,6 +123,44 @@ __device__ __forceinline__ Sample make_sample(int t, float offset, float weight,
   s.lo = s.ok0 || s.ok1 ? static_cast<int>(lo) : 0;
   return s;
 }
+
+// The offsets and weights (K, L) of one segment (b, s), read in place with their strides (expanded weights too).
+template <typename T>
+struct SegmentPoints {
+  const T *offsets, *weights;
+  const int64_t *os, *ws;  // strides over (b, S, K, L)
+  int L;
+
+  __device__ __forceinline__ SegmentPoints(const StateGatherParams& p, int64_t segment)
+      : os(p.offsets_strides), ws(p.weights_strides), L(static_cast<int>(p.seqlen)) {
+    const int64_t b = segment / p.n_seq, s = segment % p.n_seq;
+    offsets = static_cast<const T*>(p.offsets) + b * os[0] + s * os[1];
+    weights = static_cast<const T*>(p.weights) + b * ws[0] + s * ws[1];
+  }
+
+  __device__ __forceinline__ Sample sample(int64_t k, int t) const {
+    return make_sample(t, to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]), L);
+  }
+
+  // The samples of points k0 .. k0 + kPointGroup - 1 of position t; points past n_points, and all where !active,
+  // are empty samples (weight 0 at position 0). Every offset and weight is loaded before any is used, so the
+  // 2 * kPointGroup loads are in flight together.
+  __device__ __forceinline__ void group(Sample (&smp)[kPointGroup], int64_t n_points, int64_t k0, int t,
+                                        bool active) const {
+    float offset[kPointGroup], weight[kPointGroup];
+#pragma unroll
+    for (int j = 0; j < kPointGroup; ++j) {
+      const int64_t k = k0 + j;
+      const bool live = active && k < n_points;
+      offset[j] = live ? to_float(offsets[k * os[2] + t * os[3]]) : 0.f;
+      weight[j] = live ? to_float(weights[k * ws[2] + t * ws[3]]) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kPointGroup; ++j) {
+      smp[j] = make_sample(active && k0 + j < n_points ? t : 0, offset[j], weight[j], L);
+    }
+  }
+};
 
 // Block decomposition shared by the kernels: a (b, s) segment, a chunk of rows in it, a tile of positions.
 struct Block {
@@ -267,13 +305,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
   constexpr int R = S::kRows;
   extern __shared__ uint4 smem[];
   auto* window = reinterpret_cast<typename S::Bits*>(smem);
-  const int L = static_cast<int>(p.seqlen);
   const auto [blk, h] = stage_row_block<T, kVectorStage>(window, p.h, p, tiling);
 
-  const int64_t b = blk.segment / p.n_seq, s = blk.segment % p.n_seq;
-  const int64_t *os = p.offsets_strides, *ws = p.weights_strides;
-  const T* offsets = static_cast<const T*>(p.offsets) + b * os[0] + s * os[1];
-  const T* weights = static_cast<const T*>(p.weights) + b * ws[0] + s * ws[1];
+  const SegmentPoints<T> points(p, blk.segment);
   T* out = static_cast<T*>(p.out) + blk.row0 * p.seqlen;
   for (int t = blk.t0 + threadIdx.x; t < blk.t1; t += kThreads) {
     float acc[R];
@@ -283,13 +317,18 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r] = 0.f;
     }
-    for (int64_t k = 0; k < p.n_points; ++k) {
-      const Sample smp = make_sample(t, to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]), L);
-      float v0[R], v1[R];
-      read_position<T>(window, blk, h, p.seqlen, smp.ok0, smp.lo, v0);
-      read_position<T>(window, blk, h, p.seqlen, smp.ok1, smp.lo + 1, v1);
+    for (int64_t k0 = 0; k0 < p.n_points; k0 += kPointGroup) {
+      Sample smp[kPointGroup];
+      points.group(smp, p.n_points, k0, t, true);
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] += smp.c0 * v0[r] + smp.c1 * v1[r];
+      for (int j = 0; j < kPointGroup; ++j) {
+        if (k0 + j >= p.n_points) break;
+        float v0[R], v1[R];
+        read_position<T>(window, blk, h, p.seqlen, smp[j].ok0, smp[j].lo, v0);
+        read_position<T>(window, blk, h, p.seqlen, smp[j].ok1, smp[j].lo + 1, v1);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += smp[j].c0 * v0[r] + smp[j].c1 * v1[r];
+      }
     }
     store_rows<T>(out, p.seqlen, blk.n_rows, t, acc);
   }
@@ -328,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
   __shared__ int scratch[kWarps];
   static_assert(sizeof(scratch) == kBucketsStaticSmem, "bucket_layout plans with kBucketsStaticSmem");
   const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen), buckets = L + 1;
-  const int64_t segment = blockIdx.x, b = segment / p.n_seq, s = segment % p.n_seq;
+  const int64_t segment = blockIdx.x;
   int* entry_t = reinterpret_cast<int*>(workspace + layout.entry_t) + segment * n;
   float2* entry_c = reinterpret_cast<float2*>(workspace + layout.entry_c) + segment * n;
   int* starts = reinterpret_cast<int*>(workspace + layout.starts) + segment * (buckets + 1);
@@ -338,14 +377,11 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
   int* my_counts = counts + warp * buckets;
   const int per_warp = ((n + kWarps - 1) / kWarps + 31) / 32 * 32;
   const int e_begin = min(n, warp * per_warp), e_end = min(n, e_begin + per_warp);
-  const int64_t *os = p.offsets_strides, *ws = p.weights_strides;
-  const T* offsets = static_cast<const T*>(p.offsets) + b * os[0] + s * os[1];
-  const T* weights = static_cast<const T*>(p.weights) + b * ws[0] + s * ws[1];
+  const SegmentPoints<T> points(p, segment);
   // The bucket of sample e (lanes past e_end and samples touching no target get -1 - lane: a key of their own).
   const auto sample_at = [&](int e, Sample& smp) {
     if (e >= e_end) return -1 - lane;
-    const int k = e / L, t = e % L;
-    smp = make_sample(t, to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]), L);
+    smp = points.sample(e / L, e % L);
     return smp.ok0 || smp.ok1 ? smp.lo + 1 : -1 - lane;
   };
 
@@ -451,27 +487,18 @@ __global__ void __launch_bounds__(kThreads) grad_points_kernel(const StateGather
   const StateGatherParams& p = bp.fwd;
   const int L = static_cast<int>(p.seqlen);
   const int64_t n_chunks = (p.dim + R - 1) / R;
-  const int64_t segment = blockIdx.x / tiling.n_tiles, b = segment / p.n_seq, s = segment % p.n_seq;
+  const int64_t segment = blockIdx.x / tiling.n_tiles;
   const int tile = static_cast<int>(blockIdx.x % tiling.n_tiles);
   const int t = tile * tiling.tile + static_cast<int>(threadIdx.x);
   const bool active = t < L;
-  const int64_t *os = p.offsets_strides, *ws = p.weights_strides;
-  const T* offsets = static_cast<const T*>(p.offsets) + b * os[0] + s * os[1];
-  const T* weights = static_cast<const T*>(p.weights) + b * ws[0] + s * ws[1];
+  const SegmentPoints<T> points(p, segment);
   T* grad_offsets = static_cast<T*>(bp.grad_offsets) + segment * p.n_points * p.seqlen;
   T* grad_weights = static_cast<T*>(bp.grad_weights) + segment * p.n_points * p.seqlen;
 
   for (int64_t k0 = 0; k0 < p.n_points; k0 += kPointGroup) {
     Sample smp[kPointGroup];
-    float dweight[kPointGroup], dpos[kPointGroup];
-#pragma unroll
-    for (int j = 0; j < kPointGroup; ++j) {
-      const int64_t k = k0 + j;
-      smp[j] = active && k < p.n_points
-                   ? make_sample(t, to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]), L)
-                   : make_sample(0, 0.f, 0.f, L);
-      dweight[j] = dpos[j] = 0.f;
-    }
+    points.group(smp, p.n_points, k0, t, active);
+    float dweight[kPointGroup] = {}, dpos[kPointGroup] = {};
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
       const Block blk = make_block(segment, chunk, tile, p, tiling, R);
       const T* h = static_cast<const T*>(p.h) + blk.row0 * p.seqlen;
