@@ -14,8 +14,9 @@
 //   1. buckets_kernel, block per (b, s): the samples that touch a target (lo in [-1, L-1]) sorted by lo with
 //      a counting sort whose order is fixed (per-warp counts, an ordered scan, each warp filling its own
 //      slots in sample order): workspace entries (t, c0, c1) and bucket starts. Shared by all D channels.
-//   2. grad_h_kernel, block (b, s, row chunk, tile) staging grad_out; thread per target i: grad_out[i] if
-//      residual, + c0 * grad_out[t] over bucket lo = i, + c1 * grad_out[t] over bucket lo = i - 1.
+//   2. grad_h_kernel, block (b, s, row chunk, tile) staging grad_out; target i gets grad_out[i] if residual,
+//      + c1 * grad_out[t] over bucket lo = i - 1, + c0 * grad_out[t] over bucket lo = i: a lane sums one bucket
+//      for both targets it reaches and passes the c0 sum to its neighbour (runs of 31 targets per warp).
 //   3. grad_points_kernel, block (b, s, tile of kThreads positions) looping over every row chunk, staging h
 //      with a halo; thread per position t sums over D in a fixed order: grad_weights and grad_offsets.
 // Index arithmetic: positions are int (L <= 2^24, checked at registration); row and element offsets int64.
@@ -435,6 +436,13 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
   }
 }
 
+// Warp per run of kRunTargets = 31 targets [i0, i0 + 31) and the 32 buckets i0 .. i0 + 31, one per lane: lane l
+// sums its bucket j = i0 + l once, P0 = sum of c0 * grad_out[t] (reaches target j - 1) and P1 = sum of c1 *
+// grad_out[t] (reaches target j); target i0 + l (l < 31) is residual + P1 of lane l + P0 of lane l + 1. So each
+// entry and its grad_out row are read once per row chunk (a thread per target would read them twice, once for
+// each of the two targets a sample reaches), at the cost of one bucket in 32 summed by two runs.
+constexpr int kRunTargets = 31;
+
 template <typename T, bool kVectorStage>
 __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdParams bp, const Tiling tiling,
                                                         const BucketLayout layout, const char* workspace) {
@@ -450,29 +458,37 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
   const float2* entry_c = reinterpret_cast<const float2*>(workspace + layout.entry_c) + blk.segment * n;
   const int* starts = reinterpret_cast<const int*>(workspace + layout.starts) + blk.segment * (L + 2);
   T* grad_h = static_cast<T*>(bp.grad_h) + blk.row0 * p.seqlen;
-  for (int i = blk.t0 + threadIdx.x; i < blk.t1; i += kThreads) {
-    float acc[R], g[R];
-    if (p.residual) {
-      read_staged<T>(window, i - blk.w0, acc);
-    } else {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int i0 = blk.t0 + warp * kRunTargets; i0 < blk.t1; i0 += kWarps * kRunTargets) {  // warp-uniform
+    const int i = i0 + lane;  // this lane's target and bucket (lo = i - 1)
+    float p0[R], p1[R], g[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = 0.f;
-    }
-    // Bucket i + 1 (lo = i) reaches i through c0, bucket i (lo = i - 1) through c1.
-    const int below = starts[i], mid = starts[i + 1], above = starts[i + 2];
-    for (int e = mid; e < above; ++e) {
-      const float c0 = entry_c[e].x;
+    for (int r = 0; r < R; ++r) p0[r] = p1[r] = 0.f;
+    // Target t1 - 1 needs bucket t1 (<= L: buckets are 0 .. L).
+    const int begin = i <= blk.t1 ? starts[i] : 0, end = i <= blk.t1 ? starts[i + 1] : 0;
+    for (int e = begin; e < end; ++e) {
+      const float2 c = entry_c[e];
       read_position<T>(window, blk, grad, p.seqlen, true, entry_t[e], g);
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] += c0 * g[r];
+      for (int r = 0; r < R; ++r) {
+        p0[r] += c.x * g[r];
+        p1[r] += c.y * g[r];
+      }
     }
-    for (int e = below; e < mid; ++e) {
-      const float c1 = entry_c[e].y;
-      read_position<T>(window, blk, grad, p.seqlen, true, entry_t[e], g);
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] += c1 * g[r];
+    for (int r = 0; r < R; ++r) p0[r] = __shfl_down_sync(0xffffffffu, p0[r], 1);  // P0 of bucket i + 1
+    if (lane < kRunTargets && i < blk.t1) {
+      float acc[R];
+      if (p.residual) {
+        read_staged<T>(window, i - blk.w0, acc);
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = 0.f;
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += p1[r] + p0[r];
+      store_rows<T>(grad_h, p.seqlen, blk.n_rows, i, acc);
     }
-    store_rows<T>(grad_h, p.seqlen, blk.n_rows, i, acc);
   }
 }
 
