@@ -269,6 +269,15 @@ __device__ __forceinline__ void read_position(const typename Staged<T>::Bits* wi
   for (int r = 0; r < R; ++r) v[r] = valid && r < blk.n_rows ? to_float(rows[r * L + i]) : 0.f;
 }
 
+// The kRows values at a sample's two neighbours, lo (v0) and lo + 1 (v1); 0 where a neighbour is invalid.
+template <typename T>
+__device__ __forceinline__ void read_neighbours(const typename Staged<T>::Bits* window, const Block& blk,
+                                                const T* rows, int64_t L, const Sample& smp,
+                                                float (&v0)[Staged<T>::kRows], float (&v1)[Staged<T>::kRows]) {
+  read_position<T>(window, blk, rows, L, smp.ok0, smp.lo, v0);
+  read_position<T>(window, blk, rows, L, smp.ok1, smp.lo + 1, v1);
+}
+
 template <typename T>
 __device__ __forceinline__ void store_rows(T* rows, int64_t L, int n_rows, int t, const float (&v)[Staged<T>::kRows]) {
 #pragma unroll
@@ -312,12 +321,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
   T* out = static_cast<T*>(p.out) + blk.row0 * p.seqlen;
   for (int t = blk.t0 + threadIdx.x; t < blk.t1; t += kThreads) {
     float acc[R];
-    if (p.residual) {
-      read_staged<T>(window, t - blk.w0, acc);
-    } else {
+    read_staged<T>(window, t - blk.w0, acc);  // h[t], the residual
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = 0.f;
-    }
+    for (int r = 0; r < R; ++r) acc[r] = p.residual ? acc[r] : 0.f;
     for (int64_t k0 = 0; k0 < p.n_points; k0 += kPointGroup) {
       Sample smp[kPointGroup];
       points.group(smp, p.n_points, k0, t, true);
@@ -325,8 +331,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
       for (int j = 0; j < kPointGroup; ++j) {
         if (k0 + j >= p.n_points) break;
         float v0[R], v1[R];
-        read_position<T>(window, blk, h, p.seqlen, smp[j].ok0, smp[j].lo, v0);
-        read_position<T>(window, blk, h, p.seqlen, smp[j].ok1, smp[j].lo + 1, v1);
+        read_neighbours<T>(window, blk, h, p.seqlen, smp[j], v0, v1);
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r] += smp[j].c0 * v0[r] + smp[j].c1 * v1[r];
       }
@@ -479,14 +484,9 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
     for (int r = 0; r < R; ++r) p0[r] = __shfl_down_sync(0xffffffffu, p0[r], 1);  // P0 of bucket i + 1
     if (lane < kRunTargets && i < blk.t1) {
       float acc[R];
-      if (p.residual) {
-        read_staged<T>(window, i - blk.w0, acc);
-      } else {
+      read_staged<T>(window, i - blk.w0, acc);  // grad_out[i], the residual's term
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = 0.f;
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] += p1[r] + p0[r];
+      for (int r = 0; r < R; ++r) acc[r] = (p.residual ? acc[r] : 0.f) + p1[r] + p0[r];
       store_rows<T>(grad_h, p.seqlen, blk.n_rows, i, acc);
     }
   }
@@ -530,8 +530,7 @@ __global__ void __launch_bounds__(kThreads) grad_points_kernel(const StateGather
       for (int j = 0; j < kPointGroup; ++j) {
         if (k0 + j >= p.n_points) break;
         float v0[R], v1[R];
-        read_position<T>(window, blk, h, p.seqlen, smp[j].ok0, smp[j].lo, v0);
-        read_position<T>(window, blk, h, p.seqlen, smp[j].ok1, smp[j].lo + 1, v1);
+        read_neighbours<T>(window, blk, h, p.seqlen, smp[j], v0, v1);
         float sum_w = 0.f, sum_p = 0.f;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
