@@ -258,6 +258,16 @@ def test_state_gather_expanded_weights_and_non_finite_offsets(emu):
             torch.testing.assert_close(a, b, equal_nan=True, atol=2e-6, rtol=2e-6)
 
 
+def test_state_gather_every_sample_on_one_position(emu):
+    """Every sample of a segment interpolates between positions 2000 and 2001 of a row longer than one window:
+    one bucket of the backward holds all K * L samples (one lane sums them all) and most tiles read both
+    neighbours outside their staged window."""
+    b, S, D, L, K = 1, 2, 20, 5000, 3
+    inputs = gather_inputs(b, S, D, L, K, spread=1.0)
+    inputs["offsets"] = (2000.25 - torch.arange(L, dtype=torch.float64)).expand(b, S, K, L).float().contiguous()
+    check_against_reference(gather_op(emu), reference.state_gather, inputs, random_like(inputs["h"]), torch.float32)
+
+
 @pytest.mark.parametrize("L", [3200, 4096])
 def test_state_gather_on_a_99_kib_device(emu, L):
     """With 99 KiB of shared memory per block (sm_86, sm_89, sm_120), L = 3200 no longer fits one window."""
