@@ -494,8 +494,12 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
 
 // Blocks: segment-major, then tile (kPointsTile positions, one per thread). For each group of kPointGroup
 // points the block walks every row chunk of D in order, so each sum over D has a fixed order.
+// Two blocks per SM (at most 128 registers): with the 180 it would take otherwise for 16-bit types, one 8-warp
+// block per SM stages 16 KiB of loads at a time, short of the ~25 KiB per SM that 3 TB/s at ~1 us of latency
+// needs (an estimate, for Nsight Compute to confirm). The cost, sm_90 SASS: up to 96 bytes spilled, reloaded
+// only in stage_window's remainder items and where the results are stored.
 template <typename T, bool kVectorStage>
-__global__ void __launch_bounds__(kThreads) grad_points_kernel(const StateGatherBwdParams bp, const Tiling tiling) {
+__global__ void __launch_bounds__(kThreads, 2) grad_points_kernel(const StateGatherBwdParams bp, const Tiling tiling) {
   using S = Staged<T>;
   constexpr int R = S::kRows;
   extern __shared__ uint4 smem[];
