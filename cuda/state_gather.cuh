@@ -39,6 +39,7 @@ constexpr int kHalo = 768;                   // rows longer than the window: til
 constexpr int kPointsTile = kThreads;        // grad_points_kernel: one position per thread ...
 constexpr int kPointsHalo = 128;             // ... and this halo each side
 constexpr int kPointGroup = 4;               // points k loaded together (SegmentPoints::group)
+constexpr int kBucketSteps = 4;              // buckets_kernel: steps of 32 samples per warp loaded together
 constexpr int kCursorSmem = 112 * 1024;      // buckets_kernel keeps its per-warp cursors in shared memory up to this
 constexpr size_t kBucketsStaticSmem = kWarps * sizeof(int);  // buckets_kernel's static shared memory (scan scratch)
 
@@ -139,8 +140,9 @@ struct SegmentPoints {
     weights = static_cast<const T*>(p.weights) + b * ws[0] + s * ws[1];
   }
 
-  __device__ __forceinline__ Sample sample(int64_t k, int t) const {
-    return make_sample(t, to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]), L);
+  // Point k of position t: (offset, weight).
+  __device__ __forceinline__ float2 point(int64_t k, int t) const {
+    return make_float2(to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]));
   }
 
   // The samples of points k0 .. k0 + kPointGroup - 1 of position t; points past n_points, and all where !active,
@@ -151,10 +153,9 @@ struct SegmentPoints {
     float offset[kPointGroup], weight[kPointGroup];
 #pragma unroll
     for (int j = 0; j < kPointGroup; ++j) {
-      const int64_t k = k0 + j;
-      const bool live = active && k < n_points;
-      offset[j] = live ? to_float(offsets[k * os[2] + t * os[3]]) : 0.f;
-      weight[j] = live ? to_float(weights[k * ws[2] + t * ws[3]]) : 0.f;
+      const bool live = active && k0 + j < n_points;
+      offset[j] = live ? point(k0 + j, t).x : 0.f;  // two selects: one of float2 spills more (sm_90)
+      weight[j] = live ? point(k0 + j, t).y : 0.f;
     }
 #pragma unroll
     for (int j = 0; j < kPointGroup; ++j) {
@@ -384,22 +385,34 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
   const int per_warp = ((n + kWarps - 1) / kWarps + 31) / 32 * 32;
   const int e_begin = min(n, warp * per_warp), e_end = min(n, e_begin + per_warp);
   const SegmentPoints<T> points(p, segment);
-  // The bucket of sample e (lanes past e_end and samples touching no target get -1 - lane: a key of their own).
-  const auto sample_at = [&](int e, Sample& smp) {
-    if (e >= e_end) return -1 - lane;
-    smp = points.sample(e / L, e % L);
-    return smp.ok0 || smp.ok1 ? smp.lo + 1 : -1 - lane;
+  // Calls f(e, bucket, sample) for the warp's samples e = e0 + lane, 32 at a time in order, on every lane (lanes
+  // past e_end and samples touching no target get bucket -1 - lane: a key of their own). The offsets and weights
+  // of kBucketSteps such steps are loaded before any is used.
+  const auto for_each_sample = [&](auto&& f) {
+    for (int e0 = e_begin; e0 < e_end; e0 += 32 * kBucketSteps) {
+      float2 pt[kBucketSteps];
+#pragma unroll
+      for (int j = 0; j < kBucketSteps; ++j) {
+        const int e = e0 + 32 * j + lane;
+        pt[j] = e < e_end ? points.point(e / L, e % L) : make_float2(0.f, 0.f);
+      }
+#pragma unroll
+      for (int j = 0; j < kBucketSteps; ++j) {
+        if (e0 + 32 * j >= e_end) break;  // warp-uniform
+        const int e = e0 + 32 * j + lane;
+        const Sample smp = make_sample(e % L, pt[j].x, pt[j].y, L);
+        f(e, e < e_end && (smp.ok0 || smp.ok1) ? smp.lo + 1 : -1 - lane, smp);
+      }
+    }
   };
 
   for (int j = threadIdx.x; j < kWarps * buckets; j += kThreads) counts[j] = 0;
   __syncthreads();
-  for (int e0 = e_begin; e0 < e_end; e0 += 32) {
-    Sample smp;
-    const int bucket = sample_at(e0 + lane, smp);
+  for_each_sample([&](int, int bucket, const Sample&) {
     const unsigned peers = __match_any_sync(0xffffffffu, bucket);
     if (bucket >= 0 && lane == __ffs(peers) - 1) my_counts[bucket] += __popc(peers);
     __syncwarp();
-  }
+  });
   __syncthreads();
 
   // starts[j] = samples in buckets < j; the cursor of warp w in bucket j = starts[j] + its count in warps < w.
@@ -425,10 +438,7 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
   if (threadIdx.x == 0) starts[buckets] = carry;
   __syncthreads();
 
-  for (int e0 = e_begin; e0 < e_end; e0 += 32) {
-    Sample smp;
-    const int e = e0 + lane;
-    const int bucket = sample_at(e, smp);
+  for_each_sample([&](int e, int bucket, const Sample& smp) {
     const unsigned peers = __match_any_sync(0xffffffffu, bucket);
     const int slot = bucket >= 0 ? my_counts[bucket] + __popc(peers & ((1u << lane) - 1)) : 0;
     __syncwarp();  // every peer has read the cursor before its leader moves it
@@ -438,7 +448,7 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
       entry_c[slot] = make_float2(smp.c0, smp.c1);
     }
     __syncwarp();
-  }
+  });
 }
 
 // Warp per run of kRunTargets = 31 targets [i0, i0 + 31) and the 32 buckets i0 .. i0 + 31, one per lane: lane l
