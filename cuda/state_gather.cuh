@@ -481,9 +481,17 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
     for (int r = 0; r < R; ++r) p0[r] = p1[r] = 0.f;
     // Target t1 - 1 needs bucket t1 (<= L: buckets are 0 .. L).
     const int begin = i <= blk.t1 ? starts[i] : 0, end = i <= blk.t1 ? starts[i + 1] : 0;
+    // Entry e + 1 is loaded while entry e is summed: its load's latency overlaps the work of one entry.
+    int t_next = begin < end ? entry_t[begin] : 0;
+    float2 c_next = begin < end ? entry_c[begin] : make_float2(0.f, 0.f);
     for (int e = begin; e < end; ++e) {
-      const float2 c = entry_c[e];
-      read_position<T>(window, blk, grad, p.seqlen, true, entry_t[e], g);
+      const int t = t_next;
+      const float2 c = c_next;
+      if (e + 1 < end) {
+        t_next = entry_t[e + 1];
+        c_next = entry_c[e + 1];
+      }
+      read_position<T>(window, blk, grad, p.seqlen, true, t, g);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         p0[r] += c.x * g[r];
