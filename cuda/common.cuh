@@ -1,4 +1,4 @@
-// Device-side helpers shared by the CUDA kernels: dtype dispatch, float conversion, launch checks.
+// Device-side helpers shared by the CUDA kernels: dtype dispatch, float conversion, launch checks, ordered sums.
 // Torch-free (kernel files see only params structs from cpp/).
 #pragma once
 
@@ -100,5 +100,40 @@ void allow_dynamic_smem(Kernel kernel, size_t bytes, size_t static_bytes) {
 
 // `blocks` as a 1-D grid size; throws naming `kernel` when it exceeds the grid limit 2^31 - 1.
 unsigned grid_size(int64_t blocks, const char* kernel);
+
+// The column sums of a (rows, row_len) float32 matrix m, each in one fixed order (the backwards' deterministic
+// reductions): calls f(column, sum) once per column, from warp 0. A block of kWarps warps sums 32 consecutive
+// columns, lane = column, so that each row's 32 values are one 128-byte load: warp w adds rows w, w + kWarps,
+// w + 2 kWarps, ... with 16 loads in flight, then warp 0 adds the kWarps sums in warp order. (A thread per column
+// walking every row keeps about 4 loads in flight: a thousand rows are hundreds of round trips to L2 one after
+// the other.) Every thread of the block calls it (it holds barriers); blocks: column_sums_grid(row_len).
+template <typename Acc, int kWarps, typename F>
+__device__ __forceinline__ void ordered_column_sums(const float* __restrict__ m, int64_t rows, int64_t row_len, F&& f) {
+  constexpr int kUnroll = 16;
+  __shared__ Acc warp_sums[kWarps][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t c0 = blockIdx.x * int64_t{32}; c0 < row_len; c0 += gridDim.x * int64_t{32}) {  // block-uniform
+    const int64_t c = c0 + lane;
+    Acc sum = 0;
+    if (c < row_len) {
+#pragma unroll kUnroll
+      for (int64_t r = warp; r < rows; r += kWarps) sum += m[r * row_len + c];
+    }
+    warp_sums[warp][lane] = sum;
+    __syncthreads();
+    if (warp == 0 && c < row_len) {
+      Acc total = 0;
+      for (int w = 0; w < kWarps; ++w) total += warp_sums[w][lane];
+      f(c, total);
+    }
+    __syncthreads();  // warp_sums is reused by the next 32 columns
+  }
+}
+
+// Blocks for ordered_column_sums: one per 32 columns, at most 16 per SM (each then loops over several).
+inline unsigned column_sums_grid(int64_t row_len) {
+  const int64_t blocks = ceil_div(row_len, 32), cap = int64_t{sm_count()} * 16;
+  return static_cast<unsigned>(blocks < cap ? blocks : cap);
+}
 
 }  // namespace mamba_adaptor::cuda

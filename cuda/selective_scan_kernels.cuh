@@ -706,11 +706,12 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
     store_items(ddelta + t0, valid, ddt);
   }
 
-  // The row's sums: added to the outputs, or stored for row_sums_to_output_kernel when deterministic.
+  // The row's sums: added to the outputs (output nullptr: an absent dD or ddelta_bias), or stored for
+  // row_sums_to_output_kernel when deterministic, every slot (0 for an absent output): that kernel reads them all.
   auto add_row_sum = [&](float* output, int64_t slot, double value) {
     if (bp.deterministic) {
       row_sums[slot] = static_cast<float>(value);
-    } else {
+    } else if (output != nullptr) {
       atomicAdd(output, static_cast<float>(value));
     }
   };
@@ -718,13 +719,11 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   if (row.active) {
     for (int64_t n = lane; n < N; n += 32) add_row_sum(static_cast<float*>(bp.dA) + row.d * N + n, n, dA_sum[n]);
   }
-  if constexpr (kHasD) {
-    const double dD_row = warp_sum(D_bias_sum.x);
-    if (lane == 0 && row.active) add_row_sum(static_cast<float*>(bp.dD) + row.d, N, dD_row);
-  }
-  if (bp.ddelta_bias) {
-    const double dbias_row = warp_sum(D_bias_sum.y);
-    if (lane == 0 && row.active) add_row_sum(static_cast<float*>(bp.ddelta_bias) + row.d, N + 1, dbias_row);
+  const double dD_row = kHasD ? warp_sum(D_bias_sum.x) : 0.0;
+  const double dbias_row = bp.ddelta_bias ? warp_sum(D_bias_sum.y) : 0.0;
+  if (lane == 0 && row.active) {
+    add_row_sum(kHasD ? static_cast<float*>(bp.dD) + row.d : nullptr, N, dD_row);
+    add_row_sum(bp.ddelta_bias ? static_cast<float*>(bp.ddelta_bias) + row.d : nullptr, N + 1, dbias_row);
   }
 }
 
@@ -745,19 +744,17 @@ __global__ void padded_sums_to_output_kernel(const float* __restrict__ sums, T* 
 }
 
 // Deterministic mode: dA (dim, N), dD and ddelta_bias (dim,) (each may be absent but dA) as the sums over the
-// batch, in order, of the row sums (b, dim, N + 2).
-static __global__ void row_sums_to_output_kernel(const float* __restrict__ row_sums, float* dA, float* dD, float* dbias,
-                                                 int64_t batch, int64_t dim, int64_t N) {
-  const int64_t total = dim * (N + 2);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+// batch, in a fixed order, of the row sums (b, dim, N + 2), in double.
+constexpr int kRowSumsWarps = 8;
+
+static __global__ void __launch_bounds__(kRowSumsWarps * 32)
+    row_sums_to_output_kernel(const float* __restrict__ row_sums, float* dA, float* dD, float* dbias, int64_t batch,
+                              int64_t dim, int64_t N) {
+  ordered_column_sums<double, kRowSumsWarps>(row_sums, batch, dim * (N + 2), [&](int64_t i, double sum) {
     const int64_t d = i / (N + 2), slot = i - d * (N + 2);
     float* out = slot < N ? dA + d * N + slot : slot == N ? (dD ? dD + d : nullptr) : (dbias ? dbias + d : nullptr);
-    if (out == nullptr) continue;
-    double sum = 0.0;
-    for (int64_t b = 0; b < batch; ++b) sum += row_sums[b * total + i];
-    *out = static_cast<float>(sum);
-  }
+    if (out != nullptr) *out = static_cast<float>(sum);
+  });
 }
 
 // ---- launchers (instantiated per dtype) ----------------------------------------------------------------------
@@ -836,8 +833,7 @@ void selective_scan_bwd_launch(const SelectiveScanBwdParams& bp, cudaStream_t st
   }
   check_launch("selective_scan backward dB/dC");
   if (bp.deterministic) {
-    const int64_t outputs = p.dim * (p.dstate + 2);
-    row_sums_to_output_kernel<<<grid_size(ceil_div(outputs, threads), "selective_scan backward"), threads, 0, stream>>>(
+    row_sums_to_output_kernel<<<column_sums_grid(p.dim * (p.dstate + 2)), kRowSumsWarps * 32, 0, stream>>>(
         workspace + ws.row_sums_offset, static_cast<float*>(bp.dA), static_cast<float*>(bp.dD),
         static_cast<float*>(bp.ddelta_bias), p.batch, p.dim, p.dstate);
     check_launch("selective_scan backward dA/dD/ddelta_bias");

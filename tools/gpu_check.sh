@@ -13,8 +13,10 @@
 # benchmark table, the profile summary), sanitizer.log, bench.json, the benchmark plots and ncu.csv. Exits
 # non-zero if a step failed (the profile, a measurement, only reports).
 #
-# The device tool gives a command 10 minutes: the whole check keeps within DEADLINE seconds (default 540),
-# each step within its own cap and what is left, in the order of what only a GPU can show: the CUDA tests,
+# The device tool gives a session 15 minutes of GPU time in all, a machine's start (a minute or two) included,
+# and starts no machine with under 4 minutes left: the whole check keeps within DEADLINE seconds (default 420,
+# which leaves time for a second call, e.g. STEPS="install tests" after a fix, or "install profile"), each step
+# within its own cap and what is left, in the order of what only a GPU can show: the CUDA tests,
 # memcheck and racecheck, the benchmark of the issues' goal shapes (BENCH_ARGS), the profile, then the rest of
 # the tests and initcheck/synccheck. A step cut short is reported as FAILED (124).
 set -uo pipefail
@@ -29,7 +31,7 @@ wants() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo -e "\n===== $* ($(date +%T))" | tee -a "$LOG"; }
 run() { "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "FAILED ($rc): $*" | tee -a "$LOG"; status=1; }; return "$rc"; }
 
-DEADLINE="${DEADLINE:-540}"
+DEADLINE="${DEADLINE:-420}"
 started=$(date +%s)
 # budget CAP: the seconds a step may take, at most CAP and what is left of DEADLINE.
 budget() { local left=$(( DEADLINE - ($(date +%s) - started) )); echo $(( left < $1 ? (left > 0 ? left : 1) : $1 )); }
