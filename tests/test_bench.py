@@ -7,7 +7,8 @@ import json
 import pytest
 
 from mamba_adaptor_ops.bench import cli
-from mamba_adaptor_ops.bench.report import SCHEMA
+from mamba_adaptor_ops.bench.goals import DETERMINISTIC, H100_COPY_GBPS, as_json, check_goals, format_goals
+from mamba_adaptor_ops.bench.report import OURS, SCHEMA, Row
 
 
 def test_cpu_defaults_imply_quick():
@@ -52,6 +53,7 @@ def test_tiny_run_writes_table_json_and_plots(tmp_path, capsys):
 
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["schema"] == SCHEMA
+    assert report["goals"] == []  # the goals are the CUDA kernels'
     assert {"device", "torch", "mamba_adaptor_ops", "copy_bandwidth_gbps", "date"} <= report["meta"].keys()
     rows = report["rows"]
     ops_rows = [r for r in rows if r["suite"] == "ops"]
@@ -87,3 +89,44 @@ def test_time_limit_lists_what_it_skipped(tmp_path, capsys):
     assert all(r["error"] == cli.SKIPPED and r["median_ms"] is None for r in rows)
     assert not [r for r in rows if r["mode"] == "bwd" and r["impl"] == "reference"]  # which never has one
     assert cli.SKIPPED in captured.out
+
+
+def _op_row(name, shape, dtype, mode, ms, batch=128, impl=OURS, peak_mem_mb=None, **info) -> Row:
+    return Row("ops", name, shape, dtype, mode, impl, median_ms=ms, peak_mem_mb=peak_mem_mb,
+               info={"batch": batch, **info})
+
+
+def test_goals_met_short_or_not_run():
+    MB = 2**20
+    rows = [
+        _op_row("selective_scan", "b2-s1", "bfloat16", "fwd", 0.01, batch=64),  # not the goal's batch
+        _op_row("selective_scan", "b2-s1", "bfloat16", "fwd", 0.30),
+        _op_row("selective_scan", "b2-s1", "bfloat16", "bwd", 1.65),
+        _op_row("selective_scan", "b2-s1", "bfloat16", "fwd", 0.2, impl="reference"),  # not ours
+        _op_row("selective_scan", "b2-s1 N=16", "bfloat16", "fwd", 1.0, batch=32),
+        _op_row("state_gather", "b2-s1", "bfloat16", "bwd", 0.5),
+        _op_row("state_gather", "b2-s1", "bfloat16", "bwd", 1.5, impl=DETERMINISTIC),
+        _op_row("state_gather", "b2-s1", "bfloat16", "fwd+bwd", 1.0, peak_mem_mb=1000.0,
+                h_bytes=300 * MB, points_bytes=20 * MB),
+    ]
+    results = {r.goal: r for r in check_goals(rows, H100_COPY_GBPS)}
+    assert len(results) == 16
+    assert results["selective_scan b2-s1 bfloat16 fwd"].verdict == "met"
+    assert results["selective_scan b2-s1 bfloat16 bwd"].verdict == "short: 1.50x the goal"
+    assert results["selective_scan b2-s3 bfloat16 fwd"].verdict == "not run"
+    ratio = results["state_gather b2-s1 bfloat16 deterministic bwd / bwd"]
+    assert ratio.measured == pytest.approx(3.0) and ratio.verdict == "short: 1.50x the goal"
+    memory = results["state_gather b2-s1 bfloat16 fwd+bwd extra memory"]  # 1000 MB - out, dh, doff, dw
+    assert memory.measured == pytest.approx(1000 - 640) and memory.target == 300
+    assert memory.verdict == "short: 1.20x the goal"
+
+    # A device that copies twice as fast: memory-bound goals halve, the compute-bound d_state-16 ones stay.
+    doubled = {r.goal: r for r in check_goals(rows, 2 * H100_COPY_GBPS)}
+    assert doubled["selective_scan b2-s1 bfloat16 fwd"].target == pytest.approx(0.20)
+    assert doubled["selective_scan b2-s1 bfloat16 fwd"].verdict == "short: 1.50x the goal"
+    assert doubled["selective_scan b2-s1 N=16 bfloat16 fwd"].target == 1.2
+    assert doubled["selective_scan b2-s1 N=16 bfloat16 fwd"].verdict == "met"
+
+    table = format_goals(list(results.values()), H100_COPY_GBPS)
+    assert "selective_scan b2-s1 bfloat16 bwd" in table and "mamba_ssm 2.96 ms" in table and "not run" in table
+    assert {"goal", "target", "unit", "measured", "verdict"} <= as_json(list(results.values()))[0].keys()

@@ -16,6 +16,8 @@ import torch
 
 from . import models as model_suite
 from . import ops as op_suite
+from .goals import as_json as goals_json
+from .goals import check_goals, format_goals
 from .report import (
     Row,
     add_speedups,
@@ -256,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     add_speedups(rows)
 
     print(format_table(rows))
-    write_json(args.json, meta, rows)
+    goal_results = check_goals(rows, copy_gbps) if device.type == "cuda" else []  # goals of the CUDA kernels
+    if goal_results:
+        print("\n" + format_goals(goal_results, copy_gbps))
+    write_json(args.json, meta, rows, goals_json(goal_results))
     print(f"\nJSON: {args.json}")
     if not args.no_plots:
         title = f"{meta['device_name']}, torch {meta['torch']}, mamba_adaptor_ops {meta['mamba_adaptor_ops']}"

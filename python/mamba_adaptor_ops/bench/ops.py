@@ -172,11 +172,12 @@ def _gather_case(shape: str, batch: int, C: int, side: int, dtype, device, deter
         ),
         Impl("reference", lambda x: reference.state_gather(**x)),
     ]
-    reads_writes_fwd = 2 * batch * S * C * L + 2 * batch * S * K * L  # h, offsets, weights in; out
-    reads_writes_bwd = 3 * batch * S * C * L + 4 * batch * S * K * L  # h, dout, offsets, weights in; dh, doff, dw
+    h, points = batch * S * C * L, batch * S * K * L  # elements of h (and out, dh); of offsets (weights, ...)
+    reads_writes_fwd = 2 * h + 2 * points  # h, offsets, weights in; out
+    reads_writes_bwd = 3 * h + 4 * points  # h, dout, offsets, weights in; dh, doff, dw
     return OpCase(
         "state_gather", shape, batch, dtype, make_inputs, elem * reads_writes_fwd, elem * reads_writes_bwd, impls,
-        dict(L=L, channels=S * C),
+        dict(L=L, channels=S * C, h_bytes=elem * h, points_bytes=elem * points),
     )
 
 

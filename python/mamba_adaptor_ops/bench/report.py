@@ -77,9 +77,11 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
+def write_json(path: Path, meta: dict, rows: list[Row], goals: list[dict]) -> None:
+    """The report: meta (device, versions), rows, and goals (bench/goals.py's results; empty off CUDA)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"schema": SCHEMA, "meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    report = {"schema": SCHEMA, "meta": meta, "rows": [asdict(r) for r in rows], "goals": goals}
+    path.write_text(json.dumps(report, indent=1))
 
 
 def _pyplot():
