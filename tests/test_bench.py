@@ -1,13 +1,22 @@
-"""The benchmark CLI: argument handling, and the JSON and plots of a tiny CPU run."""
+"""The benchmark CLI: argument handling, the JSON and plots of a tiny CPU run, and the goals check."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from mamba_adaptor_ops.bench import cli
-from mamba_adaptor_ops.bench.goals import DETERMINISTIC, H100_COPY_GBPS, as_json, check_goals, format_goals
+from mamba_adaptor_ops.bench.goals import (
+    DETERMINISTIC,
+    GOALS,
+    H100_COPY_GBPS,
+    as_json,
+    check_goals,
+    format_goals,
+)
+from mamba_adaptor_ops.bench.ops import OPS, stage_cases
 from mamba_adaptor_ops.bench.report import OURS, SCHEMA, Row
 
 
@@ -130,3 +139,11 @@ def test_goals_met_short_or_not_run():
     table = format_goals(list(results.values()), H100_COPY_GBPS)
     assert "selective_scan b2-s1 bfloat16 bwd" in table and "mamba_ssm 2.96 ms" in table and "not run" in table
     assert {"goal", "target", "unit", "measured", "verdict"} <= as_json(list(results.values()))[0].keys()
+
+
+
+def test_every_goal_names_a_case_of_the_op_suite():
+    """A goal whose name, shape, dtype or batch no case has would always read `not run`."""
+    cases = stage_cases(list(OPS), ["b2-s1", "b2-s3"], 128, [torch.float32, torch.bfloat16], "cpu")
+    names = {(c.op, c.shape, str(c.dtype)[6:], c.batch) for c in cases}
+    assert {(g.name, g.shape, g.dtype, g.batch) for g in GOALS} <= names
