@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .report import OURS, Row
+from .report import OURS, Row, aligned
 
 H100_COPY_GBPS = 2960.0
 DETERMINISTIC = f"{OURS} deterministic"
@@ -53,7 +53,7 @@ DETERMINISTIC_BWD_MAX_RATIO = 2.0  # the deterministic backward within 2x of the
 @dataclass
 class Result:
     goal: str  # what is checked, e.g. "selective_scan b2-s1 bfloat16 fwd"
-    target: float  # the goal on this device (ms, a ratio or MB, see unit)
+    target: float | None  # the goal on this device (ms, a ratio or MB, see unit); None: unknown (not run)
     unit: str
     measured: float | None  # None: the run has no such row
     today: str = ""
@@ -61,7 +61,7 @@ class Result:
 
     @property
     def verdict(self) -> str:
-        if self.measured is None:
+        if self.measured is None or self.target is None:
             return "not run"
         if self.measured <= self.target:
             return "met"
@@ -92,7 +92,7 @@ def check_goals(rows: list[Row], copy_gbps: float) -> list[Result]:
     # Extra memory of a forward + backward: its peak beyond the tensors it returns (out and grad_h, each the size
     # of h, grad_offsets and grad_weights), at most the size of h.
     both = _find(rows, name, shape, dtype, "fwd+bwd", batch)
-    h_mb = both.info["h_bytes"] / 2**20 if both else 0.0
+    h_mb = both.info["h_bytes"] / 2**20 if both else None
     extra = None
     if both and both.peak_mem_mb is not None:
         extra = both.peak_mem_mb - (2 * both.info["h_bytes"] + 2 * both.info["points_bytes"]) / 2**20
@@ -101,17 +101,17 @@ def check_goals(rows: list[Row], copy_gbps: float) -> list[Result]:
 
 
 def format_goals(results: list[Result], copy_gbps: float) -> str:
-    lines = [f"Goals (issues 4, 5): H100 times, memory-bound ones scaled by copy bandwidth {copy_gbps:.0f} / "
-             f"{H100_COPY_GBPS:.0f} GB/s"]
-    header = ["goal", "H100 goal", "goal here", "measured", "verdict", "today (H100)"]
-    table = [header] + [
-        [r.goal, "-" if r.h100_ms is None else f"{r.h100_ms:g} ms", f"{r.target:.3g} {r.unit}",
-         "-" if r.measured is None else f"{r.measured:.3g} {r.unit}", r.verdict, r.today or "-"]
+    title = (f"Goals (issues 4, 5): H100 times, memory-bound ones here x {H100_COPY_GBPS:.0f} / {copy_gbps:.0f} GB/s "
+             "(the H100's copy bandwidth / this device's)")
+
+    def cell(value: float | None, unit: str, spec: str = ".3g") -> str:
+        return "-" if value is None else f"{value:{spec}} {unit}"
+
+    table = [["goal", "H100 goal", "goal here", "measured", "verdict", "today (H100)"]] + [
+        [r.goal, cell(r.h100_ms, "ms", "g"), cell(r.target, r.unit), cell(r.measured, r.unit), r.verdict, r.today or "-"]
         for r in results
     ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
-    return "\n".join(lines)
+    return title + "\n" + aligned(table)
 
 
 def as_json(results: list[Result]) -> list[dict]:

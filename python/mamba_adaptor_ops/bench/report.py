@@ -68,7 +68,12 @@ def format_table(rows: list[Row]) -> str:
                                                        ".0f") + ("%" if r.floor_fraction is not None else ""),
             _fmt(r.peak_mem_mb, ".0f"), _fmt(r.images_per_s, ".1f"),
         ])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return aligned(lines)
+
+
+def aligned(lines: list[list[str]]) -> str:
+    """Cells in left-aligned columns, the first line a header underlined with dashes."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for i, line in enumerate(lines):
         out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
