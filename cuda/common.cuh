@@ -130,10 +130,14 @@ __device__ __forceinline__ void ordered_column_sums(const float* __restrict__ m,
   }
 }
 
-// Blocks for ordered_column_sums: one per 32 columns, at most 16 per SM (each then loops over several).
-inline unsigned column_sums_grid(int64_t row_len) {
-  const int64_t blocks = ceil_div(row_len, 32), cap = int64_t{sm_count()} * 16;
+// The grid of a kernel with a grid-stride loop over `blocks` blocks of work: at most `per_sm` blocks per SM,
+// each then looping over several.
+inline unsigned grid_stride_blocks(int64_t blocks, int per_sm) {
+  const int64_t cap = int64_t{sm_count()} * per_sm;
   return static_cast<unsigned>(blocks < cap ? blocks : cap);
 }
+
+// Blocks for ordered_column_sums: one per 32 columns, at most 16 per SM.
+inline unsigned column_sums_grid(int64_t row_len) { return grid_stride_blocks(ceil_div(row_len, 32), 16); }
 
 }  // namespace mamba_adaptor::cuda

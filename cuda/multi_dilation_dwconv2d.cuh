@@ -500,10 +500,7 @@ void kernel_size_switch(int64_t k, F&& f) {
   }
 }
 
-inline unsigned stride_grid(int64_t work) {
-  const int64_t blocks = ceil_div(work, kThreads), cap = static_cast<int64_t>(sm_count()) * 16;
-  return static_cast<unsigned>(blocks < cap ? blocks : cap);
-}
+inline unsigned stride_grid(int64_t work) { return grid_stride_blocks(ceil_div(work, kThreads), 16); }
 
 // out = conv(x) (flip = false) or grad_x = conv^T(grad_out) (flip = true, p.x = grad_out, p.bias = nullptr).
 template <typename T>

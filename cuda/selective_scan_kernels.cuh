@@ -823,8 +823,7 @@ void selective_scan_bwd_launch(const SelectiveScanBwdParams& bp, cudaStream_t st
 
   const int64_t rows = p.batch * p.n_groups * p.dstate;
   const int threads = 256;
-  const unsigned int blocks =
-      static_cast<unsigned int>(std::min<int64_t>(ceil_div(rows * p.seqlen, threads), int64_t{sm_count()} * 8));
+  const unsigned int blocks = grid_stride_blocks(ceil_div(rows * p.seqlen, threads), 8);
   padded_sums_to_output_kernel<T><<<blocks, threads, 0, stream>>>(
       workspace + ws.dB_offset, static_cast<T*>(bp.dB), rows, p.seqlen, ws.padded_len, ws.parts, ws.part_stride);
   if (!p.states_mode) {
