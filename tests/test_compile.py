@@ -3,8 +3,10 @@ with them deploys through torch.export (saved and loaded) and AOTInductor (a com
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -64,3 +66,15 @@ def test_export_save_load_and_aot_inductor_package(tmp_path: Path):
 
     package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "block_aoti.pt2"))
     torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), eager)
+
+
+def test_compiled_states_mode_reports_a_bad_rank_as_eager_does():
+    """The states-mode fake kernel reads sizes of u and A: a wrong rank is the kernels' error under compile too."""
+    A, B = -torch.rand(4, 1), torch.randn(2, 1, 1, 7)  # (dim, N), (b, G, N, L)
+    compiled = torch.compile(torch.ops.mamba_adaptor.selective_scan, fullgraph=True, dynamic=False, backend="eager")
+    for u, a, name in [(torch.randn(4, 7), A, "u"), (torch.randn(2, 4, 7), A[:, 0], "A")]:
+        with pytest.raises(RuntimeError) as eager:
+            torch.ops.mamba_adaptor.selective_scan(u, u.abs(), a, B, None)
+        assert f"expected `{name}` to be a" in str(eager.value)
+        with pytest.raises(RuntimeError, match=re.escape(str(eager.value))):
+            compiled(u, u.abs(), a, B, None)

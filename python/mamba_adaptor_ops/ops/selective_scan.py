@@ -36,9 +36,22 @@ def selective_scan(
     return _call(u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic)
 
 
+def _check_rank(t: Tensor, name: str, rank: int, layout: str) -> None:
+    """The kernels' rank check (cpp/common/check.cpp), word for word."""
+    if t.dim() != rank:
+        raise RuntimeError(
+            f"selective_scan: expected `{name}` to be a {rank}-D tensor {layout}, but got a {t.dim()}-D tensor of "
+            f"shape {tuple(t.shape)}"
+        )
+
+
 @torch.library.register_fake(_OP)
 def _fake(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, deterministic=False):
+    # The kernels check every argument when they run. Under torch.compile this runs first: it checks the ranks
+    # of the tensors whose sizes it reads, so that a bad rank gets the kernels' message, not an IndexError.
     if C is None:
+        _check_rank(u, "u", 3, "(b, dim, L)")
+        _check_rank(A, "A", 2, "(dim, N)")
         return u.new_empty(u.shape[0], u.shape[1], A.shape[1], u.shape[2])
     return u.new_empty(u.shape)
 
