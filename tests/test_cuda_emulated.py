@@ -538,16 +538,17 @@ def test_empty_inputs(emu):
     N=st.sampled_from([1, 2, 5, 16, 33]),
     states=st.booleans(),
     deterministic=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
 )
-def test_selective_scan_random_shapes(emu, b, channels_per_group, G, L, N, states, deterministic, seed):
-    inputs = scan_inputs(b=b, dim=G * channels_per_group, L=L, N=N, G=G, with_C=not states, seed=seed)
+def test_selective_scan_random_shapes(emu, b, channels_per_group, G, L, N, states, deterministic, dtype, seed):
+    inputs = scan_inputs(b=b, dim=G * channels_per_group, L=L, N=N, G=G, dtype=dtype, with_C=not states, seed=seed)
     check_against_reference(
         functools.partial(scan_op(emu), deterministic=deterministic),
         reference.selective_scan,
         inputs,
         scan_grad(inputs, seed),
-        torch.float32,
+        dtype,
         delta_softplus=True,
     )
 
@@ -582,14 +583,13 @@ def test_selective_scan_backward_sums_with_cancellation(emu):
     K=st.integers(1, 6),
     spread=st.sampled_from([0.5, 4.0, 100.0]),
     residual=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
 )
-def test_state_gather_random_shapes(emu, b, S, D, L, K, spread, residual, seed):
-    inputs = gather_inputs(b, S, D, L, K, spread=spread, seed=seed)
+def test_state_gather_random_shapes(emu, b, S, D, L, K, spread, residual, dtype, seed):
+    inputs = gather_inputs(b, S, D, L, K, dtype=dtype, spread=spread, seed=seed)
     grad = random_like(inputs["h"], seed)
-    check_against_reference(
-        gather_op(emu), reference.state_gather, inputs, grad, torch.float32, residual=residual
-    )
+    check_against_reference(gather_op(emu), reference.state_gather, inputs, grad, dtype, residual=residual)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
