@@ -498,6 +498,40 @@ def test_paper_stage_shapes(emu, stage):
     check_against_reference(conv_op(emu), conv_reference, conv, random_like(conv["x"]), dtype)
 
 
+# ---- output layouts ----------------------------------------------------------------------------------------
+
+
+def test_outputs_have_the_fake_kernels_layouts(emu):
+    """Every output of every op and backward op has the shape, strides and dtype of the CPU kernel's, which
+    opcheck holds to the fake kernel's (what torch.compile plans memory with): on strided B, u with swapped
+    strides, h transposed in memory, channels_last and transposed x."""
+    cpu, emulated = torch.ops.mamba_adaptor, torch.ops.mamba_adaptor_emu
+    calls = []
+    for with_C in (True, False):
+        scan = scan_inputs(b=2, dim=8, L=33, N=2, G=2, with_C=with_C, with_D=with_C)
+        scan["u"] = scan["u"].transpose(0, 1).contiguous().transpose(0, 1)
+        scan["B"] = scan["B"].transpose(2, 3).contiguous().transpose(2, 3)
+        y = cpu.selective_scan(*scan.values())
+        calls += [("selective_scan", [*scan.values(), True, False])]
+        calls += [("selective_scan_backward", [torch.randn_like(y), *scan.values(), True, False])]
+    gather = gather_inputs(2, 3, 5, 40, 3)
+    gather["h"] = gather["h"].transpose(2, 3).contiguous().transpose(2, 3)
+    calls += [("state_gather", [*gather.values(), True, False])]
+    calls += [("state_gather_backward", [torch.randn(gather["h"].shape), *gather.values(), True, False])]
+    for layout in (torch.channels_last, "transposed"):
+        conv = conv_inputs(2, 6, 9, 7, 3)
+        x = conv["x"]
+        conv["x"] = x.transpose(2, 3) if layout == "transposed" else x.contiguous(memory_format=layout)
+        calls += [("multi_dilation_dwconv2d", [*conv.values(), [1, 2]])]
+        calls += [("multi_dilation_dwconv2d_backward", [torch.randn(conv["x"].shape), *conv.values(), [1, 2]])]
+    for name, args in calls:
+        expected, got = getattr(cpu, name)(*args), getattr(emulated, name)(*args)
+        expected, got = (expected, got) if isinstance(expected, (tuple, list)) else ([expected], [got])
+        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+            layout = None if e is None else (e.shape, e.stride(), e.dtype)
+            assert layout == (None if g is None else (g.shape, g.stride(), g.dtype)), f"{name} output {i}"
+
+
 # ---- empty inputs ------------------------------------------------------------------------------------------
 
 
