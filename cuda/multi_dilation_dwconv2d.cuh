@@ -60,8 +60,9 @@ struct Tiling {
 // gradient, grad_out for grad_x) on a device with `block_smem` bytes of shared memory per block; the same
 // function sizes the workspace, so both always agree. The tile with its halo and the weights (conv_kernel)
 // stay within kSmemBudget and block_smem, the tile and the static scratch (weight_grad_kernel) within
-// block_smem: the tile shrinks to at most 8 x 8 pixels, then to fewer channel words, until they do, and the
-// direct kernels take over where a halo over 1024 or one channel word of such a tile does not fit.
+// block_smem: where the default tile does not fit, a channels_last one takes the channel words and tile size
+// that read the fewest sectors, an NCHW one shrinks to at most 8 x 8 pixels; and the direct kernels take over
+// where a halo over 1024 or one channel word of an 8 x 8 tile does not fit.
 inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size, size_t block_smem) {
   const int per_word = 4 / elem_size;
   Tiling t{};
@@ -86,7 +87,34 @@ inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size,
   t.staged = halo <= 1024;
   t.halo = static_cast<int>(t.staged ? halo : 0);
   const size_t budget = std::min<size_t>(kSmemBudget, block_smem), scratch = weight_grad_static_smem(p.kernel_size);
-  while (t.staged && (t.tile_bytes() + t.weight_bytes(p) > budget || t.tile_bytes() + scratch > block_smem)) {
+  const auto fits = [&](const Tiling& c) {
+    return c.tile_bytes() + c.weight_bytes(p) <= budget && c.tile_bytes() + scratch <= block_smem;
+  };
+  if (t.staged && t.channels_last && !fits(t)) {
+    // A halo too large for the default tile. The staged words per output word, span_h * span_w / (tile_h *
+    // tile_w), fall as the tile grows, but under 8 channel words (32 bytes) per pixel each pixel's read still
+    // takes a whole sector. Of each count of words with its largest square tile that fits (up to 64 x 64
+    // pixels), take the one that reads the fewest sectors per output word.
+    double fewest = 0;
+    Tiling best = t;
+    for (Tiling c = t; c.words >= 1; c.words /= 2) {
+      c.channels = c.words * per_word;
+      for (int side = 64; side >= 1; --side) {
+        c.tile_h = static_cast<int>(std::min<int64_t>(side, p.height));
+        c.tile_w = static_cast<int>(std::min<int64_t>(side, p.width));
+        if (c.tile_h * c.tile_w * c.words > kThreads * kUnits || !fits(c)) continue;
+        const double sectors = static_cast<double>(c.span_h()) * c.span_w() / (c.tile_h * c.tile_w) *
+                               std::max(1.0, 8.0 / c.words);
+        if (fewest == 0 || sectors < fewest) {
+          fewest = sectors;
+          best = c;
+        }
+        break;
+      }
+    }
+    t = best;
+  }
+  while (t.staged && !fits(t)) {
     if (t.tile_h > 8 && t.tile_h >= t.tile_w) {
       t.tile_h = (t.tile_h + 1) / 2;
     } else if (t.tile_w > 8) {

@@ -293,6 +293,7 @@ def test_state_gather_on_a_99_kib_device(emu, L):
         (1, 40, 70, 70, 7, (1, 3), False),  # several tiles and channel blocks, k = 7
         (2, 3, 9, 8, 5, (1, 2, 4), True),  # three dilations, halo larger than the plane
         (1, 2, 6, 5, 3, (1, 1100), True),  # halo over 1024: the direct kernels
+        (1, 33, 40, 45, 7, (1, 9), False),  # halo 27: channels_last takes fewer channels and a larger tile
     ],
 )
 def test_multi_dilation_dwconv2d(emu, dtype, channels_last, b, C, H, W, k, dilations, bias):
@@ -804,6 +805,18 @@ def test_traffic_backward_within_its_bound(traffic):
         grad = torch.randn_like(forward())
         ratio = sum(launch.unique for launch in traffic.count(backward, grad)[1]) / cases[name].bytes_bwd
         assert 1 <= ratio <= bound, (name, deterministic, ratio)
+
+
+def test_traffic_channels_last_wide_halo(traffic):
+    """A channels_last Adaptor-S whose halo (24: k = 7, dilation 8) does not fit the default tile of 16 x 16 pixels
+    by 32 channels: the tiling that reads the fewest sectors per output (fewer channels, a larger tile) keeps the
+    sectors its requests touch, what the SMs fetch from L2, within 16x the input (the default tile shrunk to 8 x 8
+    pixels touched 64x)."""
+    x = torch.randn(1, 64, 64, 64, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(2, 64, 7, 7, dtype=torch.bfloat16)
+    _, launches = traffic.count(traffic.ops.multi_dilation_dwconv2d, x, weight, None, [1, 8])
+    ratio = sum(launch.requests.sectors for launch in launches) * 32 / (x.numel() * x.element_size())
+    assert ratio <= 16, ratio
 
 
 # ---- sanitizers: the emulator's memcheck and racecheck -------------------------------------------------
