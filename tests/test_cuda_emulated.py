@@ -529,8 +529,8 @@ def test_outputs_have_the_fake_kernels_layouts(emu):
         expected, got = getattr(cpu, name)(*args), getattr(emulated, name)(*args)
         expected, got = (expected, got) if isinstance(expected, (tuple, list)) else ([expected], [got])
         for i, (e, g) in enumerate(zip(expected, got, strict=True)):
-            layout = None if e is None else (e.shape, e.stride(), e.dtype)
-            assert layout == (None if g is None else (g.shape, g.stride(), g.dtype)), f"{name} output {i}"
+            want = None if e is None else (e.shape, e.stride(), e.dtype)
+            assert want == (None if g is None else (g.shape, g.stride(), g.dtype)), f"{name} output {i}"
 
 
 # ---- empty inputs ------------------------------------------------------------------------------------------
