@@ -15,7 +15,8 @@
 //     the bias), reduced over the block in a fixed order and written as one row of partial sums per
 //     (b, tile); reduce_partials_kernel then sums the rows in order: no atomics, bit-identical runs.
 // Direct path, when the halo tile does not fit in the device's shared memory (very large dilations): one thread
-// per output reading global memory, and a block per weight-gradient element with a fixed-order reduction.
+// per output reading global memory, and a block per weight-gradient tap and group of channels (32 channels_last,
+// else 1) with a fixed-order reduction; both read along the input's layout.
 // Index arithmetic: element offsets int64 (strides are int64); in-tile indices int.
 #pragma once
 
@@ -63,13 +64,18 @@ struct Tiling {
 // block_smem: where the default tile does not fit, a channels_last one takes the channel words and tile size
 // that read the fewest sectors, an NCHW one shrinks to at most 8 x 8 pixels; and the direct kernels take over
 // where a halo over 1024 or one channel word of an 8 x 8 tile does not fit.
+// Whether a (b, C, H, W) tensor with `strides` has its channels closer together than its columns.
+__host__ __device__ inline bool is_channels_last(const DwConvParams& p, const int64_t* strides) {
+  return p.channels > 1 && strides[1] < strides[3];
+}
+
 inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size, size_t block_smem) {
   const int per_word = 4 / elem_size;
   Tiling t{};
   int64_t max_dilation = 1;
   for (int64_t i = 0; i < p.n_dilations; ++i) max_dilation = p.dilations[i] > max_dilation ? p.dilations[i] : max_dilation;
   const int64_t halo = (p.kernel_size - 1) / 2 * max_dilation;
-  t.channels_last = p.channels > 1 && strides[1] < strides[3];
+  t.channels_last = is_channels_last(p, strides);
   if (t.channels_last) {
     t.words = 1;
     while (t.words < 32 / per_word && t.words * per_word < p.channels) t.words *= 2;  // a power of 2 up to 32
@@ -447,16 +453,25 @@ __global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const DwConvB
 }
 
 // Direct path: thread per output element, taps read from global memory (zero padding), flipped when `flip`.
+// Elements go in the order of the input's layout (channels fastest for channels_last, else columns), so that
+// each tap of a warp is one coalesced read of the input (the weights, a few KiB, stay in L1).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) direct_conv_kernel(const DwConvParams p, const bool flip) {
   const int64_t k = p.kernel_size, r = (k - 1) / 2, sign = flip ? -1 : 1;
   const int64_t total = p.batch * p.channels * p.height * p.width;
   const T* x = static_cast<const T*>(p.x);
   const T* weight = static_cast<const T*>(p.weight);
+  const bool channels_last = is_channels_last(p, p.x_strides);
   for (int64_t e = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t col = e % p.width, row = e / p.width % p.height, c = e / p.width / p.height % p.channels;
-    const int64_t b = e / p.width / p.height / p.channels;
+    int64_t b, c, row, col;
+    if (channels_last) {
+      c = e % p.channels, col = e / p.channels % p.width, row = e / p.channels / p.width % p.height;
+      b = e / p.channels / p.width / p.height;
+    } else {
+      col = e % p.width, row = e / p.width % p.height, c = e / p.width / p.height % p.channels;
+      b = e / p.width / p.height / p.channels;
+    }
     float acc = p.bias != nullptr ? to_float(static_cast<const T*>(p.bias)[c]) : 0.f;
     for (int64_t i = 0; i < p.n_dilations; ++i) {
       for (int64_t ky = 0; ky < k; ++ky) {
@@ -475,24 +490,32 @@ __global__ void __launch_bounds__(kThreads) direct_conv_kernel(const DwConvParam
   }
 }
 
-// Direct path: block per element of partial_row() (weight taps, then bias), each summing over (b, y, x) in a
-// fixed order (thread-strided, then a tree over the block).
+// Direct path: a block per (dilation, tap, group of `lanes` channels) of grad_weight, then per group of grad_bias,
+// each summing over (b, y, x) in a fixed order: thread t takes channel t % lanes of the group and every
+// (kThreads / lanes)-th pixel from t / lanes, then a tree over those slices. 32 lanes when x is channels_last
+// (a warp reads 32 neighbouring channels of a pixel), else 1 (the block reads along rows).
+__host__ __device__ inline int direct_lanes(const DwConvParams& p) { return is_channels_last(p, p.x_strides) ? 32 : 1; }
+
+inline int64_t direct_weight_grad_blocks(const DwConvParams& p) {
+  return (p.n_dilations * p.kernel_size * p.kernel_size + 1) * ceil_div(p.channels, direct_lanes(p));
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) direct_weight_grad_kernel(const DwConvBwdParams bp) {
   __shared__ float scratch[kThreads];
   const DwConvParams& p = bp.fwd;
-  const int64_t k = p.kernel_size, r = (k - 1) / 2, taps = k * k;
-  const int64_t o = blockIdx.x, n_weights = p.n_dilations * p.channels * taps;
-  const bool is_bias = o >= n_weights;
-  const int64_t c = is_bias ? o - n_weights : o / taps % p.channels;
-  const int64_t i = is_bias ? 0 : o / taps / p.channels, tap = o % taps;
+  const int lanes = direct_lanes(p), slices = kThreads / lanes, slice = threadIdx.x / lanes;
+  const int64_t k = p.kernel_size, r = (k - 1) / 2, taps = k * k, groups = ceil_div(p.channels, lanes);
+  const int64_t item = blockIdx.x / groups, c = blockIdx.x % groups * lanes + threadIdx.x % lanes;
+  const bool is_bias = item == p.n_dilations * taps;  // else item = i * taps + tap
+  const int64_t i = is_bias ? 0 : item / taps, tap = item % taps;
   const int64_t dy = is_bias ? 0 : (tap / k - r) * p.dilations[i], dx = is_bias ? 0 : (tap % k - r) * p.dilations[i];
   const T* x = static_cast<const T*>(p.x);
   const T* grad = static_cast<const T*>(bp.grad_out);
   const int64_t *xs = p.x_strides, *gs = bp.grad_out_strides;
   const int64_t plane = p.height * p.width;
   float sum = 0.f;
-  for (int64_t e = threadIdx.x; e < p.batch * plane; e += kThreads) {
+  for (int64_t e = slice; c < p.channels && e < p.batch * plane; e += slices) {
     const int64_t b = e / plane, row = e % plane / p.width, col = e % p.width;
     const float g = to_float(grad[b * gs[0] + c * gs[1] + row * gs[2] + col * gs[3]]);
     if (is_bias) {
@@ -506,15 +529,15 @@ __global__ void __launch_bounds__(kThreads) direct_weight_grad_kernel(const DwCo
   }
   scratch[threadIdx.x] = sum;
   __syncthreads();
-  for (int half = kThreads / 2; half > 0; half /= 2) {
-    if (static_cast<int>(threadIdx.x) < half) scratch[threadIdx.x] += scratch[threadIdx.x + half];
+  for (int half = slices / 2; half > 0; half /= 2) {
+    if (slice < half) scratch[threadIdx.x] += scratch[threadIdx.x + half * lanes];
     __syncthreads();
   }
-  if (threadIdx.x != 0) return;
+  if (slice != 0 || c >= p.channels) return;
   if (!is_bias) {
-    static_cast<T*>(bp.grad_weight)[o] = from_float<T>(scratch[0]);
+    static_cast<T*>(bp.grad_weight)[(i * p.channels + c) * taps + tap] = from_float<T>(scratch[threadIdx.x]);
   } else if (bp.grad_bias != nullptr) {
-    static_cast<T*>(bp.grad_bias)[c] = from_float<T>(scratch[0]);
+    static_cast<T*>(bp.grad_bias)[c] = from_float<T>(scratch[threadIdx.x]);
   }
 }
 
@@ -554,7 +577,8 @@ void launch_weight_grad(const DwConvBwdParams& bp, cudaStream_t stream) {
   const DwConvParams& p = bp.fwd;
   const Tiling t = plan(p, p.x_strides, sizeof(T), max_block_smem());
   if (!t.staged) {
-    direct_weight_grad_kernel<T><<<grid_size(partial_row(p), "multi_dilation_dwconv2d_backward"), kThreads, 0, stream>>>(bp);
+    const unsigned grid = grid_size(direct_weight_grad_blocks(p), "multi_dilation_dwconv2d_backward");
+    direct_weight_grad_kernel<T><<<grid, kThreads, 0, stream>>>(bp);
     check_launch("multi_dilation_dwconv2d_backward (direct weight gradient)");
     return;
   }

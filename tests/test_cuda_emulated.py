@@ -293,6 +293,7 @@ def test_state_gather_on_a_99_kib_device(emu, L):
         (1, 40, 70, 70, 7, (1, 3), False),  # several tiles and channel blocks, k = 7
         (2, 3, 9, 8, 5, (1, 2, 4), True),  # three dilations, halo larger than the plane
         (1, 2, 6, 5, 3, (1, 1100), True),  # halo over 1024: the direct kernels
+        (2, 37, 90, 85, 3, (2, 81), True),  # halo 81: no staged tile fits, direct; channels_last in two groups
         (1, 33, 40, 45, 7, (1, 9), False),  # halo 27: channels_last takes fewer channels and a larger tile
     ],
 )
