@@ -57,6 +57,11 @@ struct Tiling {
   }
 };
 
+// Whether a (b, C, H, W) tensor with `strides` has its channels closer together than its columns.
+__host__ __device__ inline bool is_channels_last(const DwConvParams& p, const int64_t* strides) {
+  return p.channels > 1 && strides[1] < strides[3];
+}
+
 // The tiling of a staged block for the input read through `strides` (x for the forward and the weight
 // gradient, grad_out for grad_x) on a device with `block_smem` bytes of shared memory per block; the same
 // function sizes the workspace, so both always agree. The tile with its halo and the weights (conv_kernel)
@@ -64,11 +69,6 @@ struct Tiling {
 // block_smem: where the default tile does not fit, a channels_last one takes the channel words and tile size
 // that read the fewest sectors, an NCHW one shrinks to at most 8 x 8 pixels; and the direct kernels take over
 // where a halo over 1024 or one channel word of an 8 x 8 tile does not fit.
-// Whether a (b, C, H, W) tensor with `strides` has its channels closer together than its columns.
-__host__ __device__ inline bool is_channels_last(const DwConvParams& p, const int64_t* strides) {
-  return p.channels > 1 && strides[1] < strides[3];
-}
-
 inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size, size_t block_smem) {
   const int per_word = 4 / elem_size;
   Tiling t{};
