@@ -454,7 +454,8 @@ __global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const DwConvB
 
 // Direct path: thread per output element, taps read from global memory (zero padding), flipped when `flip`.
 // Elements go in the order of the input's layout (channels fastest for channels_last, else columns), so that
-// each tap of a warp is one coalesced read of the input (the weights, a few KiB, stay in L1).
+// each tap of a warp is one coalesced read of the input (the scattered reads are of the weights, a few KiB,
+// expected to stay in L1; not measured on a GPU).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) direct_conv_kernel(const DwConvParams p, const bool flip) {
   const int64_t k = p.kernel_size, r = (k - 1) / 2, sign = flip ? -1 : 1;
