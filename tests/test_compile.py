@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) traces all three ops (fake kernels, autograd) without graph breaks, and a model
-with them deploys through torch.export (saved and loaded) and AOTInductor (a compiled package)."""
+"""torch.compile(fullgraph=True) traces all three ops (fake kernels, autograd) without graph breaks, static or with
+dynamic shapes, and a model with them deploys through torch.export (saved and loaded, dynamic shapes too) and
+AOTInductor (a compiled package)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,36 @@ def test_compile_fullgraph_forward_and_backward():
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(grad, grad_eager)
+
+
+def test_compile_dynamic_shapes_one_graph_for_every_size():
+    """Detection and segmentation backbones meet a new image size per batch: with dynamic=True the fake kernels
+    trace a symbolic batch, H and W, and one compiled graph serves every size without recompiling."""
+    torch.manual_seed(0)
+    model = TinyAdaptorBlock()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for shape in [(2, 4, 5, 6), (3, 4, 7, 9), (5, 4, 11, 3)]:  # sizes distinct, none 0 or 1 (specialised)
+            x = torch.randn(*shape, requires_grad=True)
+            eager = model(x)
+            (grad_eager,) = torch.autograd.grad(eager.square().sum(), x)
+            out = compiled(x)
+            (grad,) = torch.autograd.grad(out.square().sum(), x)
+            torch.testing.assert_close(out, eager)
+            torch.testing.assert_close(grad, grad_eager)
+
+
+def test_export_with_dynamic_batch_and_size():
+    """One exported program for every batch and image size in its ranges."""
+    torch.manual_seed(0)
+    model = TinyAdaptorBlock().eval()
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("H", min=2, max=64), 3: torch.export.Dim("W", min=2, max=64)}
+    exported = torch.export.export(model, (torch.randn(2, 4, 5, 5),), dynamic_shapes=(dims,))
+    for shape in [(3, 4, 7, 6), (1, 4, 9, 4)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), model(x))
 
 
 def test_export_save_load_and_aot_inductor_package(tmp_path: Path):
