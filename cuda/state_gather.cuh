@@ -457,6 +457,7 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
 // entry and its grad_out row are read once per row chunk (a thread per target would read them twice, once for
 // each of the two targets a sample reaches), at the cost of one bucket in 32 summed by two runs.
 constexpr int kRunTargets = 31;
+constexpr int kEntryGroup = 4;  // bucket entries loaded together
 
 template <typename T, bool kVectorStage>
 __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdParams bp, const Tiling tiling,
@@ -481,21 +482,26 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
     for (int r = 0; r < R; ++r) p0[r] = p1[r] = 0.f;
     // Target t1 - 1 needs bucket t1 (<= L: buckets are 0 .. L).
     const int begin = i <= blk.t1 ? starts[i] : 0, end = i <= blk.t1 ? starts[i + 1] : 0;
-    // Entry e + 1 is loaded while entry e is summed: its load's latency overlaps the work of one entry.
-    int t_next = begin < end ? entry_t[begin] : 0;
-    float2 c_next = begin < end ? entry_c[begin] : make_float2(0.f, 0.f);
-    for (int e = begin; e < end; ++e) {
-      const int t = t_next;
-      const float2 c = c_next;
-      if (e + 1 < end) {
-        t_next = entry_t[e + 1];
-        c_next = entry_c[e + 1];
-      }
-      read_position<T>(window, blk, grad, p.seqlen, true, t, g);
+    // The entries of a group are loaded before any is summed: a bucket of up to kEntryGroup entries (K on
+    // average) waits for one round trip to L2, not one per entry.
+    for (int e0 = begin; e0 < end; e0 += kEntryGroup) {
+      int t[kEntryGroup];
+      float2 c[kEntryGroup];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        p0[r] += c.x * g[r];
-        p1[r] += c.y * g[r];
+      for (int j = 0; j < kEntryGroup; ++j) {
+        const bool live = e0 + j < end;
+        t[j] = live ? entry_t[e0 + j] : 0;
+        c[j] = live ? entry_c[e0 + j] : make_float2(0.f, 0.f);
+      }
+#pragma unroll
+      for (int j = 0; j < kEntryGroup; ++j) {
+        if (e0 + j >= end) break;
+        read_position<T>(window, blk, grad, p.seqlen, true, t[j], g);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          p0[r] += c[j].x * g[r];
+          p1[r] += c[j].y * g[r];
+        }
       }
     }
 #pragma unroll
