@@ -1,10 +1,12 @@
-"""tools/profile_ops.py: reading Nsight Compute's CSV and matching its kernels to the calls made (the run itself
-needs a GPU and ncu: tools/gpu_check.sh)."""
+"""The Python tools of tools/gpu_check.sh, on the CPU (their GPU runs need a GPU, and ncu): profile_ops.py reading
+Nsight Compute's CSV and matching its kernels to the calls made; sanitizer_smoke.py's calls, on the CPU kernels."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,13 @@ def test_a_missing_marker_is_an_error(tmp_path):
     csv_path, sections_path = write_profile(tmp_path, [(SPIN, 1.0, 0, 0), (SCAN, 2.0, 1, 1), (SPIN, 1.0, 0, 0)], 2)
     with pytest.raises(SystemExit, match="1 marked calls"):
         profile_ops.summarize(csv_path, sections_path)
+
+
+def test_sanitizer_smoke_calls_run_on_the_cpu():
+    """A dry run of what compute-sanitizer runs: every call is valid (a bad one would waste a GPU session)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sanitizer_smoke.py"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "all ops ran forward and backward" in result.stdout
