@@ -191,7 +191,7 @@ VARIANTS = {
     "thread": (["-fsanitize=thread"], ["-DEMU_RACECHECK"], ["-fsanitize=thread"]),
     # TSan's calls before each access, without its runtime: emu.cpp's counters take them. -g: traffic.py names
     # each call site's file and line.
-    "traffic": (["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-g"], ["-DEMU_TRAFFIC"], []),
+    "traffic": (["-fsanitize=thread", "-g"], ["-DEMU_TRAFFIC"], []),
 }
 
 

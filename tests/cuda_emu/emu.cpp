@@ -938,6 +938,10 @@ EMU_TRAFFIC_ACCESS(16)
 void __tsan_read_range(void* p, unsigned long size) { count(p, size, kRead, EMU_CALLER); }
 void __tsan_write_range(void* p, unsigned long size) { count(p, size, kWrite, EMU_CALLER); }
 void __tsan_init() {}
+// Around each call of an instrumented function that was not inlined (GCC 11's
+// --param=tsan-instrument-func-entry-exit=0 would leave them out; GCC 10 has no such option).
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
 void __tsan_vptr_update(void**, void*) {}  // host code's virtual calls
 void __tsan_vptr_read(void**) {}
 // The atomics (emu.h's atomicAdd): a load is a read; a fetch-add or compare-and-swap, one request that reads and

@@ -45,7 +45,7 @@
 #define __global__
 #define __device__
 #define __host__
-#define __forceinline__ inline
+#define __forceinline__ inline __attribute__((always_inline))  // as nvcc: inlined whatever the optimiser thinks
 #define __launch_bounds__(...)
 #define __grid_constant__
 
