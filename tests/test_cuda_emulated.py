@@ -31,7 +31,7 @@ from test_selective_scan import grad_like as scan_grad
 from test_selective_scan import make_inputs as scan_inputs
 from test_state_gather import make_inputs as gather_inputs
 
-from helpers import check_against_reference, interpolate, random_like, run_with_grads
+from helpers import check_against_reference, random_like, run_with_grads
 from mamba_adaptor_ops import reference
 from mamba_adaptor_ops.bench.ops import OPS, stage_cases
 
@@ -440,24 +440,40 @@ def test_selective_scan_past_2_pow_31_elements(emu, states):
 
 
 def test_state_gather_past_2_pow_31_elements(emu):
-    """h (1, 1, 145, 2^24 - 1) in bfloat16, the longest CUDA row, run by its last blocks: the last row (its
-    block's chunk of 16 rows starts past 2^31) at its last positions, against linear interpolation at float32
-    positions (t + offset rounds to a multiple of 1 or 2 up there, as in the reference)."""
-    D, L, K, W = 145, 2**24 - 1, 2, 4096
+    """h (1, 1, 145, 2^24 - 1) in bfloat16, the longest CUDA row, run by its last blocks (the backward's bucket
+    sort, one block per (b, s), runs whole): the last row (its block's chunk of 16 rows starts past 2^31) at its
+    last positions, forward and backward, against the reference on the last W positions, where everything
+    but zeros lies, with the kernels' float32 positions (t + offset rounds to a multiple of 1 or 2 up there)."""
+    D, L, K, W, n = 145, 2**24 - 1, 2, 4096, 32
     gen = torch.Generator().manual_seed(0)
-    h = torch.empty(1, 1, D, L, dtype=torch.bfloat16)
-    h[..., -W:] = torch.randn(1, 1, D, W, generator=gen).to(torch.bfloat16)
+
+    def far_end(rows: int) -> torch.Tensor:  # (1, 1, rows, L), values in the last W positions only
+        t = torch.empty(1, 1, rows, L, dtype=torch.bfloat16)
+        t[..., -W:] = torch.randn(1, 1, rows, W, generator=gen).to(torch.bfloat16)
+        return t
+
+    h, grad, weights = far_end(D), far_end(D), far_end(K).abs_()
     offsets = torch.tensor([-2.75, 1.25]).view(1, 1, K, 1).expand(1, 1, K, L).to(torch.bfloat16)
-    weights = torch.empty(1, 1, K, L, dtype=torch.bfloat16)
-    weights[..., -W:] = torch.rand(1, 1, K, W, generator=gen).to(torch.bfloat16)
+    ops = torch.ops.mamba_adaptor_emu
     with far_end_only(emu, blocks=4):
-        out = torch.ops.mamba_adaptor_emu.state_gather(h, offsets, weights, True, False)
-    assert (D - 1) // 16 * 16 * L >= 2**31
-    row, t = h[0, 0, -1], torch.arange(L - 32, L)
-    expected = row[t].double()
-    for k in range(K):
-        expected += weights[0, 0, k, t].double() * interpolate(row, t.float() + offsets[0, 0, k, t].float())
-    assert_close_scaled("output", out[0, 0, -1, -32:], expected, 2e-2)
+        out = ops.state_gather(h, offsets, weights, True, False)
+        grad_h, grad_offsets, grad_weights = ops.state_gather_backward(grad, h, offsets, weights, True, False)
+    assert (D - 1) // 16 * 16 * L >= 2**31 and grad_h[0, 0, -1].storage_offset() >= 2**31
+
+    # The window [L - W, L) as a sequence of its own, its offsets moved so that its positions are the kernels'.
+    t = torch.arange(L - W, L)
+    pos = t.float() + offsets[..., -W:].float()  # float32, as the kernels compute it
+    window = dict(
+        h=h[..., -W:].double().requires_grad_(),
+        offsets=(pos.double() - t.double()).requires_grad_(),  # exact: position i of the window, t = L - W + i
+        weights=weights[..., -W:].double().requires_grad_(),
+    )
+    expected = reference.state_gather(*window.values())
+    expected.backward(grad[..., -W:].double())
+    assert_close_scaled("output", out[0, 0, -1, -n:], expected[0, 0, -1, -n:], 2e-2)
+    assert_close_scaled("grad_h", grad_h[0, 0, -1, -n:], window["h"].grad[0, 0, -1, -n:], 2e-2)
+    for name, got in (("grad_offsets", grad_offsets), ("grad_weights", grad_weights)):
+        assert_close_scaled(name, got[0, 0, :, -n:], window[name[5:]].grad[0, 0, :, -n:], 2e-2)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
