@@ -479,19 +479,30 @@ def test_state_gather_past_2_pow_31_elements(emu):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_multi_dilation_dwconv2d_past_2_pow_31_elements(emu, channels_last):
     """x (1, 3, 33000, 33000) in bfloat16, run by its last block: the bottom-right corner (in NCHW the last plane
-    starts past 2^31), against the reference on the last 64 x 64 (3 x 3 weights, dilations 1 and 2: halo 2)."""
+    starts past 2^31) of the output and of grad_x, against the reference on the last 64 x 64, where x and grad_out
+    hold everything but zeros (3 x 3 weights, dilations 1 and 2: halo 2)."""
     C, H, W, P = 3, 33000, 33000, 64
     gen = torch.Generator().manual_seed(0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.empty(1, C, H, W, dtype=torch.bfloat16, memory_format=layout)
-    x[..., -P:, -P:] = torch.randn(1, C, P, P, generator=gen).to(torch.bfloat16)
+
+    def far_end() -> torch.Tensor:  # (1, C, H, W), values in the last P x P only
+        t = torch.empty(1, C, H, W, dtype=torch.bfloat16, memory_format=layout)
+        t[..., -P:, -P:] = torch.randn(1, C, P, P, generator=gen).to(torch.bfloat16)
+        return t
+
+    x, grad = far_end(), far_end()
     weight = (torch.randn(2, C, 3, 3, generator=gen) / 3).to(torch.bfloat16)
+    ops = torch.ops.mamba_adaptor_emu
     with far_end_only(emu, blocks=1):
-        out = torch.ops.mamba_adaptor_emu.multi_dilation_dwconv2d(x, weight, None, [1, 2])
-    corner = out[0, -1, -8:, -8:]  # the last block's: the last channel (block) at the last tile
-    assert corner.storage_offset() >= 2**31
-    expected = reference.multi_dilation_dwconv2d(x[..., -P:, -P:].float(), weight.float(), None, (1, 2))
-    assert_close_scaled("output", corner, expected[0, -1, -8:, -8:], 2e-2)
+        out = ops.multi_dilation_dwconv2d(x, weight, None, [1, 2])
+        grad_x = ops.multi_dilation_dwconv2d_backward(grad, x, weight, None, [1, 2])[0]
+    corner = (0, -1, slice(-8, None), slice(-8, None))  # the last block's: the last channel (block), last tile
+    assert out[corner].storage_offset() >= 2**31 and grad_x[corner].storage_offset() >= 2**31
+    patch = x[..., -P:, -P:].double().requires_grad_()
+    expected = reference.multi_dilation_dwconv2d(patch, weight.double(), None, (1, 2))
+    expected.backward(grad[..., -P:, -P:].double())
+    assert_close_scaled("output", out[corner], expected[corner], 2e-2)
+    assert_close_scaled("grad_x", grad_x[corner], patch.grad[corner], 2e-2)
 
 
 # ---- the paper's shapes --------------------------------------------------------------------------------------
