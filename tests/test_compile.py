@@ -73,7 +73,8 @@ def test_export_with_dynamic_batch_and_size():
     """One exported program for every batch and image size in its ranges."""
     torch.manual_seed(0)
     model = TinyAdaptorBlock().eval()
-    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("H", min=2, max=64), 3: torch.export.Dim("W", min=2, max=64)}
+    Dim = torch.export.Dim
+    dims = {0: Dim("batch"), 2: Dim("H", min=2, max=64), 3: Dim("W", min=2, max=64)}
     exported = torch.export.export(model, (torch.randn(2, 4, 5, 5),), dynamic_shapes=(dims,))
     for shape in [(3, 4, 7, 6), (1, 4, 9, 4)]:
         x = torch.randn(*shape)
