@@ -17,9 +17,10 @@
 # The device tool gives a session 15 minutes of GPU time in all, a machine's start (a minute or two) included,
 # and starts no machine with under 4 minutes left: the whole check keeps within DEADLINE seconds (default 420,
 # which leaves time for a second call, e.g. STEPS="install tests" after a fix, or "install profile"), each step
-# within its own cap and what is left, in the order of what only a GPU can show: the CUDA tests,
-# memcheck and racecheck, the benchmark of the issues' goal shapes (BENCH_ARGS), the profile, then the rest of
-# the tests and initcheck/synccheck. A step cut short is reported as FAILED (124).
+# within its own cap and what is left, in the order of what only a GPU can show: the CUDA tests (the two
+# torch.compile ones, slow on a bare machine, come later), memcheck and racecheck, the benchmark of the issues'
+# goal shapes (BENCH_ARGS), the profile, then the rest of the tests and initcheck/synccheck. A step cut short
+# is reported as FAILED (124).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check-results}"
@@ -95,8 +96,8 @@ sanitize() {  # sanitize TOOL...
 }
 
 if wants tests; then
-  step "CUDA tests"
-  run timeout "$(budget 150)" "${PYTEST[@]}" -m cuda
+  step "CUDA tests but torch.compile's"
+  run timeout "$(budget 150)" "${PYTEST[@]}" -m cuda -k "not compile"
 fi
 if wants sanitizer; then
   step "compute-sanitizer memcheck, racecheck"
@@ -127,6 +128,8 @@ if wants profile; then
   fi
 fi
 if wants tests; then
+  step "CUDA torch.compile tests"  # Inductor's first compiles on a bare machine take a while: after the kernels'
+  run timeout "$(budget 90)" "${PYTEST[@]}" -m cuda -k compile
   step "CPU tests"
   run timeout "$(budget 120)" "${PYTEST[@]}" -m "not cuda"
 fi
