@@ -23,6 +23,7 @@ from mamba_adaptor_ops.models import (
     insert_adaptors,
     list_models,
     load_checkpoint,
+    paper_sizes,
     register_timm_models,
 )
 
@@ -56,8 +57,23 @@ def test_params_and_macs_match_the_paper(sizes, name):
     paper_params, paper_gmacs = PAPER[name]
     assert abs(params / paper_params - 1) <= 0.05, f"{name}: {params:.2f}M params vs {paper_params}M"
     assert abs(gmacs / paper_gmacs - 1) <= 0.10, f"{name}: {gmacs:.3f} GMACs vs {paper_gmacs}"
-    cfg = default_cfgs[name]
-    assert (cfg["paper_params_m"], cfg["paper_gmacs"]) == PAPER[name]
+    assert paper_sizes[name] == PAPER[name]
+
+
+# The fields of timm's PretrainedCfg (timm 1.0): timm.models.register_model builds one from each default_cfgs entry,
+# and an unknown key fails the registration (as `paper=` did with timm 1.0.x).
+TIMM_PRETRAINED_CFG_FIELDS = {
+    "url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag", "custom_load",
+    "input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
+    "test_crop_pct", "crop_mode", "mean", "std", "num_classes", "label_offset", "label_names", "label_descriptions",
+    "pool_size", "test_pool_size", "first_conv", "classifier", "license", "description", "origin_url",
+    "paper_name", "paper_ids", "notes",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_default_cfgs_use_only_timm_fields(name):
+    assert set(default_cfgs[name]) <= TIMM_PRETRAINED_CFG_FIELDS, set(default_cfgs[name]) - TIMM_PRETRAINED_CFG_FIELDS
 
 
 def test_booster_and_transfer_sizes(sizes):

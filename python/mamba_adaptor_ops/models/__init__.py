@@ -22,6 +22,7 @@ from .vmamba import (
     load_checkpoint,
     mamba_adaptor_b1,
     mamba_adaptor_b2,
+    paper_sizes,
     read_checkpoint,
     vmamba_tiny,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "mamba_adaptor_b1",
     "mamba_adaptor_b2",
     "model_entrypoint",
+    "paper_sizes",
     "read_checkpoint",
     "register_model",
     "register_timm_models",

@@ -42,11 +42,18 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
-#: Per model: input/normalisation metadata and the paper's size (params in millions, GMACs at 224^2).
+#: Per model: input/normalisation metadata, in the fields of timm's PretrainedCfg only (timm builds one from each).
 default_cfgs: dict[str, dict[str, Any]] = {
-    "vmamba_tiny": _cfg(paper="VMamba-T (Mamba-Adaptor Table 3)", paper_params_m=30.25, paper_gmacs=4.9),
-    "mamba_adaptor_b1": _cfg(paper="Mamba-Adaptor-b1 (Table 1)", paper_params_m=7.8, paper_gmacs=1.4),
-    "mamba_adaptor_b2": _cfg(paper="Mamba-Adaptor-b2 (Table 1)", paper_params_m=32.0, paper_gmacs=5.4),
+    "vmamba_tiny": _cfg(paper_name="VMamba-T (Mamba-Adaptor Table 3)"),
+    "mamba_adaptor_b1": _cfg(paper_name="Mamba-Adaptor-b1 (Table 1)"),
+    "mamba_adaptor_b2": _cfg(paper_name="Mamba-Adaptor-b2 (Table 1)"),
+}
+
+#: Per model: the paper's size, (params in millions, GMACs at 224^2).
+paper_sizes: dict[str, tuple[float, float]] = {
+    "vmamba_tiny": (30.25, 4.9),
+    "mamba_adaptor_b1": (7.8, 1.4),
+    "mamba_adaptor_b2": (32.0, 5.4),
 }
 
 
@@ -545,6 +552,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "convert_vmamba_checkpoint",
     "default_cfgs",
+    "paper_sizes",
     "load_checkpoint",
     "mamba_adaptor_b1",
     "mamba_adaptor_b2",
