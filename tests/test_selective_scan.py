@@ -99,12 +99,14 @@ def test_extreme_time_steps(device, dtype):
 @pytest.mark.parametrize("with_C", [True, False])
 def test_non_finite_inputs_propagate_like_the_reference(device, dtype, with_C):
     """inf and NaN in delta, u, B, C give inf and NaN where the reference gives them, and the same values elsewhere:
-    an infinite state stays infinite while its decay is > 0, subnormal included, and turns NaN where the decay
-    underflows to 0 (0 * inf)."""
+    an infinite state stays infinite while its decay is > 0, subnormal included on the CPU, and turns NaN where
+    the decay underflows to 0 (0 * inf). The CUDA kernels are built with fast math, as mamba_ssm's are, which
+    flushes subnormal float32 values to 0 (measured on an H200): there a subnormal decay is 0 too, so batch 1
+    gets a decay that underflows as batch 0's does."""
     inputs = make_inputs(b=2, dim=4, L=40, N=2, G=2, dtype=dtype, device=device, with_C=with_C)
     inputs["A"][1] = -30.0  # channel 1 from t = 20: dt A ~ -170 (decay 0) in batch 0, ~ -104 (subnormal) in batch 1
     inputs["delta"][0, 1, 20:] = 6.0
-    inputs["delta"][1, 1, 20:] = 4.0
+    inputs["delta"][1, 1, 20:] = 4.0 if device == "cpu" else 6.0
     for name, index, value in [
         ("delta", (0, 0, 3), float("inf")), ("delta", (0, 2, 5), float("-inf")), ("delta", (1, 3, 7), float("nan")),
         ("u", (0, 1, 10), float("inf")), ("u", (1, 2, 30), float("-inf")), ("u", (1, 0, 12), float("nan")),
