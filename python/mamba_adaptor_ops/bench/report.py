@@ -147,21 +147,44 @@ def plot_length_sweep(path: Path, rows: list[Row], copy_gbps: float, title: str)
 
 
 def plot_speedups(path: Path, rows: list[Row], title: str) -> None:
-    """Our speedup over each baseline on the paper's stage shapes, one bar group per case and mode."""
+    """Our speedup over each baseline on the paper's stage shapes: a panel per op (rows) and dtype (columns), a
+    horizontal bar per case (shape, mode) and baseline, so that a full GPU run's hundred cases stay readable."""
     ours = [r for r in rows if r.suite == "ops" and r.impl == OURS and r.speedup]
     if not ours:
         return
-    baselines = list(dict.fromkeys(b for r in ours for b in r.speedup))
-    fig, ax = _pyplot().subplots(figsize=(max(6.0, 0.75 * len(ours) + 2), 4.8))
-    series = {f"vs {b}": [r.speedup.get(b, 0.0) for r in ours] for b in baselines}
-    _grouped_bars(ax, [f"{r.name}\n{r.shape} {r.dtype} {r.mode}" for r in ours], series)
-    ax.axhline(1.0, color="k", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_ylabel("speedup (baseline time / our time)")
-    ax.set_xticklabels([f"{r.name}\n{r.shape} {r.dtype} {r.mode}" for r in ours], rotation=60, ha="right",
-                       fontsize=7)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", which="both", alpha=0.3)
+    from matplotlib import ticker
+
+    ops = list(dict.fromkeys(r.name for r in ours))
+    dtypes = list(dict.fromkeys(r.dtype for r in ours))
+    colors = {b: f"C{i}" for i, b in enumerate(dict.fromkeys(b for r in ours for b in r.speedup))}
+    panels = {(op, dt): [r for r in ours if r.name == op and r.dtype == dt] for op in ops for dt in dtypes}
+    cases = [max(len(panels[op, dt]) for dt in dtypes) for op in ops]
+    fig, axes = _pyplot().subplots(
+        len(ops), len(dtypes), squeeze=False, figsize=(4.6 * len(dtypes) + 1.0, 0.24 * sum(cases) + 1.1 * len(ops) + 0.8),
+        gridspec_kw={"height_ratios": [n + 2 for n in cases]},
+    )
+    for (i, op), (j, dt) in ((row, col) for row in enumerate(ops) for col in enumerate(dtypes)):
+        ax, panel = axes[i][j], panels[op, dt]
+        baselines = list(dict.fromkeys(b for r in panel for b in r.speedup))
+        width = 0.8 / max(1, len(baselines))
+        for k, baseline in enumerate(baselines):
+            ys = [y + (k - (len(baselines) - 1) / 2) * width for y in range(len(panel))]
+            values = [r.speedup.get(baseline, math.nan) for r in panel]
+            ax.barh(ys, values, height=width, color=colors[baseline], label=f"vs {baseline}")
+        ax.set_yticks(range(len(panel)), [f"{r.shape} {r.mode}" for r in panel], fontsize=7)
+        ax.set_ylim(max(len(panel), cases[i]) - 0.5, -0.5)  # first case on top
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.axvline(1.0, color="k", linewidth=0.8)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.set_title(f"{op}, {dt}", fontsize=9)
+        if baselines:
+            ax.legend(fontsize=7, loc="lower right")
+        if i == len(ops) - 1:
+            ax.set_xlabel("speedup: baseline time / our time (log scale)", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     _save(fig, path)
 
 
