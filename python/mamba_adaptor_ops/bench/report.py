@@ -159,9 +159,9 @@ def plot_speedups(path: Path, rows: list[Row], title: str) -> None:
     colors = {b: f"C{i}" for i, b in enumerate(dict.fromkeys(b for r in ours for b in r.speedup))}
     panels = {(op, dt): [r for r in ours if r.name == op and r.dtype == dt] for op in ops for dt in dtypes}
     cases = [max(len(panels[op, dt]) for dt in dtypes) for op in ops]
+    size = (4.6 * len(dtypes) + 1.0, 0.24 * sum(cases) + 1.1 * len(ops) + 0.8)  # inches: 0.24 per bar row
     fig, axes = _pyplot().subplots(
-        len(ops), len(dtypes), squeeze=False, figsize=(4.6 * len(dtypes) + 1.0, 0.24 * sum(cases) + 1.1 * len(ops) + 0.8),
-        gridspec_kw={"height_ratios": [n + 2 for n in cases]},
+        len(ops), len(dtypes), squeeze=False, figsize=size, gridspec_kw={"height_ratios": [n + 2 for n in cases]}
     )
     for (i, op), (j, dt) in ((row, col) for row in enumerate(ops) for col in enumerate(dtypes)):
         ax, panel = axes[i][j], panels[op, dt]
