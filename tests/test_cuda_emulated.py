@@ -397,6 +397,21 @@ def far_end_only(emu, blocks: int):
         torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
+def far_end_tensor(shape, region, gen: torch.Generator, dtype=torch.bfloat16, scale: float = 1.0,
+                   memory_format=torch.contiguous_format) -> torch.Tensor:
+    """An input for far_end_only's runs: torch.empty(shape) left unfilled (torch's deterministic mode would write
+    every page, gigabytes here), so that its untouched pages stay unmapped zeros, with randn * scale in t[region]."""
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        t = torch.empty(shape, dtype=dtype, memory_format=memory_format)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    part = t[region]
+    part.copy_(torch.randn(part.shape, generator=gen) * scale)
+    return t
+
+
 @pytest.mark.parametrize("states", [False, True], ids=["y", "states"])
 def test_selective_scan_past_2_pow_31_elements(emu, states):
     """u (1, 2^25 + 64, 64) or the states (1, 2^21 + 64, 16, 64), bfloat16, groups of 64 channels, run by their
@@ -408,10 +423,8 @@ def test_selective_scan_past_2_pow_31_elements(emu, states):
     gen = torch.Generator().manual_seed(0)
 
     def far_end(*shape, rows: int = n, dtype=torch.bfloat16, scale: float = 1.0):  # values in the last rows only
-        t = torch.empty(*shape, dtype=dtype)
-        part = t[:, -rows:] if shape[0] == 1 else t[-rows:]
-        part.copy_(torch.randn(part.shape, generator=gen) * scale)
-        return t
+        region = (slice(None), slice(-rows, None)) if shape[0] == 1 else slice(-rows, None)
+        return far_end_tensor(shape, region, gen, dtype, scale)
 
     inputs = dict(
         u=far_end(1, dim, L),
@@ -447,12 +460,10 @@ def test_state_gather_past_2_pow_31_elements(emu):
     D, L, K, W, n = 145, 2**24 - 1, 2, 4096, 32
     gen = torch.Generator().manual_seed(0)
 
-    def far_end(rows: int) -> torch.Tensor:  # (1, 1, rows, L), values in the last W positions only
-        t = torch.empty(1, 1, rows, L, dtype=torch.bfloat16)
-        t[..., -W:] = torch.randn(1, 1, rows, W, generator=gen).to(torch.bfloat16)
-        return t
-
-    h, grad, weights = far_end(D), far_end(D), far_end(K).abs_()
+    last = (..., slice(-W, None))  # everything but zeros lies in the last W positions
+    h, grad = far_end_tensor((1, 1, D, L), last, gen), far_end_tensor((1, 1, D, L), last, gen)
+    weights = far_end_tensor((1, 1, K, L), last, gen)
+    weights[last] = weights[last].abs()
     offsets = torch.tensor([-2.75, 1.25]).view(1, 1, K, 1).expand(1, 1, K, L).to(torch.bfloat16)
     ops = torch.ops.mamba_adaptor_emu
     with far_end_only(emu, blocks=4):
@@ -484,13 +495,9 @@ def test_multi_dilation_dwconv2d_past_2_pow_31_elements(emu, channels_last):
     C, H, W, P = 3, 33000, 33000, 64
     gen = torch.Generator().manual_seed(0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-
-    def far_end() -> torch.Tensor:  # (1, C, H, W), values in the last P x P only
-        t = torch.empty(1, C, H, W, dtype=torch.bfloat16, memory_format=layout)
-        t[..., -P:, -P:] = torch.randn(1, C, P, P, generator=gen).to(torch.bfloat16)
-        return t
-
-    x, grad = far_end(), far_end()
+    corner_patch = (..., slice(-P, None), slice(-P, None))  # everything but zeros lies in the last P x P
+    x = far_end_tensor((1, C, H, W), corner_patch, gen, memory_format=layout)
+    grad = far_end_tensor((1, C, H, W), corner_patch, gen, memory_format=layout)
     weight = (torch.randn(2, C, 3, 3, generator=gen) / 3).to(torch.bfloat16)
     ops = torch.ops.mamba_adaptor_emu
     with far_end_only(emu, blocks=1):
