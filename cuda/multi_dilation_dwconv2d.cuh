@@ -4,12 +4,16 @@
 // grad_weight (n_dilations, C, k, k) contiguous, k in {3, 5, 7}; bias, grad_bias (C,). r = (k - 1) / 2.
 //
 // Staged path: a block owns one image b, a block of `channels` channels and a tile of tile_h x tile_w output
-// pixels. It copies the input tile with its largest halo (r * max dilation) into shared memory once, laid
-// out [row][col][channel] in T (4 / sizeof(T) channels per 32-bit word), zero outside the plane, and applies
-// every tap of every dilation from there. Lanes run along x for NCHW-like strides (2 channels per block for
-// 16-bit types, 1 for float32) and along channels for channels_last (up to 32 channels per block), so the
-// tile is read coalesced either way and each tap is one 32-bit shared load per lane (consecutive words
-// across a warp, but where the warp's pixels wrap to the next tile row).
+// pixels. It copies the input tile with its largest halo (r * max dilation) into shared memory once, as float
+// laid out [row][col][channel], zero outside the plane, and applies every tap of every dilation from there. The
+// copy runs along the input's contiguous direction (rows of one channel for NCHW-like strides, rows of every
+// channel for channels_last), so global reads are coalesced either way.
+// A thread computes strips: kStripRows vertically adjacent output pixels of one channel word (4 / sizeof(T)
+// channels, one 32-bit word of the input). For each tap column kx it reads the window of rows the strip's kernel
+// rows cover once (a 16-bit strip's two channels in one 64-bit shared load) and applies it to every (row, ky)
+// pair that uses it: at dilation d, kStripRows + (k - 1) d loads instead of kStripRows k, the dilations 1 and 2
+// compiled with their window in registers. Strips run channel word fastest, then column, so a warp's loads are
+// consecutive words of shared memory.
 //   conv_kernel: out = bias + sum of taps; grad_x is the same kernel on grad_out with flipped taps.
 //   weight_grad_kernel: per block, sum over its pixels of grad_out * shifted x for every tap (and grad_out for
 //     the bias), reduced over the block in a fixed order and written as one row of partial sums per
@@ -31,27 +35,36 @@ namespace mamba_adaptor::cuda::dwconv {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnits = 16;                 // output words (pixel x channel word) per thread of a staged block
-constexpr int kSmemBudget = 100 * 1024;    // most bytes of a staged block's tile and weights (see plan)
+constexpr int kStripRows = 4;            // output rows of a strip
+constexpr int kStrips = 4;               // most strips per thread of a staged block
+constexpr int kStageLoads = 8;           // loads a lane has in flight while staging a tile
+constexpr int kSmemBudget = 100 * 1024;  // most bytes of a staged block's tile and weights (see plan)
+// Blocks per SM the staged kernels are compiled for (__launch_bounds__): 4 at k = 3, the paper's size (64
+// registers, with a few spilled words outside the tap loops; sm_90, nvcc 13), else what their registers allow.
+template <int kK>
+constexpr int kConvBlocksPerSm = kK == 3 ? 4 : 2;
+template <int kK>
+constexpr int kWeightGradBlocksPerSm = kK == 3 ? 4 : 3;
 
 template <typename T>
 constexpr int kWordChannels = 4 / static_cast<int>(sizeof(T));  // channels per 32-bit word
-template <typename T>
-using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
 
 // Static shared memory of weight_grad_kernel<T, k>: the scratch of reduce_over_pixels.
 constexpr size_t weight_grad_static_smem(int64_t k) { return static_cast<size_t>(kWarps * 32 * k) * sizeof(float); }
 
 struct Tiling {
   bool staged;         // false: the halo tile does not fit in shared memory, use the direct kernels
-  bool channels_last;  // staging lanes along channels (else along x)
+  bool channels_last;  // staging along channels (else along columns)
   int tile_h, tile_w, halo, channels, words;  // words: channel words per pixel (channels / kWordChannels)
   int64_t tiles_y, tiles_x, channel_blocks;
 
-  __host__ __device__ int span_h() const { return tile_h + 2 * halo; }
+  __host__ __device__ int strip_rows() const { return (tile_h + kStripRows - 1) / kStripRows; }
+  __host__ __device__ int strips() const { return strip_rows() * tile_w * words; }
+  // The staged rows: the strips' rows (tile_h rounded up to kStripRows) with the halo on both sides.
+  __host__ __device__ int span_h() const { return strip_rows() * kStripRows + 2 * halo; }
   __host__ __device__ int span_w() const { return tile_w + 2 * halo; }
   int64_t blocks(int64_t batch) const { return batch * channel_blocks * tiles_y * tiles_x; }
-  __host__ __device__ size_t tile_bytes() const { return static_cast<size_t>(span_h()) * span_w() * words * 4; }
+  __host__ __device__ size_t tile_bytes() const { return static_cast<size_t>(span_h()) * span_w() * channels * 4; }
   size_t weight_bytes(const DwConvParams& p) const {
     return static_cast<size_t>(p.n_dilations * p.kernel_size * p.kernel_size) * channels * 4;
   }
@@ -64,32 +77,34 @@ __host__ __device__ inline bool is_channels_last(const DwConvParams& p, const in
 
 // The tiling of a staged block for the input read through `strides` (x for the forward and the weight
 // gradient, grad_out for grad_x) on a device with `block_smem` bytes of shared memory per block; the same
-// function sizes the workspace, so both always agree. The tile with its halo and the weights (conv_kernel)
-// stay within kSmemBudget and block_smem, the tile and the static scratch (weight_grad_kernel) within
-// block_smem: where the default tile does not fit, a channels_last one takes the channel words and tile size
-// that read the fewest sectors, an NCHW one shrinks to at most 8 x 8 pixels; and the direct kernels take over
-// where a halo over 1024 or one channel word of an 8 x 8 tile does not fit.
+// function sizes the workspace, so both always agree. A block has at most kThreads * kStrips strips and 32
+// channels: channels_last up to 16 x 16 pixels of as many channel words as C needs; NCHW up to 64 pixels wide
+// with one channel word, more where a small plane leaves threads without a strip. The tile with its halo and the
+// weights (conv_kernel) stay within kSmemBudget and block_smem, the tile and the static scratch
+// (weight_grad_kernel) within block_smem: where the default tile does not fit, a channels_last one takes the
+// channel words and tile size that read the fewest sectors, an NCHW one shrinks to at most 8 x 8 pixels; and the
+// direct kernels take over where a halo over 1024 or one channel word of an 8 x 8 tile does not fit.
 inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size, size_t block_smem) {
-  const int per_word = 4 / elem_size;
+  const int per_word = 4 / elem_size, max_words = 32 / per_word;
   Tiling t{};
   int64_t max_dilation = 1;
   for (int64_t i = 0; i < p.n_dilations; ++i) max_dilation = p.dilations[i] > max_dilation ? p.dilations[i] : max_dilation;
   const int64_t halo = (p.kernel_size - 1) / 2 * max_dilation;
   t.channels_last = is_channels_last(p, strides);
+  t.words = 1;
   if (t.channels_last) {
-    t.words = 1;
-    while (t.words < 32 / per_word && t.words * per_word < p.channels) t.words *= 2;  // a power of 2 up to 32
+    while (t.words < max_words && t.words * per_word < p.channels) t.words *= 2;  // a power of 2
     t.tile_h = static_cast<int>(p.height < 16 ? p.height : 16);
     t.tile_w = static_cast<int>(p.width < 16 ? p.width : 16);
   } else {
-    t.words = 1;
     t.tile_w = static_cast<int>(p.width < 64 ? p.width : 64);
     t.tile_h = static_cast<int>(p.height < 4096 / t.tile_w ? p.height : 4096 / t.tile_w);
   }
-  t.channels = t.words * per_word;
-  while (static_cast<int64_t>(t.tile_h) * t.tile_w * t.words > static_cast<int64_t>(kThreads) * kUnits) {
-    t.tile_h = (t.tile_h + 1) / 2;
+  while (t.strips() > kThreads * kStrips) t.tile_h = (t.tile_h + 1) / 2;
+  while (!t.channels_last && t.words < max_words && t.words * per_word < p.channels && 2 * t.strips() <= kThreads) {
+    t.words *= 2;
   }
+  t.channels = t.words * per_word;
   t.staged = halo <= 1024;
   t.halo = static_cast<int>(t.staged ? halo : 0);
   const size_t budget = std::min<size_t>(kSmemBudget, block_smem), scratch = weight_grad_static_smem(p.kernel_size);
@@ -108,7 +123,7 @@ inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size,
       for (int side = 64; side >= 1; --side) {
         c.tile_h = static_cast<int>(std::min<int64_t>(side, p.height));
         c.tile_w = static_cast<int>(std::min<int64_t>(side, p.width));
-        if (c.tile_h * c.tile_w * c.words > kThreads * kUnits || !fits(c)) continue;
+        if (c.strips() > kThreads * kStrips || !fits(c)) continue;
         const double sectors = static_cast<double>(c.span_h()) * c.span_w() / (c.tile_h * c.tile_w) *
                                std::max(1.0, 8.0 / c.words);
         if (fewest == 0 || sectors < fewest) {
@@ -166,132 +181,202 @@ __device__ __forceinline__ Block make_block(const DwConvParams& p, const Tiling&
   return blk;
 }
 
-// Copies the input tile with its halo into `tile` ([row][col][channel] of T), 0 outside the plane and for
-// channels >= C. Every thread of the block must call it.
+// Copies the input tile with its halo into `tile` (float [row][col][channel]), 0 outside the plane and for
+// channels >= C, along lines of the input's contiguous direction, each lane with kStageLoads loads in flight:
+// - channels_last: a warp copies a row of every channel (lane = channel + cb x column offset), kStageLoads
+//   columns of it at once;
+// - else: a warp copies kStageLoads lines at once (line = row * cb + channel, a row of one channel; lane = column).
+// cb (the block's channels) is a power of 2 up to 32. Every thread of the block must call it.
 template <typename T>
-__device__ __forceinline__ void stage_tile(Bits<T>* tile, const void* data, const int64_t* strides,
+__device__ __forceinline__ void stage_tile(float* tile, const void* data, const int64_t* strides,
                                            const DwConvParams& p, const Tiling& t, const Block& blk) {
-  const Bits<T>* src = static_cast<const Bits<T>*>(data) + blk.b * strides[0];
-  const int sh = t.span_h(), sw = t.span_w(), cb = t.channels;
-  const int n = sh * sw * cb;
-  const auto load = [&](int row, int col, int c) {
-    const int64_t y = blk.y0 - t.halo + row, x = blk.x0 - t.halo + col, ch = blk.c0 + c;
-    const bool inside = y >= 0 && y < p.height && x >= 0 && x < p.width && ch < p.channels;
-    return inside ? src[ch * strides[1] + y * strides[2] + x * strides[3]] : Bits<T>(0);
-  };
+  const T* src = static_cast<const T*>(data) + blk.b * strides[0];
+  const int sh = t.span_h(), sw = t.span_w(), cb = t.channels, log2_cb = __ffs(cb) - 1;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int y0 = blk.y0 - t.halo, x0 = blk.x0 - t.halo, height = static_cast<int>(p.height),
+            width = static_cast<int>(p.width), channels = static_cast<int>(p.channels);
   if (t.channels_last) {
-#pragma unroll 8
-    for (int item = threadIdx.x; item < n; item += kThreads) {
-      const int c = item % cb, pixel = item / cb;
-      tile[item] = load(pixel / sw, pixel % sw, c);
+    const int c = lane & (cb - 1), col_step = 32 >> log2_cb;
+    const int64_t channel_offset = (blk.c0 + c) * strides[1];
+    for (int row = warp; row < sh; row += kWarps) {
+      const bool row_inside = blk.c0 + c < channels && y0 + row >= 0 && y0 + row < height;
+      const T* line = src + (row_inside ? channel_offset + (y0 + row) * strides[2] : 0);
+      for (int col0 = lane >> log2_cb; col0 < sw; col0 += kStageLoads * col_step) {
+        float v[kStageLoads];
+#pragma unroll
+        for (int j = 0; j < kStageLoads; ++j) {
+          const int col = col0 + j * col_step, x = x0 + col;
+          v[j] = row_inside && col < sw && x >= 0 && x < width ? to_float(line[x * strides[3]]) : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < kStageLoads; ++j) {
+          const int col = col0 + j * col_step;
+          if (col < sw) tile[(row * sw + col) * cb + c] = v[j];
+        }
+      }
     }
-  } else {
-#pragma unroll 8
-    for (int item = threadIdx.x; item < n; item += kThreads) {
-      const int col = item % sw, rest = item / sw, row = rest % sh, c = rest / sh;
-      tile[(row * sw + col) * cb + c] = load(row, col, c);
+    return;
+  }
+  for (int line0 = warp * kStageLoads; line0 < sh * cb; line0 += kWarps * kStageLoads) {
+    const T* line[kStageLoads];  // the line's column 0, nullptr where it is outside the plane or C
+    int first[kStageLoads];      // index in the tile of the line's column 0, -1 past the tile
+#pragma unroll
+    for (int j = 0; j < kStageLoads; ++j) {
+      const int row = (line0 + j) >> log2_cb, c = (line0 + j) & (cb - 1);
+      const bool inside = row < sh && y0 + row >= 0 && y0 + row < height && blk.c0 + c < channels;
+      line[j] = inside ? src + (blk.c0 + c) * strides[1] + (y0 + row) * strides[2] : nullptr;
+      first[j] = row < sh ? row * sw * cb + c : -1;
+    }
+    for (int col = lane; col < sw; col += 32) {
+      const int x = x0 + col;
+      const int64_t x_offset = x * strides[3];
+      const bool x_inside = x >= 0 && x < width;
+      float v[kStageLoads];
+#pragma unroll
+      for (int j = 0; j < kStageLoads; ++j) v[j] = x_inside && line[j] != nullptr ? to_float(line[j][x_offset]) : 0.f;
+#pragma unroll
+      for (int j = 0; j < kStageLoads; ++j) {
+        if (first[j] >= 0) tile[first[j] + col * cb] = v[j];
+      }
     }
   }
 }
 
-// The output words of this thread: unit j is threadIdx.x + j * kThreads (while < count); every unit of a
-// thread has the same channel word (kThreads is a multiple of `words`).
-struct Units {
-  int count;            // units of this thread
-  int word;             // channel word of every unit
-  int centre[kUnits];   // word index of the unit's pixel and channel word in the staged tile
+// Strip n (< kStrips) of this thread: unit threadIdx.x + n * kThreads of the block, channel word fastest (every
+// strip of a thread has the word threadIdx.x % words: kThreads is a multiple of words), then column, then strip
+// row. Strips are in order: once one is not live, none after it is.
+struct Strip {
+  bool live;    // whether it has outputs in the tile
+  int row, col; // its first output pixel in the tile
+  int centre;   // float index of that pixel's channel word in the staged tile
 };
 
-__device__ __forceinline__ Units make_units(const Tiling& t, const Block& blk) {
-  Units u;
-  const int total = blk.th * blk.tw * t.words;
-  u.count = total > static_cast<int>(threadIdx.x) ? (total - static_cast<int>(threadIdx.x) + kThreads - 1) / kThreads : 0;
-  u.word = static_cast<int>(threadIdx.x) % t.words;
-#pragma unroll
-  for (int j = 0; j < kUnits; ++j) {
-    const int pixel = (static_cast<int>(threadIdx.x) + j * kThreads) / t.words;
-    const int py = pixel / blk.tw, px = pixel % blk.tw;
-    u.centre[j] = ((py + t.halo) * t.span_w() + px + t.halo) * t.words + u.word;
-  }
-  return u;
+template <int kPerWord>
+__device__ __forceinline__ Strip make_strip(const Tiling& t, const Block& blk, int word, int n) {
+  const int pixel = (static_cast<int>(threadIdx.x) + n * kThreads) / t.words;
+  Strip s;
+  s.col = pixel % blk.tw;
+  s.row = pixel / blk.tw * kStripRows;
+  s.live = s.row < blk.th;
+  s.centre = ((s.row + t.halo) * t.span_w() + s.col + t.halo) * t.channels + word * kPerWord;
+  return s;
 }
 
-// Element offset of unit j's channel c (of its word) in a tensor with `strides`, and whether it exists.
-__device__ __forceinline__ bool unit_offset(const DwConvParams& p, const Tiling& t, const Block& blk, const Units& u,
-                                            int j, int c, int per_word, const int64_t* strides, int64_t& offset) {
-  const int pixel = (static_cast<int>(threadIdx.x) + j * kThreads) / t.words;
-  const int64_t ch = blk.c0 + u.word * per_word + c;
-  offset = blk.b * strides[0] + ch * strides[1] + (blk.y0 + pixel / blk.tw) * strides[2] + (blk.x0 + pixel % blk.tw) * strides[3];
+// Element offset, in a tensor with `strides`, of channel c of word `word` at the tile's pixel (row, col), and
+// whether that channel exists.
+__device__ __forceinline__ bool pixel_offset(const DwConvParams& p, const Block& blk, int word, int row, int col, int c,
+                                             int per_word, const int64_t* strides, int64_t& offset) {
+  const int64_t ch = blk.c0 + word * per_word + c;
+  offset = blk.b * strides[0] + ch * strides[1] + (blk.y0 + row) * strides[2] + (blk.x0 + col) * strides[3];
   return ch < p.channels;
 }
 
-// Whether unit j's channel word, two 16-bit channels, lies in one aligned 32-bit word of a tensor with `strides`
-// (its channels next to each other: channels_last) and both channels exist; `offset` is then the first one's.
+// Whether the word's two 16-bit channels at (row, col) lie in one aligned 32-bit word of a tensor with `strides`
+// (its channels next to each other: channels_last) and both exist; `offset` is then the first one's.
 template <typename T>
-__device__ __forceinline__ bool unit_word(const DwConvParams& p, const Tiling& t, const Block& blk, const Units& u,
-                                          int j, const void* data, const int64_t* strides, int64_t& offset) {
+__device__ __forceinline__ bool pixel_word(const DwConvParams& p, const Block& blk, int word, int row, int col,
+                                           const void* data, const int64_t* strides, int64_t& offset) {
   int64_t second;
-  return strides[1] == 1 && unit_offset(p, t, blk, u, j, 1, 2, strides, second) &&
-         unit_offset(p, t, blk, u, j, 0, 2, strides, offset) &&
+  return strides[1] == 1 && pixel_offset(p, blk, word, row, col, 1, 2, strides, second) &&
+         pixel_offset(p, blk, word, row, col, 0, 2, strides, offset) &&
          reinterpret_cast<uintptr_t>(static_cast<const T*>(data) + offset) % 4 == 0;
 }
 
-// Unit j's kPerWord channel values of `data` (0 for channels that do not exist): one 32-bit load where the word
-// lies in one (unit_word), else one load per channel.
+// The word's kPerWord channel values of `data` at (row, col) (0 for channels that do not exist): one 32-bit load
+// where the word lies in one (pixel_word), else one load per channel.
 template <typename T>
-__device__ __forceinline__ void load_unit(const DwConvParams& p, const Tiling& t, const Block& blk, const Units& u,
-                                          int j, const void* data, const int64_t* strides,
-                                          float (&v)[kWordChannels<T>]) {
+__device__ __forceinline__ void load_pixel(const DwConvParams& p, const Block& blk, int word, int row, int col,
+                                           const void* data, const int64_t* strides, float (&v)[kWordChannels<T>]) {
   constexpr int kPerWord = kWordChannels<T>;
   int64_t offset;
   if constexpr (kPerWord == 2) {
-    if (unit_word<T>(p, t, blk, u, j, data, strides, offset)) {
+    if (pixel_word<T>(p, blk, word, row, col, data, strides, offset)) {
       unpack_word(*reinterpret_cast<const uint32_t*>(static_cast<const T*>(data) + offset), v, T{});
       return;
     }
   }
 #pragma unroll
   for (int c = 0; c < kPerWord; ++c) {
-    v[c] = unit_offset(p, t, blk, u, j, c, kPerWord, strides, offset) ? to_float(static_cast<const T*>(data)[offset]) : 0.f;
+    const bool exists = pixel_offset(p, blk, word, row, col, c, kPerWord, strides, offset);
+    v[c] = exists ? to_float(static_cast<const T*>(data)[offset]) : 0.f;
   }
 }
 
-// Stores unit j's kPerWord channel values into `data` (the channels that exist): one 32-bit store where the
-// word lies in one (unit_word), else one store per channel.
+// Stores the word's kPerWord channel values into `data` at (row, col) (the channels that exist): one 32-bit
+// store where the word lies in one (pixel_word), else one store per channel.
 template <typename T>
-__device__ __forceinline__ void store_unit(const DwConvParams& p, const Tiling& t, const Block& blk, const Units& u,
-                                           int j, void* data, const int64_t* strides,
-                                           const float (&v)[kWordChannels<T>]) {
+__device__ __forceinline__ void store_pixel(const DwConvParams& p, const Block& blk, int word, int row, int col,
+                                            void* data, const int64_t* strides, const float (&v)[kWordChannels<T>]) {
   constexpr int kPerWord = kWordChannels<T>;
   int64_t offset;
   if constexpr (kPerWord == 2) {
-    if (unit_word<T>(p, t, blk, u, j, data, strides, offset)) {
+    if (pixel_word<T>(p, blk, word, row, col, data, strides, offset)) {
       *reinterpret_cast<uint32_t*>(static_cast<T*>(data) + offset) = pack_word(v, T{});
       return;
     }
   }
 #pragma unroll
   for (int c = 0; c < kPerWord; ++c) {
-    if (unit_offset(p, t, blk, u, j, c, kPerWord, strides, offset)) static_cast<T*>(data)[offset] = from_float<T>(v[c]);
+    if (pixel_offset(p, blk, word, row, col, c, kPerWord, strides, offset)) {
+      static_cast<T*>(data)[offset] = from_float<T>(v[c]);
+    }
   }
 }
 
-// Calls f(j, kx, v) for each unit j < u.count of this thread and tap kx of kernel row ky at dilation d: v holds
-// the kPerWord channel values of the staged input that tap reads for unit j.
-template <typename T, int kK, typename F>
-__device__ __forceinline__ void for_each_row_tap(const uint32_t* smem_words, const Tiling& t, const Units& u, int ky,
-                                                 int d, F&& f) {
-  constexpr int kPerWord = kWordChannels<T>, r = (kK - 1) / 2;
-  const int row = (ky - r) * d * t.span_w();
+// v = the kPerWord floats at `at` (8-byte aligned when 2: a channel word's offset is even).
+template <int kPerWord>
+__device__ __forceinline__ void load_word(const float* at, float (&v)[kPerWord]) {
+  if constexpr (kPerWord == 2) {
+    const float2 pair = *reinterpret_cast<const float2*>(at);
+    v[0] = pair.x;
+    v[1] = pair.y;
+  } else {
+    v[0] = *at;
+  }
+}
+
+// Calls f(m, ky, v) for each row m < kStripRows of the strip at `centre` and each kernel row ky, for the taps of
+// kernel column kx at dilation d: v holds the kPerWord staged values the tap (ky, kx) reads for row m. For kD > 0
+// (kD == d) the window of kStripRows + (kK - 1) kD staged rows is read once, each row applied to every (m, ky)
+// that reads it; for kD == 0 every (m, ky) reads its own.
+template <int kPerWord, int kK, int kD, typename F>
+__device__ __forceinline__ void for_each_column_tap(const float* tile, const Tiling& t, int centre, int kx, int d,
+                                                    F&& f) {
+  constexpr int r = (kK - 1) / 2;
+  const int row_floats = t.span_w() * t.channels;
+  const float* top = tile + centre + (kx - r) * d * t.channels - r * d * row_floats;  // tap (0, kx) of row 0
+  if constexpr (kD > 0) {
 #pragma unroll
-  for (int j = 0; j < kUnits; ++j) {
-    if (j >= u.count) break;
-#pragma unroll
-    for (int kx = 0; kx < kK; ++kx) {
+    for (int w = 0; w < kStripRows + (kK - 1) * kD; ++w) {
       float v[kPerWord];
-      unpack_word(smem_words[u.centre[j] + (row + (kx - r) * d) * t.words], v, T{});
-      f(j, kx, v);
+      load_word(top + w * row_floats, v);
+#pragma unroll
+      for (int ky = 0; ky < kK; ++ky) {
+        const int m = w - ky * kD;
+        if (m >= 0 && m < kStripRows) f(m, ky, v);
+      }
     }
+  } else {
+#pragma unroll
+    for (int ky = 0; ky < kK; ++ky) {
+#pragma unroll
+      for (int m = 0; m < kStripRows; ++m) {
+        float v[kPerWord];
+        load_word(top + (m + ky * d) * row_floats, v);
+        f(m, ky, v);
+      }
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, D>{}) with D = d for the dilations 1 and 2 (their windows compiled), else
+// with D = 0.
+template <typename F>
+__device__ __forceinline__ void dilation_switch(int d, F&& f) {
+  switch (d) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
   }
 }
 
@@ -300,12 +385,13 @@ __device__ __forceinline__ void for_each_row_tap(const uint32_t* smem_words, con
 // Shared memory: the tile, then the block's weights as float [dilation][tap][channel] (taps reversed when
 // flip, which turns s = -1 into s = 1).
 template <typename T, int kK>
-__global__ void __launch_bounds__(kThreads) conv_kernel(const DwConvParams p, const Tiling t, const bool flip) {
+__global__ void __launch_bounds__(kThreads, kConvBlocksPerSm<kK>)
+    conv_kernel(const DwConvParams p, const Tiling t, const bool flip) {
   constexpr int kPerWord = kWordChannels<T>, kTaps = kK * kK;
-  extern __shared__ uint32_t smem_words[];
+  extern __shared__ float smem[];
   const Block blk = make_block(p, t);
-  auto* tile = reinterpret_cast<Bits<T>*>(smem_words);
-  float* weights = reinterpret_cast<float*>(smem_words + t.tile_bytes() / 4);
+  float* tile = smem;
+  float* weights = smem + t.tile_bytes() / 4;
   stage_tile<T>(tile, p.x, p.x_strides, p, t, blk);
   // Items in the order of p.weight (taps fastest: the block's channels are one contiguous run of it).
   const int n_weights = static_cast<int>(p.n_dilations) * kTaps * t.channels;
@@ -318,36 +404,44 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const DwConvParams p, co
   }
   __syncthreads();
 
-  const Units u = make_units(t, blk);
-  float acc[kUnits][kPerWord];
+  const int word = static_cast<int>(threadIdx.x) % t.words;
+  float bias[kPerWord];
 #pragma unroll
   for (int c = 0; c < kPerWord; ++c) {
-    const int64_t ch = blk.c0 + u.word * kPerWord + c;
-    const float bias = p.bias != nullptr && ch < p.channels ? to_float(static_cast<const T*>(p.bias)[ch]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < kUnits; ++j) acc[j][c] = bias;
+    const int64_t ch = blk.c0 + word * kPerWord + c;
+    bias[c] = p.bias != nullptr && ch < p.channels ? to_float(static_cast<const T*>(p.bias)[ch]) : 0.f;
   }
-  for (int64_t i = 0; i < p.n_dilations; ++i) {
-    const int d = static_cast<int>(p.dilations[i]);
+#pragma unroll 1
+  for (int n = 0; n < kStrips; ++n) {
+    const Strip s = make_strip<kPerWord>(t, blk, word, n);
+    if (!s.live) break;
+    float acc[kStripRows][kPerWord];
 #pragma unroll
-    for (int ky = 0; ky < kK; ++ky) {
-      float w[kK][kPerWord];
+    for (int m = 0; m < kStripRows; ++m) {
 #pragma unroll
-      for (int kx = 0; kx < kK; ++kx) {
+      for (int c = 0; c < kPerWord; ++c) acc[m][c] = bias[c];
+    }
+    for (int64_t i = 0; i < p.n_dilations; ++i) {
+      const int d = static_cast<int>(p.dilations[i]);
+      const float* w_i = weights + i * kTaps * t.channels + word * kPerWord;  // [tap][channel] of the word
+      dilation_switch(d, [&](auto dilation) {
 #pragma unroll
-        for (int c = 0; c < kPerWord; ++c) w[kx][c] = weights[((i * kK + ky) * kK + kx) * t.channels + u.word * kPerWord + c];
-      }
-      for_each_row_tap<T, kK>(smem_words, t, u, ky, d, [&](int j, int kx, const float (&v)[kPerWord]) {
+        for (int kx = 0; kx < kK; ++kx) {
+          float w[kK][kPerWord];
 #pragma unroll
-        for (int c = 0; c < kPerWord; ++c) acc[j][c] += w[kx][c] * v[c];
+          for (int ky = 0; ky < kK; ++ky) load_word(w_i + (ky * kK + kx) * t.channels, w[ky]);
+          for_each_column_tap<kPerWord, kK, decltype(dilation)::value>(
+              tile, t, s.centre, kx, d, [&](int m, int ky, const float (&v)[kPerWord]) {
+#pragma unroll
+                for (int c = 0; c < kPerWord; ++c) acc[m][c] += w[ky][c] * v[c];
+              });
+        }
       });
     }
-  }
-
 #pragma unroll
-  for (int j = 0; j < kUnits; ++j) {
-    if (j >= u.count) break;
-    store_unit<T>(p, t, blk, u, j, p.out, p.out_strides, acc[j]);
+    for (int m = 0; m < kStripRows; ++m) {
+      if (s.row + m < blk.th) store_pixel<T>(p, blk, word, s.row + m, s.col, p.out, p.out_strides, acc[m]);
+    }
   }
 }
 
@@ -378,22 +472,28 @@ __device__ __forceinline__ bool reduce_over_pixels(float (&v)[kN], int words, fl
 
 // Writes one row of `partials` per (b, tile) for the block's channels: p.x is x, its tile staged with the halo.
 template <typename T, int kK>
-__global__ void __launch_bounds__(kThreads) weight_grad_kernel(const DwConvBwdParams bp, const Tiling t, float* partials) {
+__global__ void __launch_bounds__(kThreads, kWeightGradBlocksPerSm<kK>)
+    weight_grad_kernel(const DwConvBwdParams bp, const Tiling t, float* partials) {
   constexpr int kPerWord = kWordChannels<T>, kTaps = kK * kK;
-  extern __shared__ uint32_t smem_words[];
+  extern __shared__ float smem[];
   __shared__ float scratch[weight_grad_static_smem(kK) / sizeof(float)];
   const DwConvParams& p = bp.fwd;
   const Block blk = make_block(p, t);
-  stage_tile<T>(reinterpret_cast<Bits<T>*>(smem_words), p.x, p.x_strides, p, t, blk);
-  const Units u = make_units(t, blk);
-  float g[kUnits][kPerWord];
+  stage_tile<T>(smem, p.x, p.x_strides, p, t, blk);
+  const int word = static_cast<int>(threadIdx.x) % t.words;
+  Strip strips[kStrips];
+  float g[kStrips][kStripRows][kPerWord];  // grad_out at the strips' pixels, 0 outside the tile
 #pragma unroll
-  for (int j = 0; j < kUnits; ++j) {
-    if (j < u.count) {
-      load_unit<T>(p, t, blk, u, j, bp.grad_out, bp.grad_out_strides, g[j]);
-    } else {
+  for (int n = 0; n < kStrips; ++n) {
+    strips[n] = make_strip<kPerWord>(t, blk, word, n);
 #pragma unroll
-      for (int c = 0; c < kPerWord; ++c) g[j][c] = 0.f;
+    for (int m = 0; m < kStripRows; ++m) {
+      if (strips[n].live && strips[n].row + m < blk.th) {
+        load_pixel<T>(p, blk, word, strips[n].row + m, strips[n].col, bp.grad_out, bp.grad_out_strides, g[n][m]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kPerWord; ++c) g[n][m][c] = 0.f;
+      }
     }
   }
   __syncthreads();
@@ -406,7 +506,10 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const DwConvBwdPa
     for (int c = 0; c < kPerWord; ++c) {
       sums[c] = 0.f;
 #pragma unroll
-      for (int j = 0; j < kUnits; ++j) sums[c] += g[j][c];
+      for (int n = 0; n < kStrips; ++n) {
+#pragma unroll
+        for (int m = 0; m < kStripRows; ++m) sums[c] += g[n][m][c];
+      }
     }
     float result;
     if (reduce_over_pixels(sums, t.words, scratch, result)) {
@@ -416,23 +519,30 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const DwConvBwdPa
   }
   for (int64_t i = 0; i < p.n_dilations; ++i) {
     const int d = static_cast<int>(p.dilations[i]);
+    dilation_switch(d, [&](auto dilation) {
+#pragma unroll 1
+      for (int kx = 0; kx < kK; ++kx) {
+        float sums[kK * kPerWord];  // [ky][channel]
 #pragma unroll
-    for (int ky = 0; ky < kK; ++ky) {
-      float sums[kK * kPerWord];
+        for (int n = 0; n < kK * kPerWord; ++n) sums[n] = 0.f;
 #pragma unroll
-      for (int n = 0; n < kK * kPerWord; ++n) sums[n] = 0.f;
-      for_each_row_tap<T, kK>(smem_words, t, u, ky, d, [&](int j, int kx, const float (&v)[kPerWord]) {
+        for (int n = 0; n < kStrips; ++n) {
+          if (!strips[n].live) break;
+          for_each_column_tap<kPerWord, kK, decltype(dilation)::value>(
+              smem, t, strips[n].centre, kx, d, [&](int m, int ky, const float (&v)[kPerWord]) {
 #pragma unroll
-        for (int c = 0; c < kPerWord; ++c) sums[kx * kPerWord + c] += g[j][c] * v[c];
-      });
-      float result;
-      if (reduce_over_pixels(sums, t.words, scratch, result)) {
-        const int w = threadIdx.x / (kK * kPerWord), n = threadIdx.x % (kK * kPerWord);
-        const int kx = n / kPerWord, c = n % kPerWord;
-        const int64_t ch = blk.c0 + w * kPerWord + c;
-        if (ch < p.channels) row[(i * p.channels + ch) * kTaps + ky * kK + kx] = result;
+                for (int c = 0; c < kPerWord; ++c) sums[ky * kPerWord + c] += g[n][m][c] * v[c];
+              });
+        }
+        float result;
+        if (reduce_over_pixels(sums, t.words, scratch, result)) {
+          const int w = threadIdx.x / (kK * kPerWord), n = threadIdx.x % (kK * kPerWord);
+          const int ky = n / kPerWord, c = n % kPerWord;
+          const int64_t ch = blk.c0 + w * kPerWord + c;
+          if (ch < p.channels) row[(i * p.channels + ch) * kTaps + ky * kK + kx] = result;
+        }
       }
-    }
+    });
   }
 }
 
