@@ -5,9 +5,10 @@ Run under ncu, it calls this library's forward and backward of every op once on 
 sits between two launches of torch's spin kernel (`torch.cuda._sleep`), which mark where it starts and ends
 in ncu's list of kernels. `--summarize` then reads ncu's CSV and prints, per call, each kernel's time, the
 bytes it moved through DRAM, their ratio to the fewest bytes the call must move (inputs read once, outputs
-written once: the benchmark's count), its fraction of peak DRAM throughput, achieved occupancy and registers.
-A ratio well above 1 means re-reads or uncoalesced access; a low DRAM fraction with a ratio near 1 means too
-little work in flight.
+written once: the benchmark's count), its fraction of peak DRAM throughput, achieved occupancy, registers, the
+warp instructions it executed and how busy the schedulers were issuing them. A ratio well above 1 means
+re-reads or uncoalesced access; a low DRAM fraction with a ratio near 1 means too little work in flight, or,
+with the issue fraction high, too many instructions per byte.
 
     ncu --csv --log-file ncu.csv --print-units base --metrics "$(python tools/profile_ops.py --metrics)" \\
         --kernel-name-base demangled -k regex:'mamba_adaptor|spin_kernel' \\
@@ -30,6 +31,8 @@ METRICS = {
     "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram%",
     "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy%",
     "launch__registers_per_thread": "regs",
+    "smsp__inst_executed.sum": "instructions",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue%",
 }
 MARKER = "spin_kernel"  # at::cuda::sleep's kernel
 
@@ -108,7 +111,8 @@ def short_name(name: str) -> str:
 def summarize(csv_path: Path, sections_path: Path) -> str:
     sections = json.loads(sections_path.read_text())
     lines = [
-        f"{'call':58} {'kernel':40} {'us':>8} {'DRAM MB':>8} {'x min':>6} {'DRAM %':>6} {'occ %':>5} {'regs':>4}"
+        f"{'call':58} {'kernel':40} {'us':>8} {'DRAM MB':>8} {'x min':>6} {'DRAM %':>6} {'occ %':>5} {'regs':>4} "
+        f"{'M inst':>7} {'issue %':>7}"
     ]
     for section, kernels in split_sections(read_kernels(csv_path), sections):
         label = f"{section['op']} {section['shape']} {section['mode']} ({section['impl']})"
@@ -119,7 +123,8 @@ def summarize(csv_path: Path, sections_path: Path) -> str:
             lines.append(
                 f"{label:58} {short_name(k['name'])[:40]:40} {k.get('ns', math.nan) / 1e3:8.1f} {moved / 1e6:8.1f} "
                 f"{moved / section['min_bytes']:6.2f} {k.get('dram%', math.nan):6.1f} "
-                f"{k.get('occupancy%', math.nan):5.1f} {k.get('regs', math.nan):4.0f}"
+                f"{k.get('occupancy%', math.nan):5.1f} {k.get('regs', math.nan):4.0f} "
+                f"{k.get('instructions', math.nan) / 1e6:7.1f} {k.get('issue%', math.nan):7.1f}"
             )
             label = ""
         lines.append(
