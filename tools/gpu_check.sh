@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a machine with a GPU and a CUDA torch (e.g. the device tool's H100):
 # build (or install a wheel carried from elsewhere), every test (the CUDA ones included), compute-sanitizer
-# (memcheck, racecheck, initcheck, synccheck) on a small forward + backward of every op, the benchmark, and
-# Nsight Compute's DRAM bytes, occupancy and registers of every kernel on the goal shapes.
+# (memcheck, racecheck, initcheck, synccheck) on a small forward + backward of every op, the benchmark,
+# Nsight Compute's DRAM bytes, occupancy and registers of every kernel on the goal shapes, and, when a wheel is
+# tested, a source build of this checkout with the machine's own compilers.
 #
 #   bash tools/gpu_check.sh                 # build from this checkout against the installed torch
 #   WHEEL=dist/mamba_adaptor_ops-*.whl bash tools/gpu_check.sh   # test a wheel built on another machine
 #       (the release wheel: tools/manylinux_wheel.sh); if it does not install, load or run a kernel here, the
 #       check fails, logs why, and runs its other steps on a build from this checkout, in the same call
-#   STEPS="install tests" bash tools/gpu_check.sh   # a subset of: install tests sanitizer bench profile
+#   STEPS="install tests" bash tools/gpu_check.sh   # a subset of: install tests sanitizer bench profile source
 #
-# Results (at most 8 files) go to $OUT (default gpu-check-results/): check.log (versions, build, tests, the
-# benchmark table, the profile summary), sanitizer.log, bench.json, the benchmark plots and ncu.csv. Exits
-# non-zero if a step failed (the profile, a measurement, only reports).
+# Results (at most 9 files) go to $OUT (default gpu-check-results/): check.log (versions, build, tests, the
+# benchmark table, the profile summary), sanitizer.log, bench.json, the benchmark plots, ncu.csv and
+# source-build.log. Exits non-zero if a step failed (the profile, a measurement, only reports).
 #
 # The device tool gives a session 15 minutes of GPU time in all, a machine's start (a minute or two) included,
 # and starts no machine with under 4 minutes left: the whole check keeps within DEADLINE seconds (default 420,
@@ -27,7 +28,7 @@ OUT="${OUT:-gpu-check-results}"
 mkdir -p "$OUT"
 LOG="$OUT/check.log"
 PYTHON="${PYTHON:-python3}"
-STEPS="${STEPS:-install tests sanitizer bench profile}"
+STEPS="${STEPS:-install tests sanitizer bench profile source}"
 status=0
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo -e "\n===== $* ($(date +%T))" | tee -a "$LOG"; }
@@ -136,6 +137,59 @@ fi
 if wants sanitizer; then
   step "compute-sanitizer initcheck, synccheck"
   sanitize initcheck synccheck
+fi
+# With a carried wheel under test: a build from this checkout with this machine's compilers, installed apart
+# (in $SOURCE_PREFIX, first on PYTHONPATH) with debug info and the release's optimisation, must run a CPU and a
+# CUDA op too. A crash prints its native stack (a preloaded SIGSEGV/SIGBUS/SIGABRT handler), symbolised with
+# addr2line, after the compiler, the build's torch and what the modules link against.
+if wants source && [ "$wheel_runs" -eq 1 ]; then
+  step "source build with this machine's compilers, apart from the tested wheel"
+  SOURCE_PREFIX="${SOURCE_PREFIX:-/tmp/mamba-adaptor-source-build}"
+  rm -rf "$SOURCE_PREFIX" && mkdir -p "$SOURCE_PREFIX"
+  gcc --version | head -1 | tee -a "$LOG"
+  timeout "$(budget 150)" "$PYTHON" -m pip install --no-build-isolation --no-deps --target "$SOURCE_PREFIX" -v \
+    --config-settings=cmake.define.CMAKE_CXX_FLAGS=-g --config-settings=install.strip=false . \
+    > "$OUT/source-build.log" 2>&1
+  built=$?
+  echo "build: exit $built (log: source-build.log)" | tee -a "$LOG"
+  grep -E "The (CXX|CUDA) compiler identification|torch library" "$OUT/source-build.log" | tee -a "$LOG"
+  for module in "$SOURCE_PREFIX"/mamba_adaptor_ops/_C*.so; do
+    echo "--- $module links" | tee -a "$LOG"
+    ldd "$module" | grep -E "torch|c10|stdc\+\+|python|not found" | tee -a "$LOG"
+  done
+  cat > /tmp/segv_backtrace.c << 'C'
+#include <execinfo.h>
+#include <signal.h>
+static void on_signal(int sig) {
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), 2);
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+__attribute__((constructor)) static void install(void) {
+  signal(SIGSEGV, on_signal);
+  signal(SIGBUS, on_signal);
+  signal(SIGABRT, on_signal);
+}
+C
+  gcc -shared -fPIC -o /tmp/segv_backtrace.so /tmp/segv_backtrace.c
+  [ "$built" -eq 0 ] && PYTHONPATH="$SOURCE_PREFIX" LD_PRELOAD=/tmp/segv_backtrace.so timeout "$(budget 60)" "$PYTHON" -c "
+import mamba_adaptor_ops as m, torch
+print('loaded from', m.__file__, '; CUDA kernels loaded:', m.CUDA_KERNELS_LOADED, flush=True)
+h, offsets, weights = torch.randn(1, 2, 3, 9), torch.randn(1, 2, 2, 9), torch.rand(1, 2, 2, 9)
+expected = m.state_gather(h, offsets, weights)
+print('a CPU op ran', flush=True)
+torch.testing.assert_close(m.state_gather(h.cuda(), offsets.cuda(), weights.cuda()).cpu(), expected)
+print('a CUDA op ran and agrees with the CPU', flush=True)" > /tmp/source-run.log 2>&1
+  rc=$?
+  head -40 /tmp/source-run.log | tee -a "$LOG"
+  # Frames of a module without an exported symbol there, "module(+0xoffset) [address]": function, file, line.
+  grep -o -E "^[^ (]+\(\+0x[0-9a-f]+\)" /tmp/source-run.log | head -24 |
+    while IFS='(' read -r module offset; do
+      echo "$(basename "$module") ${offset%)}: $(addr2line -f -C -i -p -e "$module" "${offset%)}" 2>&1 | head -3)"
+    done | tee -a "$LOG"
+  echo "source build run: exit $rc" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || status=1
 fi
 
 step "done: status $status"
