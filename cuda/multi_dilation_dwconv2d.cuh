@@ -262,64 +262,57 @@ __device__ __forceinline__ Strip make_strip(const Tiling& t, const Block& blk, i
   return s;
 }
 
-// Element offset, in a tensor with `strides`, of channel c of word `word` at the tile's pixel (row, col), and
-// whether that channel exists.
-__device__ __forceinline__ bool pixel_offset(const DwConvParams& p, const Block& blk, int word, int row, int col, int c,
-                                             int per_word, const int64_t* strides, int64_t& offset) {
-  const int64_t ch = blk.c0 + word * per_word + c;
-  offset = blk.b * strides[0] + ch * strides[1] + (blk.y0 + row) * strides[2] + (blk.x0 + col) * strides[3];
-  return ch < p.channels;
-}
-
-// Whether the word's two 16-bit channels at (row, col) lie in one aligned 32-bit word of a tensor with `strides`
-// (its channels next to each other: channels_last) and both exist; `offset` is then the first one's.
-template <typename T>
-__device__ __forceinline__ bool pixel_word(const DwConvParams& p, const Block& blk, int word, int row, int col,
-                                           const void* data, const int64_t* strides, int64_t& offset) {
-  int64_t second;
-  return strides[1] == 1 && pixel_offset(p, blk, word, row, col, 1, 2, strides, second) &&
-         pixel_offset(p, blk, word, row, col, 0, 2, strides, offset) &&
-         reinterpret_cast<uintptr_t>(static_cast<const T*>(data) + offset) % 4 == 0;
-}
-
-// The word's kPerWord channel values of `data` at (row, col) (0 for channels that do not exist): one 32-bit load
-// where the word lies in one (pixel_word), else one load per channel.
-template <typename T>
-__device__ __forceinline__ void load_pixel(const DwConvParams& p, const Block& blk, int word, int row, int col,
-                                           const void* data, const int64_t* strides, float (&v)[kWordChannels<T>]) {
-  constexpr int kPerWord = kWordChannels<T>;
+// Where a strip's channel word lies in a tensor with `strides`: `offset`, the element offset of its first channel
+// at the strip's first pixel (its next rows follow strides[2] apart); `channels`, how many of its channels exist;
+// `packed`, whether the two 16-bit channels of every row are one aligned 32-bit word (channels_last).
+struct WordAt {
   int64_t offset;
-  if constexpr (kPerWord == 2) {
-    if (pixel_word<T>(p, blk, word, row, col, data, strides, offset)) {
-      unpack_word(*reinterpret_cast<const uint32_t*>(static_cast<const T*>(data) + offset), v, T{});
+  int channels;
+  bool packed;
+};
+
+template <typename T>
+__device__ __forceinline__ WordAt word_at(const DwConvParams& p, const Block& blk, int word, const Strip& s,
+                                          const void* data, const int64_t* strides) {
+  constexpr int kPerWord = kWordChannels<T>;
+  const int64_t ch = blk.c0 + word * kPerWord;
+  WordAt at;
+  at.offset = blk.b * strides[0] + ch * strides[1] + (blk.y0 + s.row) * strides[2] + (blk.x0 + s.col) * strides[3];
+  at.channels = static_cast<int>(p.channels - ch < kPerWord ? p.channels - ch : kPerWord);
+  at.packed = kPerWord == 2 && at.channels == 2 && strides[1] == 1 && strides[2] % 2 == 0 &&
+              reinterpret_cast<uintptr_t>(static_cast<const T*>(data) + at.offset) % 4 == 0;
+  return at;
+}
+
+// Row m's channel values of the word at `at` in `data` (0 for channels that do not exist).
+template <typename T>
+__device__ __forceinline__ void load_row(const WordAt& at, int m, const void* data, const int64_t* strides,
+                                         float (&v)[kWordChannels<T>]) {
+  const T* row = static_cast<const T*>(data) + at.offset + m * strides[2];
+  if constexpr (kWordChannels<T> == 2) {
+    if (at.packed) {
+      unpack_word(*reinterpret_cast<const uint32_t*>(row), v, T{});
       return;
     }
   }
 #pragma unroll
-  for (int c = 0; c < kPerWord; ++c) {
-    const bool exists = pixel_offset(p, blk, word, row, col, c, kPerWord, strides, offset);
-    v[c] = exists ? to_float(static_cast<const T*>(data)[offset]) : 0.f;
-  }
+  for (int c = 0; c < kWordChannels<T>; ++c) v[c] = c < at.channels ? to_float(row[c * strides[1]]) : 0.f;
 }
 
-// Stores the word's kPerWord channel values into `data` at (row, col) (the channels that exist): one 32-bit
-// store where the word lies in one (pixel_word), else one store per channel.
+// Stores row m's channel values of the word at `at` into `data` (the channels that exist).
 template <typename T>
-__device__ __forceinline__ void store_pixel(const DwConvParams& p, const Block& blk, int word, int row, int col,
-                                            void* data, const int64_t* strides, const float (&v)[kWordChannels<T>]) {
-  constexpr int kPerWord = kWordChannels<T>;
-  int64_t offset;
-  if constexpr (kPerWord == 2) {
-    if (pixel_word<T>(p, blk, word, row, col, data, strides, offset)) {
-      *reinterpret_cast<uint32_t*>(static_cast<T*>(data) + offset) = pack_word(v, T{});
+__device__ __forceinline__ void store_row(const WordAt& at, int m, void* data, const int64_t* strides,
+                                          const float (&v)[kWordChannels<T>]) {
+  T* row = static_cast<T*>(data) + at.offset + m * strides[2];
+  if constexpr (kWordChannels<T> == 2) {
+    if (at.packed) {
+      *reinterpret_cast<uint32_t*>(row) = pack_word(v, T{});
       return;
     }
   }
 #pragma unroll
-  for (int c = 0; c < kPerWord; ++c) {
-    if (pixel_offset(p, blk, word, row, col, c, kPerWord, strides, offset)) {
-      static_cast<T*>(data)[offset] = from_float<T>(v[c]);
-    }
+  for (int c = 0; c < kWordChannels<T>; ++c) {
+    if (c < at.channels) row[c * strides[1]] = from_float<T>(v[c]);
   }
 }
 
@@ -438,9 +431,10 @@ __global__ void __launch_bounds__(kThreads, kConvBlocksPerSm<kK>)
         }
       });
     }
+    const WordAt at = word_at<T>(p, blk, word, s, p.out, p.out_strides);
 #pragma unroll
     for (int m = 0; m < kStripRows; ++m) {
-      if (s.row + m < blk.th) store_pixel<T>(p, blk, word, s.row + m, s.col, p.out, p.out_strides, acc[m]);
+      if (s.row + m < blk.th) store_row<T>(at, m, p.out, p.out_strides, acc[m]);
     }
   }
 }
@@ -486,10 +480,11 @@ __global__ void __launch_bounds__(kThreads, kWeightGradBlocksPerSm<kK>)
 #pragma unroll
   for (int n = 0; n < kStrips; ++n) {
     strips[n] = make_strip<kPerWord>(t, blk, word, n);
+    const WordAt at = word_at<T>(p, blk, word, strips[n], bp.grad_out, bp.grad_out_strides);
 #pragma unroll
     for (int m = 0; m < kStripRows; ++m) {
       if (strips[n].live && strips[n].row + m < blk.th) {
-        load_pixel<T>(p, blk, word, strips[n].row + m, strips[n].col, bp.grad_out, bp.grad_out_strides, g[n][m]);
+        load_row<T>(at, m, bp.grad_out, bp.grad_out_strides, g[n][m]);
       } else {
 #pragma unroll
         for (int c = 0; c < kPerWord; ++c) g[n][m][c] = 0.f;

@@ -145,10 +145,11 @@ fi
 if wants source && [ "$wheel_runs" -eq 1 ]; then
   step "source build with this machine's compilers, apart from the tested wheel"
   SOURCE_PREFIX="${SOURCE_PREFIX:-/tmp/mamba-adaptor-source-build}"
-  rm -rf "$SOURCE_PREFIX" && mkdir -p "$SOURCE_PREFIX"
+  rm -rf "$SOURCE_PREFIX" "$SOURCE_PREFIX.build" && mkdir -p "$SOURCE_PREFIX"
   gcc --version | head -1 | tee -a "$LOG"
   timeout "$(budget 150)" "$PYTHON" -m pip install --no-build-isolation --no-deps --target "$SOURCE_PREFIX" -v \
-    --config-settings=cmake.define.CMAKE_CXX_FLAGS=-g --config-settings=install.strip=false . \
+    --config-settings=cmake.define.CMAKE_CXX_FLAGS=-g --config-settings=install.strip=false \
+    --config-settings=build-dir="$SOURCE_PREFIX.build" . \
     > "$OUT/source-build.log" 2>&1
   built=$?
   echo "build: exit $built (log: source-build.log)" | tee -a "$LOG"
