@@ -147,15 +147,17 @@ struct SegmentPoints {
 
   // The samples of points k0 .. k0 + kPointGroup - 1 of position t; points past n_points, and all where !active,
   // are empty samples (weight 0 at position 0). Every offset and weight is loaded before any is used, so the
-  // 2 * kPointGroup loads are in flight together.
+  // 2 * kPointGroup loads are in flight together; their addresses are one 64-bit product per tensor and group.
   __device__ __forceinline__ void group(Sample (&smp)[kPointGroup], int64_t n_points, int64_t k0, int t,
                                         bool active) const {
+    const T* o = offsets + k0 * os[2] + t * os[3];
+    const T* w = weights + k0 * ws[2] + t * ws[3];
     float offset[kPointGroup], weight[kPointGroup];
 #pragma unroll
     for (int j = 0; j < kPointGroup; ++j) {
       const bool live = active && k0 + j < n_points;
-      offset[j] = live ? point(k0 + j, t).x : 0.f;  // two selects: one of float2 spills more (sm_90)
-      weight[j] = live ? point(k0 + j, t).y : 0.f;
+      offset[j] = live ? to_float(o[j * os[2]]) : 0.f;
+      weight[j] = live ? to_float(w[j * ws[2]]) : 0.f;
     }
 #pragma unroll
     for (int j = 0; j < kPointGroup; ++j) {
@@ -188,8 +190,18 @@ __device__ __forceinline__ Block make_block(int64_t segment, int64_t chunk, int 
   return blk;
 }
 
+// Index in the window of row r (< R) at staged position i: positions are 32 bytes, [position][row], except that
+// the two 16-byte halves of a position swap places where (i >> 2) & 1. A warp reading one half of each lane's
+// position (read_staged) then finds 8 consecutive positions in 8 different bank quads (16-byte chunk
+// 2i + ((i >> 2) & 1) mod 8 takes every value): no conflict for nearby positions.
+template <int R>
+__device__ __forceinline__ int window_index(int i, int r) {
+  constexpr int H = R / 2;  // rows per half
+  return (2 * i + ((r / H) ^ ((i >> 2) & 1))) * H + r % H;
+}
+
 // Copies positions [w0, w1) of rows [0, n_rows) of the row-major (rows, L) array `src` into `window`, laid out
-// [position - w0][kRows]; rows n_rows..kRows-1 read 0. Every thread of the block must call it.
+// as window_index says, relative to w0; rows n_rows..kRows-1 read 0. Every thread of the block must call it.
 template <typename T, bool kVectorStage>
 __device__ __forceinline__ void stage_window(typename Staged<T>::Bits* window, const T* src, int64_t L, int n_rows,
                                              int w0, int w1) {
@@ -226,7 +238,7 @@ __device__ __forceinline__ void stage_window(typename Staged<T>::Bits* window, c
         for (int rot = 1; rot < G; ++rot) {
           if (g == rot) value = e[(j + rot) % V];
         }
-        window[(chunk * V + (j + g) % V) * R + r] = value;
+        window[window_index<R>(chunk * V + (j + g) % V, r)] = value;
       }
     }
   } else {
@@ -234,7 +246,7 @@ __device__ __forceinline__ void stage_window(typename Staged<T>::Bits* window, c
 #pragma unroll 8
     for (int item = threadIdx.x; item < n * R; item += kThreads) {
       const int i = item % n, r = item / n;
-      window[i * R + r] = r < n_rows ? rows[r * L + w0 + i] : Bits(0);
+      window[window_index<R>(i, r)] = r < n_rows ? rows[r * L + w0 + i] : Bits(0);
     }
   }
 }
@@ -245,11 +257,8 @@ __device__ __forceinline__ void read_staged(const typename Staged<T>::Bits* wind
                                             float (&v)[Staged<T>::kRows]) {
   constexpr int kPerWord = 4 / sizeof(T);
   const uint4* src = reinterpret_cast<const uint4*>(window) + 2 * i;
-  // Reading the half (i >> 2) & 1 first puts 8 consecutive positions of a quarter warp in 8 different bank
-  // quads (16-byte chunk 2i + ((i >> 2) & 1) mod 8 takes every value): no conflict for nearby positions.
-  const int first = (i >> 2) & 1;
-  const uint4 a = src[first], b = src[first ^ 1];
-  const uint4 lo = first ? b : a, hi = first ? a : b;
+  const int swapped = (i >> 2) & 1;  // window_index
+  const uint4 lo = src[swapped], hi = src[swapped ^ 1];
   const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
   for (int w = 0; w < 8; ++w) unpack_word(words[w], v + w * kPerWord, T{});
