@@ -39,12 +39,11 @@ constexpr int kStripRows = 4;            // output rows of a strip
 constexpr int kStrips = 4;               // most strips per thread of a staged block
 constexpr int kStageLoads = 8;           // loads a lane has in flight while staging a tile
 constexpr int kSmemBudget = 100 * 1024;  // most bytes of a staged block's tile and weights (see plan)
-// Blocks per SM the staged kernels are compiled for (__launch_bounds__): 4 at k = 3, the paper's size (64
-// registers, with a few spilled words outside the tap loops; sm_90, nvcc 13), else what their registers allow.
-template <int kK>
-constexpr int kConvBlocksPerSm = kK == 3 ? 4 : 2;
-template <int kK>
-constexpr int kWeightGradBlocksPerSm = kK == 3 ? 4 : 3;
+// Blocks per SM the staged kernels are compiled for (__launch_bounds__), and that plan's tiles leave room for:
+// 4 at k = 3, the paper's size (64 registers, with a few spilled words outside the tap loops; sm_90, nvcc 13),
+// else what their registers allow.
+__host__ __device__ constexpr int conv_blocks_per_sm(int64_t k) { return k == 3 ? 4 : 2; }
+__host__ __device__ constexpr int weight_grad_blocks_per_sm(int64_t k) { return k == 3 ? 4 : 3; }
 
 template <typename T>
 constexpr int kWordChannels = 4 / static_cast<int>(sizeof(T));  // channels per 32-bit word
@@ -80,7 +79,8 @@ __host__ __device__ inline bool is_channels_last(const DwConvParams& p, const in
 // function sizes the workspace, so both always agree. A block has at most kThreads * kStrips strips and 32
 // channels: channels_last up to 16 x 16 pixels of as many channel words as C needs; NCHW up to 64 pixels wide
 // with one channel word, more where a small plane leaves threads without a strip. The tile with its halo and the
-// weights (conv_kernel) stay within kSmemBudget and block_smem, the tile and the static scratch
+// weights (conv_kernel) stay within kSmemBudget and the share of block_smem of one of conv_blocks_per_sm blocks
+// (a whole SM's 99 KiB on sm_86 and sm_89 would otherwise go to one block), the tile and the static scratch
 // (weight_grad_kernel) within block_smem: where the default tile does not fit, a channels_last one takes the
 // channel words and tile size that read the fewest sectors, an NCHW one shrinks to at most 8 x 8 pixels; and the
 // direct kernels take over where a halo over 1024 or one channel word of an 8 x 8 tile does not fit.
@@ -107,15 +107,17 @@ inline Tiling plan(const DwConvParams& p, const int64_t* strides, int elem_size,
   t.channels = t.words * per_word;
   t.staged = halo <= 1024;
   t.halo = static_cast<int>(t.staged ? halo : 0);
-  const size_t budget = std::min<size_t>(kSmemBudget, block_smem), scratch = weight_grad_static_smem(p.kernel_size);
+  const size_t budget = std::min<size_t>(kSmemBudget, block_smem / conv_blocks_per_sm(p.kernel_size));
+  const size_t scratch = weight_grad_static_smem(p.kernel_size);
   const auto fits = [&](const Tiling& c) {
     return c.tile_bytes() + c.weight_bytes(p) <= budget && c.tile_bytes() + scratch <= block_smem;
   };
   if (t.staged && t.channels_last && !fits(t)) {
-    // A halo too large for the default tile. The staged words per output word, span_h * span_w / (tile_h *
-    // tile_w), fall as the tile grows, but under 8 channel words (32 bytes) per pixel each pixel's read still
-    // takes a whole sector. Of each count of words with its largest square tile that fits (up to 64 x 64
-    // pixels), take the one that reads the fewest sectors per output word.
+    // A default tile too large for the budget (a large halo, or less shared memory: sm_80, sm_86, sm_89). The
+    // staged words per output word, span_h * span_w / (tile_h * tile_w), fall as the tile grows, but under 8
+    // channel words (32 bytes) per pixel each pixel's read still takes a whole sector. Of each count of words with
+    // its largest square tile that fits (up to 64 x 64 pixels), take the one that reads the fewest sectors per
+    // output word.
     double fewest = 0;
     Tiling best = t;
     for (Tiling c = t; c.words >= 1; c.words /= 2) {
@@ -378,7 +380,7 @@ __device__ __forceinline__ void dilation_switch(int d, F&& f) {
 // Shared memory: the tile, then the block's weights as float [dilation][tap][channel] (taps reversed when
 // flip, which turns s = -1 into s = 1).
 template <typename T, int kK>
-__global__ void __launch_bounds__(kThreads, kConvBlocksPerSm<kK>)
+__global__ void __launch_bounds__(kThreads, conv_blocks_per_sm(kK))
     conv_kernel(const DwConvParams p, const Tiling t, const bool flip) {
   constexpr int kPerWord = kWordChannels<T>, kTaps = kK * kK;
   extern __shared__ float smem[];
@@ -466,7 +468,7 @@ __device__ __forceinline__ bool reduce_over_pixels(float (&v)[kN], int words, fl
 
 // Writes one row of `partials` per (b, tile) for the block's channels: p.x is x, its tile staged with the halo.
 template <typename T, int kK>
-__global__ void __launch_bounds__(kThreads, kWeightGradBlocksPerSm<kK>)
+__global__ void __launch_bounds__(kThreads, weight_grad_blocks_per_sm(kK))
     weight_grad_kernel(const DwConvBwdParams bp, const Tiling t, float* partials) {
   constexpr int kPerWord = kWordChannels<T>, kTaps = kK * kK;
   extern __shared__ float smem[];

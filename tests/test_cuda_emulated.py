@@ -309,9 +309,14 @@ def test_multi_dilation_dwconv2d(emu, dtype, channels_last, b, C, H, W, k, dilat
 
 def test_multi_dilation_dwconv2d_views_and_a_99_kib_device(emu):
     """A strided view of x; 440 channels, k = 7: 43560 weight and bias sums, more than the 84-SM device's grid
-    of 1344 blocks of 32 sums covers at once; k = 7 channels_last near 99 KiB of shared memory per block."""
+    of 1344 blocks of 32 sums covers at once; k = 7 channels_last within the 99 KiB a block may have there, its
+    tiles planned for two blocks per SM; b2 stage 1 in bfloat16 channels_last, whose default tile (53 KiB) is
+    more than a quarter of that (k = 3: four blocks per SM)."""
     emu.configure(device=SMEM_99_KIB)
     try:
+        inputs = conv_inputs(1, 96, 56, 56, k=3, dtype=torch.bfloat16)
+        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+        check_against_reference(conv_op(emu), conv_reference, inputs, random_like(inputs["x"]), torch.bfloat16)
         inputs = conv_inputs(1, 12, 30, 46, k=3)
         inputs["x"] = inputs["x"][:, :, :, ::2]
         check_against_reference(conv_op(emu), conv_reference, inputs, random_like(inputs["x"]), torch.float32)
