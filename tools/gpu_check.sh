@@ -10,6 +10,8 @@
 #       (the release wheel: tools/manylinux_wheel.sh); if it does not install, load or run a kernel here, the
 #       check fails, logs why, and runs its other steps on a build from this checkout, in the same call
 #   STEPS="install tests" bash tools/gpu_check.sh   # a subset of: install tests sanitizer bench profile source
+#   STEPS="install bench" BENCH_ARGS="--budget 1" DEADLINE=590 bash tools/gpu_check.sh   # the benchmark's
+#       default run (every stage and dtype, models with and without torch.compile) within its 540 s limit
 #
 # Results (at most 9 files) go to $OUT (default gpu-check-results/): check.log (versions, build, tests, the
 # benchmark table, the profile summary), sanitizer.log, bench.json, the benchmark plots, ncu.csv and
