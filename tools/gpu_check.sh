@@ -155,6 +155,7 @@ if wants source && [ "$wheel_runs" -eq 1 ]; then
     > "$OUT/source-build.log" 2>&1
   built=$?
   echo "build: exit $built (log: source-build.log)" | tee -a "$LOG"
+  [ "$built" -eq 0 ] || tail -20 "$OUT/source-build.log" | tee -a "$LOG"
   grep -E "The (CXX|CUDA) compiler identification|torch library" "$OUT/source-build.log" | tee -a "$LOG"
   for module in "$SOURCE_PREFIX"/mamba_adaptor_ops/_C*.so; do
     echo "--- $module links" | tee -a "$LOG"
@@ -176,6 +177,7 @@ __attribute__((constructor)) static void install(void) {
 }
 C
   gcc -shared -fPIC -o /tmp/segv_backtrace.so /tmp/segv_backtrace.c
+  rm -f /tmp/source-run.log
   [ "$built" -eq 0 ] && PYTHONPATH="$SOURCE_PREFIX" LD_PRELOAD=/tmp/segv_backtrace.so timeout "$(budget 60)" "$PYTHON" -c "
 import mamba_adaptor_ops as m, torch
 print('loaded from', m.__file__, '; CUDA kernels loaded:', m.CUDA_KERNELS_LOADED, flush=True)
@@ -185,9 +187,9 @@ print('a CPU op ran', flush=True)
 torch.testing.assert_close(m.state_gather(h.cuda(), offsets.cuda(), weights.cuda()).cpu(), expected)
 print('a CUDA op ran and agrees with the CPU', flush=True)" > /tmp/source-run.log 2>&1
   rc=$?
-  head -40 /tmp/source-run.log | tee -a "$LOG"
+  [ -f /tmp/source-run.log ] && head -40 /tmp/source-run.log | tee -a "$LOG"
   # Frames of a module without an exported symbol there, "module(+0xoffset) [address]": function, file, line.
-  grep -o -E "^[^ (]+\(\+0x[0-9a-f]+\)" /tmp/source-run.log | head -24 |
+  grep -s -o -E "^[^ (]+\(\+0x[0-9a-f]+\)" /tmp/source-run.log | head -24 |
     while IFS='(' read -r module offset; do
       echo "$(basename "$module") ${offset%)}: $(addr2line -f -C -i -p -e "$module" "${offset%)}" 2>&1 | head -3)"
     done | tee -a "$LOG"
