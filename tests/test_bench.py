@@ -17,7 +17,7 @@ from mamba_adaptor_ops.bench.goals import (
     format_goals,
 )
 from mamba_adaptor_ops.bench.ops import OPS, stage_cases
-from mamba_adaptor_ops.bench.report import OURS, SCHEMA, Row
+from mamba_adaptor_ops.bench.report import OURS, SCHEMA, Row, format_comparison, read_report
 
 
 def test_cpu_defaults_imply_quick():
@@ -43,6 +43,7 @@ def test_cpu_defaults_imply_quick():
         (["--device", "cpu", "--time-limit", "-1"], "--time-limit must be >= 0, got -1"),
         (["--device", "cpu", "--ops", "conv"], "invalid choice: 'conv'"),
         (["--device", "cpu", "--stages", "b3-s1"], "invalid choice: 'b3-s1'"),
+        (["--device", "cpu", "--compare", "no-such-report.json"], "--compare no-such-report.json: [Errno 2]"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
@@ -83,6 +84,14 @@ def test_tiny_run_writes_table_json_and_plots(tmp_path, capsys):
     assert {r["info"]["L"] for r in rows if r["suite"] == "length"} == {25, 49}
     for plot in ("ops_vs_length.png", "ops_speedup.png", "models_throughput.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --compare reads such a report; compared with itself, every row of ours is the same case at 1.00x.
+    assert cli.parse_args(["--device", "cpu", "--compare", str(tmp_path / "bench.json")]).earlier[0] == report["meta"]
+    meta, earlier = read_report(tmp_path / "bench.json")
+    lines = format_comparison(earlier, meta, earlier, meta).splitlines()
+    assert lines[0].startswith(f"Compared with {meta['device_name']}, {meta['date']}") and "not this" not in lines[0]
+    ours = [r for r in earlier if r.impl.startswith(OURS)]
+    assert len(lines) == 3 + len(ours) and all(" 1.00x " in line for line in lines[3:])
 
 
 def test_time_limit_lists_what_it_skipped(tmp_path, capsys):
@@ -140,6 +149,30 @@ def test_goals_met_short_or_not_run():
     assert "selective_scan b2-s1 bfloat16 bwd" in table and "mamba_ssm 2.96 ms" in table and "not run" in table
     assert {"goal", "target", "unit", "measured", "verdict"} <= as_json(list(results.values()))[0].keys()
 
+
+
+def test_comparison_matches_cases_and_speedups(tmp_path):
+    """A case is the same op, shape, dtype, mode, implementation and info (batch, sizes); a speedup is compared
+    where both runs timed its baseline; a report of another device says to compare speedups."""
+    then = [
+        _op_row("state_gather", "b2-s1", "bfloat16", "fwd", 2.0),
+        _op_row("state_gather", "b2-s1", "bfloat16", "fwd", 3.0, batch=64),
+        _op_row("selective_scan", "b2-s1", "bfloat16", "fwd", 1.0),
+    ]
+    then[0].speedup = {"reference": 10.0}
+    now = [_op_row("state_gather", "b2-s1", "bfloat16", "fwd", 0.5), _op_row("state_gather", "b2-s1", "bfloat16", "fwd", 1.0, batch=32)]
+    now[0].speedup = {"reference": 40.0, "mamba_ssm": 2.0}
+    table = format_comparison(now, {"device_name": "B"}, then, {"device_name": "A", "date": "d", "torch": "t"})
+    lines = table.splitlines()
+    assert lines[0].startswith("Compared with A, d, torch t") and "not this B" in lines[0]
+    assert len(lines) == 4  # header, dashes, the one case in common (batch 128)
+    assert lines[3].split()[6:] == ["2", "0.5", "4.00x", "10.00x", "->", "40.00x", "vs", "reference"]
+    assert "no case in common" in format_comparison(now[1:], {}, then, {})
+
+    not_a_report = tmp_path / "other.json"
+    not_a_report.write_text('{"rows": []}')
+    with pytest.raises(ValueError, match="schema"):
+        read_report(not_a_report)
 
 
 def test_every_goal_names_a_case_of_the_op_suite():

@@ -110,9 +110,11 @@ if wants bench; then
   step "benchmark"
   # Default: the issues' goal shapes (b2-s1 with d_state 1 and 16, b2-s3) and b1-s1, models without compile.
   # Its own --time-limit, inside the step's, lets it stop starting cases and still write its table and JSON.
+  # Compared with the latest GPU run in bench/results/ (bench/README.md's table).
   seconds=$(budget "${BENCH_SECONDS:-200}")
+  latest=$(ls bench/results/*.json 2> /dev/null | tail -1)
   run timeout "$seconds" "$PYTHON" -m mamba_adaptor_ops.bench --out "$OUT" --json "$OUT/bench.json" \
-    --time-limit $(( seconds > 80 ? seconds - 40 : seconds / 2 )) \
+    --time-limit $(( seconds > 80 ? seconds - 40 : seconds / 2 )) ${latest:+--compare "$latest"} \
     ${BENCH_ARGS:---stages b1-s1 b2-s1 b2-s3 --no-compile --budget 0.5}
 fi
 if wants profile; then

@@ -21,10 +21,12 @@ from .goals import check_goals, format_goals
 from .report import (
     Row,
     add_speedups,
+    format_comparison,
     format_table,
     plot_length_sweep,
     plot_model_throughput,
     plot_speedups,
+    read_report,
     write_json,
 )
 from .timing import Timing, copy_bandwidth_gbps, environment, measure
@@ -58,7 +60,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and the plots")
     p.add_argument("--json", type=Path, help="JSON path (default OUT/bench.json)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--compare", type=Path, metavar="JSON",
+                   help="an earlier run's JSON: print our times and speedups then and now, case by case")
     args = p.parse_args(argv)
+    args.earlier = None  # (meta, rows) of --compare's report
+    if args.compare is not None:
+        try:
+            args.earlier = read_report(args.compare)
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            p.error(f"--compare {args.compare}: {error}")
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -219,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = environment(device)
     copy_gbps = copy_bandwidth_gbps(device, 512 if device.type == "cuda" else 64)
     meta.update(copy_bandwidth_gbps=copy_gbps, quick=args.quick,
-                args={k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()})
+                args={k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()
+                      if k != "earlier"})
     print(f"mamba-adaptor-bench on {meta['device_name']} ({device}), torch {meta['torch']}, CUDA {meta['cuda']}, "
           f"mamba_adaptor_ops {meta['mamba_adaptor_ops']}, copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     if device.type == "cuda" and not meta["cuda_kernels_loaded"]:
@@ -261,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     goal_results = check_goals(rows, copy_gbps) if device.type == "cuda" else []  # goals of the CUDA kernels
     if goal_results:
         print("\n" + format_goals(goal_results, copy_gbps))
+    if args.earlier is not None:
+        earlier_meta, earlier_rows = args.earlier
+        print("\n" + format_comparison(rows, meta, earlier_rows, earlier_meta))
     write_json(args.json, meta, rows, goals_json(goal_results))
     print(f"\nJSON: {args.json}")
     if not args.no_plots:

@@ -89,6 +89,42 @@ def write_json(path: Path, meta: dict, rows: list[Row], goals: list[dict]) -> No
     path.write_text(json.dumps(report, indent=1))
 
 
+def read_report(path: Path) -> tuple[dict, list[Row]]:
+    """The meta and rows of a JSON report (write_json's); ValueError if it is not one."""
+    report = json.loads(path.read_text())
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        schema = report.get("schema") if isinstance(report, dict) else None
+        raise ValueError(f"expected a report with schema {SCHEMA!r}, got {schema!r}")
+    return report["meta"], [Row(**row) for row in report["rows"]]
+
+
+def format_comparison(rows: list[Row], meta: dict, earlier: list[Row], earlier_meta: dict) -> str:
+    """Our rows (of a run on `meta`'s device) next to the same cases of an earlier report: the median times, and
+    each speedup over a baseline then and now. A speedup is a ratio to a baseline timed in its own run, so it
+    compares across machines and clocks where times do not."""
+
+    def key(row: Row) -> tuple:  # the case: its info holds the batch, sizes, compiled or not
+        return row.suite, row.name, row.shape, row.dtype, row.mode, row.impl, tuple(sorted(row.info.items()))
+
+    before = {key(r): r for r in earlier if is_ours(r.impl) and r.median_ms}
+    lines = [["suite", "name", "shape", "dtype", "mode", "impl", "ms then", "ms now", "then / now",
+              "speedup then -> now"]]
+    for r in rows:
+        old = before.get(key(r))
+        if old is None or not is_ours(r.impl) or not r.median_ms:
+            continue
+        speedups = [f"{old.speedup[b]:.2f}x -> {v:.2f}x vs {b}" for b, v in r.speedup.items() if b in old.speedup]
+        lines.append([r.suite, r.name, r.shape, r.dtype, r.mode, r.impl, f"{old.median_ms:.4g}", f"{r.median_ms:.4g}",
+                      f"{old.median_ms / r.median_ms:.2f}x", ", ".join(speedups) or "-"])
+    then = (f"{earlier_meta.get('device_name', '?')}, {earlier_meta.get('date', '?')}, torch {earlier_meta.get('torch', '?')}, "
+            f"mamba_adaptor_ops {earlier_meta.get('mamba_adaptor_ops', '?')}")
+    if len(lines) == 1:
+        return f"Compared with {then}: no case in common"
+    if earlier_meta.get("device_name") != meta.get("device_name"):
+        then += f" (not this {meta.get('device_name', '?')}: compare the speedups, not the times)"
+    return f"Compared with {then}:\n" + aligned(lines)
+
+
 def _pyplot():
     import matplotlib
 
