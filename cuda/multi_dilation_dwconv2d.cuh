@@ -184,7 +184,7 @@ __device__ __forceinline__ Block make_block(const DwConvParams& p, const Tiling&
 }
 
 // Copies the input tile with its halo into `tile` (float [row][col][channel]), 0 outside the plane and for
-// channels >= C, along lines of the input's contiguous direction, each lane with kStageLoads loads in flight:
+// channels >= C, along the input's contiguous direction, each lane with kStageLoads loads in flight:
 // - channels_last: a warp copies a row of every channel (lane = channel + cb x column offset), kStageLoads
 //   columns of it at once;
 // - else: a warp copies kStageLoads lines at once (line = row * cb + channel, a row of one channel; lane = column).
@@ -197,23 +197,27 @@ __device__ __forceinline__ void stage_tile(float* tile, const void* data, const 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int y0 = blk.y0 - t.halo, x0 = blk.x0 - t.halo, height = static_cast<int>(p.height),
             width = static_cast<int>(p.width), channels = static_cast<int>(p.channels);
+  const int col_lo = max(0, -x0), col_hi = min(sw, width - x0);  // the tile's columns inside the plane
   if (t.channels_last) {
+    // A lane's columns are col_step = 32 / cb apart: its loads col_step * strides[3] elements, its stores 32
+    // floats.
     const int c = lane & (cb - 1), col_step = 32 >> log2_cb;
-    const int64_t channel_offset = (blk.c0 + c) * strides[1];
+    const int64_t channel_offset = (blk.c0 + c) * strides[1], load_step = col_step * strides[3];
     for (int row = warp; row < sh; row += kWarps) {
       const bool row_inside = blk.c0 + c < channels && y0 + row >= 0 && y0 + row < height;
       const T* line = src + (row_inside ? channel_offset + (y0 + row) * strides[2] : 0);
       for (int col0 = lane >> log2_cb; col0 < sw; col0 += kStageLoads * col_step) {
+        int64_t offset = (x0 + col0) * strides[3];
         float v[kStageLoads];
 #pragma unroll
-        for (int j = 0; j < kStageLoads; ++j) {
-          const int col = col0 + j * col_step, x = x0 + col;
-          v[j] = row_inside && col < sw && x >= 0 && x < width ? to_float(line[x * strides[3]]) : 0.f;
+        for (int j = 0; j < kStageLoads; ++j, offset += load_step) {
+          const int col = col0 + j * col_step;
+          v[j] = row_inside && col >= col_lo && col < col_hi ? to_float(line[offset]) : 0.f;
         }
+        float* dst = tile + (row * sw + col0) * cb + c;
 #pragma unroll
         for (int j = 0; j < kStageLoads; ++j) {
-          const int col = col0 + j * col_step;
-          if (col < sw) tile[(row * sw + col) * cb + c] = v[j];
+          if (col0 + j * col_step < sw) dst[32 * j] = v[j];
         }
       }
     }
@@ -230,9 +234,8 @@ __device__ __forceinline__ void stage_tile(float* tile, const void* data, const 
       first[j] = row < sh ? row * sw * cb + c : -1;
     }
     for (int col = lane; col < sw; col += 32) {
-      const int x = x0 + col;
-      const int64_t x_offset = x * strides[3];
-      const bool x_inside = x >= 0 && x < width;
+      const int64_t x_offset = (x0 + col) * strides[3];
+      const bool x_inside = col >= col_lo && col < col_hi;
       float v[kStageLoads];
 #pragma unroll
       for (int j = 0; j < kStageLoads; ++j) v[j] = x_inside && line[j] != nullptr ? to_float(line[j][x_offset]) : 0.f;
