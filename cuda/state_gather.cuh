@@ -257,7 +257,7 @@ __device__ __forceinline__ void read_staged(const typename Staged<T>::Bits* wind
                                             float (&v)[Staged<T>::kRows]) {
   constexpr int kPerWord = 4 / sizeof(T);
   const uint4* src = reinterpret_cast<const uint4*>(window) + 2 * i;
-  const int swapped = (i >> 2) & 1;  // window_index
+  const int swapped = (i >> 2) & 1;  // whether the halves are stored swapped (window_index)
   const uint4 lo = src[swapped], hi = src[swapped ^ 1];
   const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
