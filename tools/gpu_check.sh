@@ -48,16 +48,18 @@ run "$PYTHON" -c "import torch, sys; print('python', sys.version.split()[0], 'to
 
 export MAMBA_ADAPTOR_CUDA=ON MAMBA_ADAPTOR_REQUIRE_CUDA_KERNELS=1
 export MAMBA_ADAPTOR_CUDA_ARCHS="${MAMBA_ADAPTOR_CUDA_ARCHS:-90-real}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
-# The installed package loads its CUDA kernels, and one kernel runs on this GPU and agrees with the CPU.
-kernels_run() {
-  run "$PYTHON" -c "
+# The installed package (or the one first on PYTHONPATH) loads its CUDA kernels, runs a CPU op, and runs the same
+# op on this GPU in agreement; each stage prints a line as it ends, so a crash's place shows in the output.
+KERNEL_CHECK="
 import mamba_adaptor_ops as m, torch
 assert m.CUDA_KERNELS_LOADED
-print('CUDA kernels loaded; CUDA dispatch:', {op: torch._C._dispatch_has_kernel_for_dispatch_key(f'mamba_adaptor::{op}', 'CUDA') for op in ('selective_scan', 'state_gather', 'multi_dilation_dwconv2d')})
+print('CUDA kernels loaded from', m.__file__, '; CUDA dispatch:', {op: torch._C._dispatch_has_kernel_for_dispatch_key(f'mamba_adaptor::{op}', 'CUDA') for op in ('selective_scan', 'state_gather', 'multi_dilation_dwconv2d')}, flush=True)
 h, offsets, weights = torch.randn(1, 2, 3, 9), torch.randn(1, 2, 2, 9), torch.rand(1, 2, 2, 9)
-torch.testing.assert_close(m.state_gather(h.cuda(), offsets.cuda(), weights.cuda()).cpu(), m.state_gather(h, offsets, weights))
-print('a kernel ran on', torch.cuda.get_device_name(), 'and agrees with the CPU')"
-}
+expected = m.state_gather(h, offsets, weights)
+print('a CPU op ran', flush=True)
+torch.testing.assert_close(m.state_gather(h.cuda(), offsets.cuda(), weights.cuda()).cpu(), expected)
+print('a kernel ran on', torch.cuda.get_device_name(), 'and agrees with the CPU', flush=True)"
+kernels_run() { run "$PYTHON" -c "$KERNEL_CHECK"; }
 build_from_source() {
   step "build and install"
   start=$(date +%s)
@@ -180,14 +182,8 @@ __attribute__((constructor)) static void install(void) {
 C
   gcc -shared -fPIC -o /tmp/segv_backtrace.so /tmp/segv_backtrace.c
   rm -f /tmp/source-run.log
-  [ "$built" -eq 0 ] && PYTHONPATH="$SOURCE_PREFIX" LD_PRELOAD=/tmp/segv_backtrace.so timeout "$(budget 60)" "$PYTHON" -c "
-import mamba_adaptor_ops as m, torch
-print('loaded from', m.__file__, '; CUDA kernels loaded:', m.CUDA_KERNELS_LOADED, flush=True)
-h, offsets, weights = torch.randn(1, 2, 3, 9), torch.randn(1, 2, 2, 9), torch.rand(1, 2, 2, 9)
-expected = m.state_gather(h, offsets, weights)
-print('a CPU op ran', flush=True)
-torch.testing.assert_close(m.state_gather(h.cuda(), offsets.cuda(), weights.cuda()).cpu(), expected)
-print('a CUDA op ran and agrees with the CPU', flush=True)" > /tmp/source-run.log 2>&1
+  [ "$built" -eq 0 ] && PYTHONPATH="$SOURCE_PREFIX" LD_PRELOAD=/tmp/segv_backtrace.so timeout "$(budget 60)" \
+    "$PYTHON" -c "$KERNEL_CHECK" > /tmp/source-run.log 2>&1
   rc=$?
   [ -f /tmp/source-run.log ] && head -40 /tmp/source-run.log | tee -a "$LOG"
   # Frames of a module without an exported symbol there, "module(+0xoffset) [address]": function, file, line.

@@ -110,8 +110,8 @@ def format_comparison(rows: list[Row], meta: dict, earlier: list[Row], earlier_m
     lines = [["suite", "name", "shape", "dtype", "mode", "impl", "ms then", "ms now", "then / now",
               "speedup then -> now"]]
     for r in rows:
-        old = before.get(key(r))
-        if old is None or not is_ours(r.impl) or not r.median_ms:
+        old = before.get(key(r))  # None for a baseline's row: `before` holds ours only, and the key has the impl
+        if old is None or not r.median_ms:
             continue
         speedups = [f"{old.speedup[b]:.2f}x -> {v:.2f}x vs {b}" for b, v in r.speedup.items() if b in old.speedup]
         lines.append([r.suite, r.name, r.shape, r.dtype, r.mode, r.impl, f"{old.median_ms:.4g}", f"{r.median_ms:.4g}",
