@@ -160,7 +160,10 @@ def test_comparison_matches_cases_and_speedups(tmp_path):
         _op_row("selective_scan", "b2-s1", "bfloat16", "fwd", 1.0),
     ]
     then[0].speedup = {"reference": 10.0}
-    now = [_op_row("state_gather", "b2-s1", "bfloat16", "fwd", 0.5), _op_row("state_gather", "b2-s1", "bfloat16", "fwd", 1.0, batch=32)]
+    now = [
+        _op_row("state_gather", "b2-s1", "bfloat16", "fwd", 0.5),
+        _op_row("state_gather", "b2-s1", "bfloat16", "fwd", 1.0, batch=32),
+    ]
     now[0].speedup = {"reference": 40.0, "mamba_ssm": 2.0}
     table = format_comparison(now, {"device_name": "B"}, then, {"device_name": "A", "date": "d", "torch": "t"})
     lines = table.splitlines()
