@@ -8,12 +8,12 @@
 //   states (states mode)     (b, dim, N, L)    channel d reads group g = d / (dim / G)
 //
 // Work split. One warp scans one channel row (b, d) along L, in segments of 32 * K timesteps: lane l holds the K
-// consecutive timesteps seg * 32 K + l K + i, i < K (K = 8 in the forward: one 16-byte load per tensor for 16-bit
-// types, two for float32; K = 4 in the backward). Per state n, timestep t is the affine map h -> a_t h + b_t with
-// a_t = exp(dt_t A[n]) and b_t = dt_t B[n, t] u_t; a lane composes its K maps, a 5-step warp shuffle scan
-// composes the lanes, and the state carried over from the previous segment closes the recurrence. A block holds
-// up to kFwdWarps / kBwdWarps channels of one (batch, group): they read the same B and C rows, and the backward
-// sums their dB and dC contributions in shared memory before one atomic add per block and element (with
+// consecutive timesteps seg * 32 K + l K + i, i < K (K = 8, one 16-byte load per tensor for 16-bit types and two
+// for float32, but 4 in the backward for d_state above 1 or float32). Per state n, timestep t is the affine map
+// h -> a_t h + b_t with a_t = exp(dt_t A[n]) and b_t = dt_t B[n, t] u_t; a lane composes its K maps, a 5-step warp
+// shuffle scan composes the lanes, and the state carried over from the previous segment closes the recurrence. A
+// block holds up to kFwdWarps / kBwdWarps channels of one (batch, group): they read the same B and C rows, and the
+// backward sums their dB and dC contributions in shared memory before one atomic add per block and element (with
 // `deterministic`, one store into the block's own slice of the workspace; the slices are summed in order after).
 //
 // Backward, per row: a first pass runs the forward recurrence over all segments but the last and stores the
@@ -38,12 +38,19 @@
 
 namespace mamba_adaptor::cuda::scan {
 
-// Consecutive timesteps per lane: 8 in the forward, 4 in the backward, whose per-item state would otherwise
-// not fit the 128 registers that let two of its 256-thread blocks share an SM.
+// Consecutive timesteps per lane: 8 in the forward and in the backward of 16-bit types with d_state 1; 4 in the
+// other backwards, whose per-item state would otherwise not fit the 128 registers that let two of its 256-thread
+// blocks share an SM.
 constexpr int kFwdItems = 8;
-constexpr int kBwdItems = 4;
 constexpr int kFwdSegment = 32 * kFwdItems;  // timesteps per warp and step along L
-constexpr int kBwdSegment = 32 * kBwdItems;
+
+__host__ __device__ constexpr int bwd_items(bool one_state, bool float32) { return one_state && !float32 ? 8 : 4; }
+
+// Timesteps per warp and step along L in the backward of params p.
+__host__ __device__ inline int bwd_segment(const SelectiveScanParams& p) {
+  return 32 * bwd_items(p.dstate == 1, p.dtype == DType::Float32);
+}
+
 constexpr int kFwdWarps = 4;  // channels per block, forward
 constexpr int kBwdWarps = 8;  // channels per block, backward (each block adds dB, dC once)
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -67,8 +74,8 @@ __host__ __device__ inline ChannelTiles channel_tiles(const SelectiveScanParams&
 }
 
 // The float32 workspace of the backward, in floats:
-// - the dB and dC sums of each (batch, group, n) row, padded to padded_len = n_seg * kBwdSegment so that every
-//   segment starts 16-byte aligned: one set that every block adds to atomically, or, when deterministic, one per
+// - the dB and dC sums of each (batch, group, n) row, padded to padded_len = n_seg * bwd_segment(p) so that
+//   every segment starts 16-byte aligned: one set that every block adds to atomically, or, when deterministic, one per
 //   tile of channels (`parts` sets) that its blocks write, summed in order afterwards;
 // - when deterministic, the row sums (b, dim, N + 2): each row's dA[n], dD and ddelta_bias, summed over the batch
 //   in order afterwards (else each row adds them to the outputs atomically);
@@ -79,9 +86,10 @@ struct BwdWorkspace {
 
 __host__ __device__ inline BwdWorkspace bwd_workspace_layout(const SelectiveScanBwdParams& bp) {
   const SelectiveScanParams& p = bp.fwd;
-  const int64_t n_seg = num_segments(p.seqlen, kBwdSegment);
+  const int segment = bwd_segment(p);
+  const int64_t n_seg = num_segments(p.seqlen, segment);
   BwdWorkspace w;
-  w.padded_len = n_seg * kBwdSegment;
+  w.padded_len = n_seg * segment;
   w.parts = bp.deterministic ? channel_tiles(p, kBwdWarps).tiles : 1;
   w.part_stride = p.batch * p.n_groups * p.dstate * w.padded_len;
   w.dB_offset = 0;
@@ -142,23 +150,63 @@ __device__ __forceinline__ int valid_items(int64_t len, int64_t t0) {
 
 // ---- loads and stores of one lane's K timesteps --------------------------------------------------------------
 
+// K consecutive items of type T, held as the 32-bit words that hold them in memory (two 16-bit items a word, the
+// lower address first), so that a 16-bit item takes half a register; x[i] is item i as float. Words, not T[K]:
+// the compiler gives each element of a T[K] a register of its own.
 template <typename T, int K>
 struct alignas(16) Items {
-  T v[K];
+  static constexpr int kPerWord = 4 / sizeof(T);
+  static constexpr int kWords = K / kPerWord;
+  static_assert(K % kPerWord == 0, "K items must be whole words");
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ float operator[](int i) const {
+    float v[kPerWord];
+    unpack_word(w[i / kPerWord], v, T{});
+    return v[i % kPerWord];
+  }
 };
 
-// The vectors' bits enter and leave the items by memcpy (register moves after compilation): writing the items
-// through a V* and reading them as T would break C++'s aliasing rule, and GCC -O2 (the emulator's build) then
-// reads items that were never written.
+// x's items rounded to T.
+template <typename T, int K>
+__device__ __forceinline__ Items<T, K> pack_items(const float (&x)[K]) {
+  using I = Items<T, K>;
+  I y;
+#pragma unroll
+  for (int j = 0; j < I::kWords; ++j) {
+    float v[I::kPerWord];
+#pragma unroll
+    for (int q = 0; q < I::kPerWord; ++q) v[q] = x[j * I::kPerWord + q];
+    y.w[j] = pack_word(v, T{});
+  }
+  return y;
+}
+
+// A T's bits (in the low bytes of a word) and back, for the partial loads and stores below, which move one item at
+// a time: T-typed memory accesses, and memcpy between registers (a memcpy from memory would read byte by byte).
+template <typename T>
+__device__ __forceinline__ uint32_t bits_of(T value) {
+  uint32_t bits = 0;
+  memcpy(&bits, &value, sizeof(T));
+  return bits;
+}
+
+template <typename T>
+__device__ __forceinline__ T from_bits(uint32_t bits) {
+  T value;
+  memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
 template <typename V, typename T, int K>
 __device__ __forceinline__ void load_vectors(const T* p, Items<T, K>& x) {
-  constexpr int kPerVector = sizeof(V) / sizeof(T);
-  static_assert(sizeof(V) % sizeof(T) == 0 && K % kPerVector == 0, "K items must be whole vectors");
+  constexpr int kWordsPerVector = sizeof(V) / 4;
+  static_assert(sizeof(V) % 4 == 0 && Items<T, K>::kWords % kWordsPerVector == 0, "K items must be whole vectors");
   const V* src = reinterpret_cast<const V*>(p);
 #pragma unroll
-  for (int k = 0; k < K / kPerVector; ++k) {
+  for (int k = 0; k < Items<T, K>::kWords / kWordsPerVector; ++k) {
     const V v = __ldg(src + k);
-    memcpy(x.v + k * kPerVector, &v, sizeof(V));
+    memcpy(x.w + k * kWordsPerVector, &v, sizeof(V));
   }
 }
 
@@ -183,7 +231,7 @@ __device__ __forceinline__ Items<T, K> load_items(const T* p, int valid) {
         return x;
       }
     }
-    if constexpr (sizeof(T) < 4 && kBytes % 4 == 0) {
+    if constexpr (sizeof(T) < 4) {
       if (address % 4 == 0) {
         load_vectors<unsigned int>(p, x);
         return x;
@@ -191,30 +239,31 @@ __device__ __forceinline__ Items<T, K> load_items(const T* p, int valid) {
     }
   }
 #pragma unroll
-  for (int i = 0; i < K; ++i) x.v[i] = i < valid ? p[i] : from_float<T>(0.f);
+  for (int j = 0; j < Items<T, K>::kWords; ++j) x.w[j] = 0;
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    if (i < valid) x.w[i / Items<T, K>::kPerWord] |= bits_of(p[i]) << (8 * sizeof(T) * (i % Items<T, K>::kPerWord));
+  }
   return x;
 }
 
 template <typename V, typename T, int K>
 __device__ __forceinline__ void store_vectors(T* p, const Items<T, K>& x) {
-  constexpr int kPerVector = sizeof(V) / sizeof(T);
-  static_assert(sizeof(V) % sizeof(T) == 0 && K % kPerVector == 0, "K items must be whole vectors");
+  constexpr int kWordsPerVector = sizeof(V) / 4;
   V* dst = reinterpret_cast<V*>(p);
 #pragma unroll
-  for (int k = 0; k < K / kPerVector; ++k) {
+  for (int k = 0; k < Items<T, K>::kWords / kWordsPerVector; ++k) {
     V v;
-    memcpy(&v, x.v + k * kPerVector, sizeof(V));
+    memcpy(&v, x.w + k * kWordsPerVector, sizeof(V));
     dst[k] = v;
   }
 }
 
-// Writes p[0 .. valid) from x, converted to T.
+// Writes p[0 .. valid) from x, rounded to T.
 template <typename T, int K>
 __device__ __forceinline__ void store_items(T* p, int valid, const float (&x)[K]) {
   constexpr int kBytes = sizeof(T) * K;
-  Items<T, K> y;
-#pragma unroll
-  for (int i = 0; i < K; ++i) y.v[i] = from_float<T>(x[i]);
+  const Items<T, K> y = pack_items<T>(x);
   const auto address = reinterpret_cast<uintptr_t>(p);
   if (valid >= K) {
     if constexpr (kBytes % 16 == 0) {
@@ -229,7 +278,7 @@ __device__ __forceinline__ void store_items(T* p, int valid, const float (&x)[K]
         return;
       }
     }
-    if constexpr (sizeof(T) < 4 && kBytes % 4 == 0) {
+    if constexpr (sizeof(T) < 4) {
       if (address % 4 == 0) {
         store_vectors<unsigned int>(p, y);
         return;
@@ -238,7 +287,7 @@ __device__ __forceinline__ void store_items(T* p, int valid, const float (&x)[K]
   }
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    if (i < valid) p[i] = y.v[i];
+    if (i < valid) p[i] = from_bits<T>(y.w[i / Items<T, K>::kPerWord] >> (8 * sizeof(T) * (i % Items<T, K>::kPerWord)));
   }
 }
 
@@ -403,8 +452,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
     float u_f[kItems], dt[kItems], dtu[kItems], y[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
-      u_f[i] = to_float(in.u.v[i]);
-      dt[i] = i < valid ? time_step<T, kSoftplus>(to_float(in.delta.v[i]) + bias) : 0.f;
+      u_f[i] = in.u[i];
+      dt[i] = i < valid ? time_step<T, kSoftplus>(in.delta[i] + bias) : 0.f;
       dtu[i] = dt[i] * u_f[i];
       y[i] = kHasD ? D * u_f[i] : 0.f;
     }
@@ -423,7 +472,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         a[i] = i < valid ? exp2f(dt[i] * A_log2) : 1.f;
-        b[i] = dtu[i] * to_float(st.B.v[i]);
+        b[i] = dtu[i] * st.B[i];
         lane_map = compose(Affine{a[i], b[i]}, lane_map);
       }
       const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
@@ -435,7 +484,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
         if constexpr (kStates) {
           h_items[i] = h;
         } else {
-          y[i] = fmaf(to_float(st.C.v[i]), h, y[i]);
+          y[i] = fmaf(st.C[i], h, y[i]);
         }
       }
       if constexpr (kStates) store_items(out + n * L + t0, valid, h_items);
@@ -450,20 +499,26 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
 
 // ---- backward ------------------------------------------------------------------------------------------------
 
+// A lane's sums over the segments of its row, in double: dD, ddelta_bias and, for d_state 1, dA (for more states,
+// each (segment, n)'s dA terms are summed over the warp at once, as the lane cannot keep N sums).
+struct LaneSums {
+  double dD, dbias, dA;
+};
+
 template <typename T, int kN, bool kStates, bool kHasD, bool kSoftplus>
 __global__ void __launch_bounds__(kBwdWarps * 32, 2)
     selective_scan_bwd_kernel(const __grid_constant__ SelectiveScanBwdParams bp) {
   const SelectiveScanParams& p = bp.fwd;
   // Shared memory: [2][warps][2][kSegment] floats, each warp's dB and dC contributions of one (segment, n),
-  // double-buffered; per warp and lane a double2, the lane's dD and ddelta_bias summed over the segments; per
-  // warp one double per n, its row's dA summed over the segments; then per warp one float per n: the state
-  // carried forward in the first pass, the adjoint carried backward in the second.
+  // double-buffered; per warp and lane its LaneSums; per warp one double per n, its row's dA summed over the
+  // segments (d_state > 1); then per warp one float per n: the state carried forward in the first pass, the
+  // adjoint carried backward in the second.
   //
-  // dA, dD and ddelta_bias sum a row's L terms in double (a lane's four terms of a segment in float32, the dA
-  // terms as exact double products), so that a row whose terms nearly cancel loses little to the summation;
-  // then one float atomic per row. The double sums live in shared memory: in registers they would spill.
+  // dA, dD and ddelta_bias sum a row's L terms in double (a lane's terms of a segment in float32, the dA terms as
+  // exact double products), so that a row whose terms nearly cancel loses little to the summation; then one float
+  // atomic per row. The double sums live in shared memory: in registers they would spill.
   extern __shared__ float4 shared_storage[];
-  constexpr int kItems = kBwdItems, kSegment = kBwdSegment;
+  constexpr int kItems = bwd_items(kN == 1, sizeof(T) == 4), kSegment = 32 * kItems;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const Row row = locate_row(p);
 
@@ -472,10 +527,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   const int64_t n_seg = num_segments(L, kSegment);
   const int64_t row_len = row.active ? L : 0;  // an inactive warp loads, stores and adds nothing
   float* contributions = reinterpret_cast<float*>(shared_storage);
-  double2* D_bias_sums = reinterpret_cast<double2*>(contributions + 2 * warps * 2 * kSegment);  // [warps * 32]
-  double* dA_sums = reinterpret_cast<double*>(D_bias_sums + warps * 32);                        // [warps][N]
-  float* carries = reinterpret_cast<float*>(dA_sums + warps * N);                         // [warps][N]
-  double2& D_bias_sum = D_bias_sums[threadIdx.x];
+  LaneSums* all_lane_sums = reinterpret_cast<LaneSums*>(contributions + 2 * warps * 2 * kSegment);  // [warps * 32]
+  double* dA_sums = reinterpret_cast<double*>(all_lane_sums + warps * 32);                          // [warps][N]
+  float* carries = reinterpret_cast<float*>(dA_sums + warps * N);                                   // [warps][N]
+  LaneSums& lane_sums = all_lane_sums[threadIdx.x];
   double* dA_sum = dA_sums + warp * N;
   float* carry = carries + warp * N;
 
@@ -532,8 +587,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       float dt[kItems], dtu[kItems];
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
-        dt[i] = i < valid ? time_step<T, kSoftplus>(to_float(in.delta.v[i]) + bias) : 0.f;
-        dtu[i] = dt[i] * to_float(in.u.v[i]);
+        dt[i] = i < valid ? time_step<T, kSoftplus>(in.delta[i] + bias) : 0.f;
+        dtu[i] = dt[i] * in.u[i];
       }
 #pragma unroll 1
       for (int64_t n = 0; n < N; ++n) {
@@ -547,7 +602,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         Affine lane_map = identity_map();
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
-          lane_map = compose(Affine{exp2f(dt[i] * A_log2), dtu[i] * to_float(st.B.v[i])}, lane_map);
+          lane_map = compose(Affine{exp2f(dt[i] * A_log2), dtu[i] * st.B[i]}, lane_map);
         }
         const Affine inclusive = warp_scan(lane_map, lane);
         const Affine segment{__shfl_sync(kFullMask, inclusive.a, 31), __shfl_sync(kFullMask, inclusive.b, 31)};
@@ -568,29 +623,35 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   }
   __syncthreads();  // also orders this warp's checkpoint writes before its reads
 
-  D_bias_sum = make_double2(0.0, 0.0);
+  lane_sums = LaneSums{0.0, 0.0, 0.0};
   int buffer = 0;
+  // A (segment, n)'s inputs are loaded one step ahead, with the state at its start (its checkpoint): its load
+  // would otherwise wait on memory right after the warp scan.
+  auto load_checkpoint = [&](int64_t seg, int64_t n) {
+    return row.active && seg > 0 ? checkpoints[(seg - 1) * N + n] : 0.f;
+  };
   SegmentInputs<T, kItems> next_segment = load_segment(n_seg - 1, !kStates);
   StateInputs<T, kItems> next_state = load_state(n_seg - 1, 0, true);
+  float next_h_start = load_checkpoint(n_seg - 1, 0);
   for (int64_t seg = n_seg - 1; seg >= 0; --seg) {
     // u and dy stay in their input type and are converted where used: fewer live registers.
     const SegmentInputs<T, kItems> in = next_segment;
     if (seg > 0) next_segment = load_segment(seg - 1, !kStates);
     const int64_t t0 = first_item(seg);
     const int valid = valid_items<kItems>(row_len, t0);
-    auto u_at = [&](int i) { return to_float(in.u.v[i]); };
+    auto u_at = [&](int i) { return in.u[i]; };
     auto dy_at = [&](int i) {
       if constexpr (kStates) {
         return 0.f;
       } else {
-        return to_float(in.dy.v[i]);
+        return in.dy[i];
       }
     };
 
     float dt[kItems], du_acc[kItems], ddt[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
-      dt[i] = i < valid ? time_step<T, kSoftplus>(to_float(in.delta.v[i]) + bias) : 0.f;
+      dt[i] = i < valid ? time_step<T, kSoftplus>(in.delta[i] + bias) : 0.f;
       du_acc[i] = kHasD ? D * dy_at(i) : 0.f;
       ddt[i] = 0.f;
     }
@@ -598,16 +659,19 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
 #pragma unroll 1
     for (int64_t n = 0; n < N; ++n) {
       const StateInputs<T, kItems> st = next_state;
+      const float h_start = next_h_start;
       if (n + 1 < N) {
         next_state = load_state(seg, n + 1, true);
+        next_h_start = load_checkpoint(seg, n + 1);
       } else if (seg > 0) {
         next_state = load_state(seg - 1, 0, true);
+        next_h_start = load_checkpoint(seg - 1, 0);
       }
       const float A_n = A[n * p.A_dstate_stride];
       const float A_log2 = A_n * kLog2e;
       // dout_t: dy_t C[n, t], or the states' gradient.
-      auto dout_at = [&](int i) { return kStates ? to_float(st.C.v[i]) : dy_at(i) * to_float(st.C.v[i]); };
-      auto B_at = [&](int i) { return to_float(st.B.v[i]); };
+      auto dout_at = [&](int i) { return kStates ? st.C[i] : dy_at(i) * st.C[i]; };
+      auto B_at = [&](int i) { return st.B[i]; };
 
       // Forward recurrence inside the segment, from its checkpoint: a_h[i] = a_t h_{t-1} of item i.
       float a[kItems];
@@ -617,7 +681,6 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         a[i] = i < valid ? exp2f(dt[i] * A_log2) : 1.f;
         lane_map = compose(Affine{a[i], dt[i] * u_at(i) * B_at(i)}, lane_map);
       }
-      const float h_start = row.active && seg > 0 ? checkpoints[(seg - 1) * N + n] : 0.f;
       const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
       float h = fmaf(before.a, h_start, before.b);
       float a_h[kItems];
@@ -661,8 +724,12 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       const float into_previous = __shfl_sync(kFullMask, inflow, 0);
       __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it (read again after a barrier)
       if (lane == 0) carry[n] = into_previous;
-      const double dA_segment = warp_sum(dA_part);
-      if (lane == 0) dA_sum[n] += dA_segment;
+      if constexpr (kN == 1) {
+        lane_sums.dA += dA_part;
+      } else {
+        const double dA_segment = warp_sum(dA_part);
+        if (lane == 0) dA_sum[n] += dA_segment;
+      }
 
       // Sum the warps' contributions and add them to the (batch, group) row of dB and dC (store them into this
       // tile's row, when deterministic: every element of it once). The buffers alternate:
@@ -694,14 +761,14 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
     float dD_part = 0.f, dbias_part = 0.f;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
-      if constexpr (kSoftplus) ddt[i] *= softplus_derivative(to_float(in.delta.v[i]) + bias);
+      if constexpr (kSoftplus) ddt[i] *= softplus_derivative(in.delta[i] + bias);
       if (i < valid) {
         dD_part = fmaf(dy_at(i), u_at(i), dD_part);
         dbias_part += ddt[i];
       }
     }
-    D_bias_sum.x += dD_part;
-    D_bias_sum.y += dbias_part;
+    lane_sums.dD += dD_part;
+    lane_sums.dbias += dbias_part;
     store_items(du + t0, valid, du_acc);
     store_items(ddelta + t0, valid, ddt);
   }
@@ -715,12 +782,18 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       atomicAdd(output, static_cast<float>(value));
     }
   };
-  __syncwarp();  // lane 0's last dA_sum writes are visible to the whole warp
-  if (row.active) {
-    for (int64_t n = lane; n < N; n += 32) add_row_sum(static_cast<float*>(bp.dA) + row.d * N + n, n, dA_sum[n]);
+  float* dA = static_cast<float*>(bp.dA) + row.d * N;
+  if constexpr (kN == 1) {
+    const double dA_row = warp_sum(lane_sums.dA);
+    if (lane == 0 && row.active) add_row_sum(dA, 0, dA_row);
+  } else {
+    __syncwarp();  // lane 0's last dA_sum writes are visible to the whole warp
+    if (row.active) {
+      for (int64_t n = lane; n < N; n += 32) add_row_sum(dA + n, n, dA_sum[n]);
+    }
   }
-  const double dD_row = kHasD ? warp_sum(D_bias_sum.x) : 0.0;
-  const double dbias_row = bp.ddelta_bias ? warp_sum(D_bias_sum.y) : 0.0;
+  const double dD_row = kHasD ? warp_sum(lane_sums.dD) : 0.0;
+  const double dbias_row = bp.ddelta_bias ? warp_sum(lane_sums.dbias) : 0.0;
   if (lane == 0 && row.active) {
     add_row_sum(kHasD ? static_cast<float*>(bp.dD) + row.d : nullptr, N, dD_row);
     add_row_sum(bp.ddelta_bias ? static_cast<float*>(bp.ddelta_bias) + row.d : nullptr, N + 1, dbias_row);
@@ -813,8 +886,8 @@ void selective_scan_bwd_launch(const SelectiveScanBwdParams& bp, cudaStream_t st
     check(cudaMemsetAsync(workspace, 0, ws.checkpoint_offset * sizeof(float), stream), "selective_scan_backward memset");
   }
   const size_t shared_bytes =
-      static_cast<size_t>(2 * shape.warps * 2 * kBwdSegment) * sizeof(float) + shape.warps * 32 * sizeof(double2) +
-      static_cast<size_t>(shape.warps) * p.dstate * (sizeof(double) + sizeof(float));
+      static_cast<size_t>(shape.warps) * (2 * 2 * bwd_segment(p) * sizeof(float) + 32 * sizeof(LaneSums) +
+                                          p.dstate * (sizeof(double) + sizeof(float)));
   dispatch_flags(p, [&](auto n, auto states, auto has_D, auto softplus) {
     selective_scan_bwd_kernel<T, decltype(n)::value, decltype(states)::value, decltype(has_D)::value,
                               decltype(softplus)::value><<<shape.blocks, shape.warps * 32, shared_bytes, stream>>>(bp);
