@@ -31,6 +31,9 @@ def kernel_rows(kernel_id: int, name: str, ns: float, read: float, write: float)
         "launch__registers_per_thread": 40,
         "smsp__inst_executed.sum": 3e6,
         "smsp__issue_active.avg.pct_of_peak_sustained_active": 45.5,
+        "smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct": 41.2,
+        "smsp__warp_issue_stalled_barrier_per_warp_active.pct": 12.0,
+        "smsp__warp_issue_stalled_wait_per_warp_active.pct": 7.5,
     }
     return [f'"{kernel_id}","1","python3","{name}","(128, 1, 1)","(9, 1, 1)","{m}","","{v:,}"' for m, v in values.items()]
 
@@ -69,7 +72,8 @@ def test_kernels_between_markers_are_matched_to_the_calls(tmp_path):
 
     summary = profile_ops.summarize(csv_path, sections_path).splitlines()
     assert "scan::selective_scan_fwd_kernel" in summary[1]
-    assert summary[1].split()[-5:] == ["80.5", "60.0", "40", "3.0", "45.5"]  # DRAM, occupancy, regs, M inst, issue
+    # DRAM, occupancy, regs, M inst, issue, then the two largest stall reasons
+    assert summary[1].split()[-9:] == ["80.5", "60.0", "40", "3.0", "45.5", "mem", "41", "bar", "12"]
     # fwd: 2000 bytes moved over the 1000 of the count; bwd: 4000 + 200 in 4 us
     assert summary[2].split()[-3:] == ["2.0", "0.0", "2.00"]
     assert summary[-1].split()[-3:] == ["4.0", "0.0", "4.20"]

@@ -120,7 +120,7 @@ if wants bench; then
     ${BENCH_ARGS:---stages b1-s1 b2-s1 b2-s3 --no-compile --budget 0.5}
 fi
 if wants profile; then
-  step "Nsight Compute: time, DRAM bytes, occupancy, registers of each kernel (tools/profile_ops.py)"
+  step "Nsight Compute: time, DRAM bytes, occupancy, registers, instructions, stall reasons of each kernel (tools/profile_ops.py)"
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | tail -1)
   if [ -n "$ncu" ]; then
     sections=/tmp/profile_sections.json

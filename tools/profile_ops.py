@@ -6,9 +6,12 @@ sits between two launches of torch's spin kernel (`torch.cuda._sleep`), which ma
 in ncu's list of kernels. `--summarize` then reads ncu's CSV and prints, per call, each kernel's time, the
 bytes it moved through DRAM, their ratio to the fewest bytes the call must move (inputs read once, outputs
 written once: the benchmark's count), its fraction of peak DRAM throughput, achieved occupancy, registers, the
-warp instructions it executed and how busy the schedulers were issuing them. A ratio well above 1 means
-re-reads or uncoalesced access; a low DRAM fraction with a ratio near 1 means too little work in flight, or,
-with the issue fraction high, too many instructions per byte.
+warp instructions it executed, how busy the schedulers were issuing them, and the two reasons its warps most
+often waited for (share of the active warps' cycles). A ratio well above 1 means re-reads or uncoalesced access;
+a low DRAM fraction with a ratio near 1 means too little work in flight, or, with the issue fraction high, too
+many instructions per byte. The stall reasons say which: `mem` (a global load's data: too few loads in flight),
+`bar` (a block barrier), `smem` (shared memory or the special-function unit), `wait` (fixed-latency
+dependencies), `mio`/`lg` (the shared-/global-memory instruction queues full), `math` (an arithmetic pipe busy).
 
     ncu --csv --log-file ncu.csv --print-units base --metrics "$(python tools/profile_ops.py --metrics)" \\
         --kernel-name-base demangled -k regex:'mamba_adaptor|spin_kernel' \\
@@ -34,6 +37,17 @@ METRICS = {
     "smsp__inst_executed.sum": "instructions",
     "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue%",
 }
+# Why warps did not issue: smsp__warp_issue_stalled_<reason>_per_warp_active.pct, by short name.
+STALLS = {
+    "long_scoreboard": "mem",
+    "barrier": "bar",
+    "short_scoreboard": "smem",
+    "wait": "wait",
+    "mio_throttle": "mio",
+    "lg_throttle": "lg",
+    "math_pipe_throttle": "math",
+}
+METRICS.update({f"smsp__warp_issue_stalled_{reason}_per_warp_active.pct": name for reason, name in STALLS.items()})
 MARKER = "spin_kernel"  # at::cuda::sleep's kernel
 
 
@@ -108,11 +122,17 @@ def short_name(name: str) -> str:
     return name.removeprefix("mamba_adaptor::cuda::")
 
 
+def top_stalls(kernel: dict, count: int = 2) -> str:
+    """The `count` largest stall reasons of a kernel, as `mem 41 bar 12` (percent of active warp cycles)."""
+    stalls = sorted(((kernel[name], name) for name in STALLS.values() if name in kernel), reverse=True)
+    return " ".join(f"{name} {value:.0f}" for value, name in stalls[:count])
+
+
 def summarize(csv_path: Path, sections_path: Path) -> str:
     sections = json.loads(sections_path.read_text())
     lines = [
         f"{'call':58} {'kernel':40} {'us':>8} {'DRAM MB':>8} {'x min':>6} {'DRAM %':>6} {'occ %':>5} {'regs':>4} "
-        f"{'M inst':>7} {'issue %':>7}"
+        f"{'M inst':>7} {'issue %':>7}  stalls %"
     ]
     for section, kernels in split_sections(read_kernels(csv_path), sections):
         label = f"{section['op']} {section['shape']} {section['mode']} ({section['impl']})"
@@ -124,7 +144,7 @@ def summarize(csv_path: Path, sections_path: Path) -> str:
                 f"{label:58} {short_name(k['name'])[:40]:40} {k.get('ns', math.nan) / 1e3:8.1f} {moved / 1e6:8.1f} "
                 f"{moved / section['min_bytes']:6.2f} {k.get('dram%', math.nan):6.1f} "
                 f"{k.get('occupancy%', math.nan):5.1f} {k.get('regs', math.nan):4.0f} "
-                f"{k.get('instructions', math.nan) / 1e6:7.1f} {k.get('issue%', math.nan):7.1f}"
+                f"{k.get('instructions', math.nan) / 1e6:7.1f} {k.get('issue%', math.nan):7.1f}  {top_stalls(k)}"
             )
             label = ""
         lines.append(
