@@ -348,20 +348,34 @@ __device__ __forceinline__ F warp_sum(F x) {
 // dt from x = delta + delta_bias: softplus(x) = log(1 + exp(x)), taken as x above 20 (as the CPU kernel does).
 // float32 inputs get log1pf (about 40 more PTX instructions per timestep); 16-bit inputs get log(1 + exp(x))
 // from the fast intrinsics, whose extra error over log1pf (under 2e-7 absolute) is far below the rounding of
-// their 16-bit outputs.
+// their 16-bit outputs. Both sides are computed (from min(x, 20): finite) and one selected: written as a branch,
+// it compiles to one branch per timestep around its exp and log, and a lane's timesteps then wait on the
+// special-function unit one after the other instead of together.
 template <typename T, bool kSoftplus>
 __device__ __forceinline__ float time_step(float x) {
   if constexpr (!kSoftplus) {
     return x;
-  } else if constexpr (sizeof(T) == 4) {
-    return x <= 20.f ? log1pf(__expf(x)) : x;
   } else {
-    return x <= 20.f ? __logf(1.f + __expf(x)) : x;
+    const float e = __expf(fminf(x, 20.f));
+    const float softplus = sizeof(T) == 4 ? log1pf(e) : __logf(1.f + e);
+    return x <= 20.f ? softplus : x;
   }
 }
 
-// d softplus(x) / dx = sigmoid(x), and 1 above 20 where softplus(x) is taken as x.
-__device__ __forceinline__ float softplus_derivative(float x) { return x <= 20.f ? 1.f / (1.f + __expf(-x)) : 1.f; }
+// d softplus(x) / dx = sigmoid(x); 1 above 20, where softplus(x) is taken as x, as 1 + exp(-x) rounds to 1 there.
+// (Fast-math division: no branch.)
+__device__ __forceinline__ float softplus_derivative(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// The K time steps of a lane's items from delta (plus delta_bias), 0 past the row's end (`valid` items): computed
+// for every item and then selected, without a branch, like time_step.
+template <typename T, bool kSoftplus, int K>
+__device__ __forceinline__ void time_steps(const Items<T, K>& delta, float bias, int valid, float (&dt)[K]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    const float step = time_step<T, kSoftplus>(delta[i] + bias);
+    dt[i] = i < valid ? step : 0.f;
+  }
+}
 
 // dst[0..3] += v, dst 16-byte aligned: one vector atomic on sm_90, four scalar ones before.
 __device__ __forceinline__ void atomic_add4(float* dst, float4 v) {
@@ -450,10 +464,10 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
     const int valid = valid_items<kItems>(L, t0);
 
     float u_f[kItems], dt[kItems], dtu[kItems], y[kItems];
+    time_steps<T, kSoftplus>(in.delta, bias, valid, dt);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       u_f[i] = in.u[i];
-      dt[i] = i < valid ? time_step<T, kSoftplus>(in.delta[i] + bias) : 0.f;
       dtu[i] = dt[i] * u_f[i];
       y[i] = kHasD ? D * u_f[i] : 0.f;
     }
@@ -585,11 +599,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       if (seg + 1 < n_seg - 1) next_segment = load_segment(seg + 1, false);
       const int valid = valid_items<kItems>(row_len, first_item(seg));  // kItems: only the last segment has a tail
       float dt[kItems], dtu[kItems];
+      time_steps<T, kSoftplus>(in.delta, bias, valid, dt);
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        dt[i] = i < valid ? time_step<T, kSoftplus>(in.delta[i] + bias) : 0.f;
-        dtu[i] = dt[i] * in.u[i];
-      }
+      for (int i = 0; i < kItems; ++i) dtu[i] = dt[i] * in.u[i];
 #pragma unroll 1
       for (int64_t n = 0; n < N; ++n) {
         const StateInputs<T, kItems> st = next_state;
@@ -649,9 +661,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
     };
 
     float dt[kItems], du_acc[kItems], ddt[kItems];
+    time_steps<T, kSoftplus>(in.delta, bias, valid, dt);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
-      dt[i] = i < valid ? time_step<T, kSoftplus>(in.delta[i] + bias) : 0.f;
       du_acc[i] = kHasD ? D * dy_at(i) : 0.f;
       ddt[i] = 0.f;
     }
