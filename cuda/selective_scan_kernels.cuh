@@ -396,10 +396,13 @@ struct SegmentInputs {
 };
 
 // Per-lane inputs of one state n over one segment: B, and C (or, in the backward in states mode, the states'
-// gradient dstates[n]).
+// gradient dstates[n]), and the row's A[n]. A is loaded with them, one step ahead: as a store to an output may
+// alias it for all the compiler knows, it is read from memory at every use, and that read would otherwise wait
+// on memory just before the segment's exps.
 template <typename T, int K>
 struct StateInputs {
   Items<T, K> B, C;
+  float A;
 };
 
 // ---- forward -------------------------------------------------------------------------------------------------
@@ -451,6 +454,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
     StateInputs<T, kItems> in;
     in.B = load_items<kItems>(B + n * p.B_dstate_stride + t0, valid);
     if constexpr (!kStates) in.C = load_items<kItems>(C + n * p.C_dstate_stride + t0, valid);
+    in.A = A[n * p.A_dstate_stride];
     return in;
   };
 
@@ -480,7 +484,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
       } else if (seg + 1 < n_seg) {
         next_state = load_state(seg + 1, 0);
       }
-      const float A_log2 = A[n * p.A_dstate_stride] * kLog2e;
+      const float A_log2 = st.A * kLog2e;
       float a[kItems], b[kItems];
       Affine lane_map = identity_map();
 #pragma unroll
@@ -584,6 +588,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
     StateInputs<T, kItems> in;
     in.B = load_items<kItems>(B + n * p.B_dstate_stride + t0, valid);
     if (with_C) in.C = load_items<kItems>(kStates ? dstates + n * L + t0 : C + n * p.C_dstate_stride + t0, valid);
+    in.A = A[n * p.A_dstate_stride];
     return in;
   };
 
@@ -610,7 +615,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         } else if (seg + 1 < n_seg - 1) {
           next_state = load_state(seg + 1, 0, false);
         }
-        const float A_log2 = A[n * p.A_dstate_stride] * kLog2e;
+        const float A_log2 = st.A * kLog2e;
         Affine lane_map = identity_map();
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
@@ -679,7 +684,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         next_state = load_state(seg - 1, 0, true);
         next_h_start = load_checkpoint(seg - 1, 0);
       }
-      const float A_n = A[n * p.A_dstate_stride];
+      const float A_n = st.A;
       const float A_log2 = A_n * kLog2e;
       // dout_t: dy_t C[n, t], or the states' gradient.
       auto dout_at = [&](int i) { return kStates ? st.C[i] : dy_at(i) * st.C[i]; };
