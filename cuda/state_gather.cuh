@@ -38,7 +38,7 @@ constexpr int kMaxWindow = 3584;             // positions: 112 KiB of shared mem
 constexpr int kHalo = 768;                   // rows longer than the window: tiles with this halo each side
 constexpr int kPointsTile = kThreads;        // grad_points_kernel: one position per thread ...
 constexpr int kPointsHalo = 128;             // ... and this halo each side
-constexpr int kPointGroup = 4;               // points k loaded together (SegmentPoints::group)
+constexpr int kPointGroup = 4;               // points k loaded together (SegmentPoints::load_group)
 constexpr int kBucketSteps = 4;              // buckets_kernel: steps of 32 samples per warp loaded together
 constexpr int kCursorSmem = 112 * 1024;      // buckets_kernel keeps its per-warp cursors in shared memory up to this
 constexpr size_t kBucketsStaticSmem = kWarps * sizeof(int);  // buckets_kernel's static shared memory (scan scratch)
@@ -126,6 +126,11 @@ __device__ __forceinline__ Sample make_sample(int t, float offset, float weight,
   return s;
 }
 
+// The offsets and weights of kPointGroup consecutive points k of one position, as loaded.
+struct PointGroup {
+  float offset[kPointGroup], weight[kPointGroup];
+};
+
 // The offsets and weights (K, L) of one segment (b, s), read in place with their strides (expanded weights too).
 template <typename T>
 struct SegmentPoints {
@@ -145,23 +150,28 @@ struct SegmentPoints {
     return make_float2(to_float(offsets[k * os[2] + t * os[3]]), to_float(weights[k * ws[2] + t * ws[3]]));
   }
 
-  // The samples of points k0 .. k0 + kPointGroup - 1 of position t; points past n_points, and all where !active,
-  // are empty samples (weight 0 at position 0). Every offset and weight is loaded before any is used, so the
+  // Points k0 .. k0 + kPointGroup - 1 of position t; 0 for points past n_points, and for all where !active. The
   // 2 * kPointGroup loads are in flight together; their addresses are one 64-bit product per tensor and group.
-  __device__ __forceinline__ void group(Sample (&smp)[kPointGroup], int64_t n_points, int64_t k0, int t,
-                                        bool active) const {
+  __device__ __forceinline__ PointGroup load_group(int64_t n_points, int64_t k0, int t, bool active) const {
     const T* o = offsets + k0 * os[2] + t * os[3];
     const T* w = weights + k0 * ws[2] + t * ws[3];
-    float offset[kPointGroup], weight[kPointGroup];
+    PointGroup g;
 #pragma unroll
     for (int j = 0; j < kPointGroup; ++j) {
       const bool live = active && k0 + j < n_points;
-      offset[j] = live ? to_float(o[j * os[2]]) : 0.f;
-      weight[j] = live ? to_float(w[j * ws[2]]) : 0.f;
+      g.offset[j] = live ? to_float(o[j * os[2]]) : 0.f;
+      g.weight[j] = live ? to_float(w[j * ws[2]]) : 0.f;
     }
+    return g;
+  }
+
+  // The samples of a group loaded by load_group(n_points, k0, t, active): empty (weight 0 at position 0) for
+  // points past n_points, and for all where !active.
+  __device__ __forceinline__ void samples(const PointGroup& g, Sample (&smp)[kPointGroup], int64_t n_points,
+                                          int64_t k0, int t, bool active) const {
 #pragma unroll
     for (int j = 0; j < kPointGroup; ++j) {
-      smp[j] = make_sample(active && k0 + j < n_points ? t : 0, offset[j], weight[j], L);
+      smp[j] = make_sample(active && k0 + j < n_points ? t : 0, g.offset[j], g.weight[j], L);
     }
   }
 };
@@ -329,21 +339,30 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
 
   const SegmentPoints<T> points(p, blk.segment);
   T* out = static_cast<T*>(p.out) + blk.row0 * p.seqlen;
-  for (int t = blk.t0 + threadIdx.x; t < blk.t1; t += kThreads) {
+  // Point groups are loaded one step ahead (the next group of this position, or the first of the thread's next
+  // one): their samples' positions depend on them, so a group loaded where it is used would leave its position's
+  // work waiting on memory.
+  int t = blk.t0 + static_cast<int>(threadIdx.x);
+  PointGroup next = points.load_group(p.n_points, 0, t, t < blk.t1);
+  for (; t < blk.t1; t += kThreads) {
     float acc[R];
     read_staged<T>(window, t - blk.w0, acc);  // h[t], the residual
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = p.residual ? acc[r] : 0.f;
     for (int64_t k0 = 0; k0 < p.n_points; k0 += kPointGroup) {
+      const PointGroup group = next;
+      const bool last = k0 + kPointGroup >= p.n_points;
+      const int t_next = last ? t + kThreads : t;
+      next = points.load_group(p.n_points, last ? 0 : k0 + kPointGroup, t_next, t_next < blk.t1);
       Sample smp[kPointGroup];
-      points.group(smp, p.n_points, k0, t, true);
+      points.samples(group, smp, p.n_points, k0, t, true);
 #pragma unroll
       for (int j = 0; j < kPointGroup; ++j) {
         if (k0 + j >= p.n_points) break;
         float v0[R], v1[R];
         read_neighbours<T>(window, blk, h, p.seqlen, smp[j], v0, v1);
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] += smp[j].c0 * v0[r] + smp[j].c1 * v1[r];
+        for (int r = 0; r < R; ++r) acc[r] = fmaf(smp[j].c1, v1[r], fmaf(smp[j].c0, v0[r], acc[r]));
       }
     }
     store_rows<T>(out, p.seqlen, blk.n_rows, t, acc);
@@ -549,7 +568,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_points_kernel(const StateGat
 
   for (int64_t k0 = 0; k0 < p.n_points; k0 += kPointGroup) {
     Sample smp[kPointGroup];
-    points.group(smp, p.n_points, k0, t, active);
+    points.samples(points.load_group(p.n_points, k0, t, active), smp, p.n_points, k0, t, active);
     float dweight[kPointGroup] = {}, dpos[kPointGroup] = {};
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
       const Block blk = make_block(segment, chunk, tile, p, tiling, R);
@@ -571,8 +590,9 @@ __global__ void __launch_bounds__(kThreads, 2) grad_points_kernel(const StateGat
         float sum_w = 0.f, sum_p = 0.f;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          sum_w += g[r] * ((1.f - smp[j].frac) * v0[r] + smp[j].frac * v1[r]);
-          sum_p += g[r] * (v1[r] - v0[r]);
+          const float step = v1[r] - v0[r];
+          sum_w = fmaf(g[r], fmaf(smp[j].frac, step, v0[r]), sum_w);  // g * interpolated h
+          sum_p = fmaf(g[r], step, sum_p);
         }
         dweight[j] += sum_w;
         dpos[j] += sum_p;
