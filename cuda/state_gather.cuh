@@ -487,6 +487,24 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
 constexpr int kRunTargets = 31;
 constexpr int kEntryGroup = 4;  // bucket entries loaded together
 
+// Entries e0 .. e0 + kEntryGroup - 1 of a bucket whose entries end at `end`: target positions t and coefficients
+// (c0, c1); entries past the end are (0, (0, 0)).
+struct EntryGroup {
+  int t[kEntryGroup];
+  float2 c[kEntryGroup];
+};
+
+__device__ __forceinline__ EntryGroup load_entries(const int* entry_t, const float2* entry_c, int e0, int end) {
+  EntryGroup g;
+#pragma unroll
+  for (int j = 0; j < kEntryGroup; ++j) {
+    const bool live = e0 + j < end;
+    g.t[j] = live ? entry_t[e0 + j] : 0;
+    g.c[j] = live ? entry_c[e0 + j] : make_float2(0.f, 0.f);
+  }
+  return g;
+}
+
 template <typename T, bool kVectorStage>
 __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdParams bp, const Tiling tiling,
                                                         const BucketLayout layout, const char* workspace) {
@@ -503,32 +521,37 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
   const int* starts = reinterpret_cast<const int*>(workspace + layout.starts) + blk.segment * (L + 2);
   T* grad_h = static_cast<T*>(bp.grad_h) + blk.row0 * p.seqlen;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int i0 = blk.t0 + warp * kRunTargets; i0 < blk.t1; i0 += kWarps * kRunTargets) {  // warp-uniform
+  constexpr int kRunStride = kWarps * kRunTargets;
+  // Bucket i's entries [begin, end) (target t1 - 1 needs bucket t1 <= L: buckets are 0 .. L); none past t1.
+  const auto bucket = [&](int i) { return i <= blk.t1 ? make_int2(starts[i], starts[i + 1]) : make_int2(0, 0); };
+  // A run's buckets and their first entry group depend on two loads one after the other (starts, then the
+  // entries): they are loaded ahead, the buckets two runs ahead and the first group one run ahead, so that a run
+  // whose buckets hold one group (K entries on average) finds them loaded. The entries of a group are loaded
+  // together: a bucket of up to kEntryGroup entries waits for one round trip to L2, not one per entry.
+  int i0 = blk.t0 + warp * kRunTargets;  // warp-uniform
+  int2 this_bucket = bucket(i0 + lane);
+  EntryGroup first = load_entries(entry_t, entry_c, this_bucket.x, this_bucket.y);
+  int2 next_bucket = bucket(i0 + kRunStride + lane);
+  for (; i0 < blk.t1; i0 += kRunStride) {
     const int i = i0 + lane;  // this lane's target and bucket (lo = i - 1)
+    const int begin = this_bucket.x, end = this_bucket.y;
+    EntryGroup group = first;
+    first = load_entries(entry_t, entry_c, next_bucket.x, next_bucket.y);  // the next run's
+    this_bucket = next_bucket;
+    next_bucket = bucket(i + 2 * kRunStride);
     float p0[R], p1[R], g[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) p0[r] = p1[r] = 0.f;
-    // Target t1 - 1 needs bucket t1 (<= L: buckets are 0 .. L).
-    const int begin = i <= blk.t1 ? starts[i] : 0, end = i <= blk.t1 ? starts[i + 1] : 0;
-    // The entries of a group are loaded before any is summed: a bucket of up to kEntryGroup entries (K on
-    // average) waits for one round trip to L2, not one per entry.
     for (int e0 = begin; e0 < end; e0 += kEntryGroup) {
-      int t[kEntryGroup];
-      float2 c[kEntryGroup];
-#pragma unroll
-      for (int j = 0; j < kEntryGroup; ++j) {
-        const bool live = e0 + j < end;
-        t[j] = live ? entry_t[e0 + j] : 0;
-        c[j] = live ? entry_c[e0 + j] : make_float2(0.f, 0.f);
-      }
+      if (e0 > begin) group = load_entries(entry_t, entry_c, e0, end);
 #pragma unroll
       for (int j = 0; j < kEntryGroup; ++j) {
         if (e0 + j >= end) break;
-        read_position<T>(window, blk, grad, p.seqlen, true, t[j], g);
+        read_position<T>(window, blk, grad, p.seqlen, true, group.t[j], g);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          p0[r] += c[j].x * g[r];
-          p1[r] += c[j].y * g[r];
+          p0[r] += group.c[j].x * g[r];
+          p1[r] += group.c[j].y * g[r];
         }
       }
     }
