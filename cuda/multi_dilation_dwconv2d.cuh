@@ -38,6 +38,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kStripRows = 4;            // output rows of a strip
 constexpr int kStrips = 4;               // most strips per thread of a staged block
 constexpr int kStageLoads = 8;           // loads a lane has in flight while staging a tile
+constexpr int kEarlyWeights = 4;         // conv_kernel: weights per thread loaded before the tile is staged
 constexpr int kSmemBudget = 100 * 1024;  // most bytes of a staged block's tile and weights (see plan)
 // Blocks per SM the staged kernels are compiled for (__launch_bounds__), and that plan's tiles leave room for:
 // 4 at k = 3, the paper's size (64 registers; sm_90, nvcc 13: the forward spills nothing, the weight gradient 16
@@ -390,18 +391,27 @@ __global__ void __launch_bounds__(kThreads, conv_blocks_per_sm(kK))
   const Block blk = make_block(p, t);
   float* tile = smem;
   float* weights = smem + t.tile_bytes() / 4;
-  stage_tile<T>(tile, p.x, p.x_strides, p, t, blk);
-  // Items in the order of p.weight (taps fastest: the block's channels are one contiguous run of it).
+  // Weight items in the order of p.weight (taps fastest: the block's channels are one contiguous run of it): its
+  // value, and where it goes in `weights`.
   const int n_weights = static_cast<int>(p.n_dilations) * kTaps * t.channels;
-  for (int item = threadIdx.x; item < n_weights; item += kThreads) {
+  const auto weight_value = [&](int item) {
     const int src_tap = item % kTaps, c = item / kTaps % t.channels, i = item / kTaps / t.channels;
     const int64_t ch = blk.c0 + c;
+    return ch < p.channels ? to_float(static_cast<const T*>(p.weight)[(i * p.channels + ch) * kTaps + src_tap]) : 0.f;
+  };
+  const auto weight_slot = [&](int item) {
+    const int src_tap = item % kTaps, c = item / kTaps % t.channels, i = item / kTaps / t.channels;
     const int tap = flip ? kTaps - 1 - src_tap : src_tap;
-    weights[(i * kTaps + tap) * t.channels + c] =
-        ch < p.channels ? to_float(static_cast<const T*>(p.weight)[(i * p.channels + ch) * kTaps + src_tap]) : 0.f;
+    return (i * kTaps + tap) * t.channels + c;
+  };
+  // The bias and a thread's first kEarlyWeights weights (all of them at k = 3) are loaded before the tile is
+  // staged, so that they wait on memory together with the tile, not one round trip each after it.
+  float early[kEarlyWeights];
+#pragma unroll
+  for (int j = 0; j < kEarlyWeights; ++j) {
+    const int item = static_cast<int>(threadIdx.x) + j * kThreads;
+    early[j] = item < n_weights ? weight_value(item) : 0.f;
   }
-  __syncthreads();
-
   const int word = static_cast<int>(threadIdx.x) % t.words;
   float bias[kPerWord];
 #pragma unroll
@@ -409,6 +419,17 @@ __global__ void __launch_bounds__(kThreads, conv_blocks_per_sm(kK))
     const int64_t ch = blk.c0 + word * kPerWord + c;
     bias[c] = p.bias != nullptr && ch < p.channels ? to_float(static_cast<const T*>(p.bias)[ch]) : 0.f;
   }
+  stage_tile<T>(tile, p.x, p.x_strides, p, t, blk);
+#pragma unroll
+  for (int j = 0; j < kEarlyWeights; ++j) {
+    const int item = static_cast<int>(threadIdx.x) + j * kThreads;
+    if (item < n_weights) weights[weight_slot(item)] = early[j];
+  }
+  for (int item = threadIdx.x + kEarlyWeights * kThreads; item < n_weights; item += kThreads) {
+    weights[weight_slot(item)] = weight_value(item);
+  }
+  __syncthreads();
+
 #pragma unroll 1
   for (int n = 0; n < kStrips; ++n) {
     const Strip s = make_strip<kPerWord>(t, blk, word, n);
