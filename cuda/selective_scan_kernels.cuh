@@ -15,6 +15,7 @@
 // block holds up to kFwdWarps / kBwdWarps channels of one (batch, group): they read the same B and C rows, and the
 // backward sums their dB and dC contributions in shared memory before one atomic add per block and element (with
 // `deterministic`, one store into the block's own slice of the workspace; the slices are summed in order after).
+// Rows of one forward segment with d_state 1 take selective_scan_short_fwd_kernel: kShortRows rows per warp.
 //
 // Backward, per row: a first pass runs the forward recurrence over all segments but the last and stores the
 // state at each segment boundary (n_seg - 1 checkpoints of N floats per row, not the state history); the second
@@ -60,17 +61,20 @@ __host__ __device__ inline int64_t num_segments(int64_t seqlen, int segment) {
   return (seqlen + segment - 1) / segment;
 }
 
-// The channels of a (batch, group) in tiles of `warps` channels, one per warp and a tile per block, for blocks of
-// at most max_warps warps (kFwdWarps, kBwdWarps): the launch's block size and the backward's workspace use it.
+// The channels of a (batch, group) in tiles of warps * rows_per_warp channels (rows_per_warp per warp), a tile per
+// block, for blocks of at most max_warps warps (kFwdWarps, kBwdWarps): the launch's block size and the backward's
+// workspace use it.
 struct ChannelTiles {
   int warps;
   int64_t tiles;
 };
 
-__host__ __device__ inline ChannelTiles channel_tiles(const SelectiveScanParams& p, int max_warps) {
+__host__ __device__ inline ChannelTiles channel_tiles(const SelectiveScanParams& p, int max_warps,
+                                                      int rows_per_warp = 1) {
   const int64_t per_group = p.dim / p.n_groups;
   const int warps = static_cast<int>(per_group < max_warps ? per_group : max_warps);
-  return {warps, (per_group + warps - 1) / warps};
+  const int64_t tile = int64_t{warps} * rows_per_warp;
+  return {warps, (per_group + tile - 1) / tile};
 }
 
 // The float32 workspace of the backward, in floats:
@@ -101,21 +105,23 @@ __host__ __device__ inline BwdWorkspace bwd_workspace_layout(const SelectiveScan
   return w;
 }
 
-// The channel row of this warp. Blocks are (batch, group, tile of channels) with the tile fastest; a warp of the
-// last tile of a group may have no channel (inactive): it then points at the group's first channel, so that its
-// pointers stay inside the tensors, and must load, store and add nothing.
+// Channel row j (< rows_per_warp) of this warp. Blocks are (batch, group, tile of channels) with the tile
+// fastest; warp w takes the tile's channels w, w + warps, ... A row past the group's last channel is inactive: it
+// then points at the group's first channel, so that its pointers stay inside the tensors, and must load, store
+// and add nothing.
 struct Row {
   int64_t b, g, d;
   bool active;
 };
 
-__device__ __forceinline__ Row locate_row(const SelectiveScanParams& p) {
+__device__ __forceinline__ Row locate_row(const SelectiveScanParams& p, int rows_per_warp = 1, int j = 0) {
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
   const int64_t per_group = p.dim / p.n_groups;
-  const int64_t tiles = (per_group + warps - 1) / warps;
+  const int64_t tile = int64_t{warps} * rows_per_warp;
+  const int64_t tiles = (per_group + tile - 1) / tile;
   const int64_t block = blockIdx.x;
   const int64_t bg = block / tiles;
-  const int64_t channel = (block % tiles) * warps + warp;
+  const int64_t channel = (block % tiles) * tile + int64_t{j} * warps + warp;
   Row row;
   row.b = bg / p.n_groups;
   row.g = bg % p.n_groups;
@@ -407,6 +413,32 @@ struct StateInputs {
 
 // ---- forward -------------------------------------------------------------------------------------------------
 
+// One state's recurrence over a segment, for a lane's K items: a_t = exp(dt_t A), b_t = dt_t u_t B_t (dtu = dt u),
+// h_t = a_t h_{t-1} + b_t from h_in (the state entering the segment, the same in every lane); item(i, h_t) is
+// called for each item in order. Returns the state leaving the segment, in every lane. Items past `valid` have
+// dt = 0 and so a = 1 but are given a = 1 explicitly: A may be infinite.
+template <typename T, int K, typename Item>
+__device__ __forceinline__ float scan_segment(const float (&dt)[K], const float (&dtu)[K], const Items<T, K>& B,
+                                              float A, int valid, float h_in, int lane, Item&& item) {
+  const float A_log2 = A * kLog2e;
+  float a[K], b[K];
+  Affine lane_map = identity_map();
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    a[i] = i < valid ? exp2f(dt[i] * A_log2) : 1.f;
+    b[i] = dtu[i] * B[i];
+    lane_map = compose(Affine{a[i], b[i]}, lane_map);
+  }
+  const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
+  float h = fmaf(before.a, h_in, before.b);
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    h = fmaf(a[i], h, b[i]);
+    item(i, h);
+  }
+  return __shfl_sync(kFullMask, h, 31);
+}
+
 // Blocks per SM the forward's register budget allows: 6 (80 registers) for the d_state-1 path of 16-bit types,
 // which fits in them without spilling, 4 (128 registers) otherwise.
 template <typename T, int kN>
@@ -484,34 +516,84 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
       } else if (seg + 1 < n_seg) {
         next_state = load_state(seg + 1, 0);
       }
-      const float A_log2 = st.A * kLog2e;
-      float a[kItems], b[kItems];
-      Affine lane_map = identity_map();
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        a[i] = i < valid ? exp2f(dt[i] * A_log2) : 1.f;
-        b[i] = dtu[i] * st.B[i];
-        lane_map = compose(Affine{a[i], b[i]}, lane_map);
-      }
-      const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
-      float h = fmaf(before.a, carry[n], before.b);
       float h_items[kItems];
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        h = fmaf(a[i], h, b[i]);
+      const float segment_end = scan_segment(dt, dtu, st.B, st.A, valid, carry[n], lane, [&](int i, float h) {
         if constexpr (kStates) {
           h_items[i] = h;
         } else {
           y[i] = fmaf(st.C[i], h, y[i]);
         }
-      }
+      });
       if constexpr (kStates) store_items(out + n * L + t0, valid, h_items);
-      const float segment_end = __shfl_sync(kFullMask, h, 31);
       __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it
       if (lane == 0) carry[n] = segment_end;
     }
     if constexpr (!kStates) store_items(out + t0, valid, y);
     __syncwarp();  // lane 0's carry writes are visible to the whole warp in the next segment
+  }
+}
+
+// The forward for rows of one segment (L <= kFwdSegment: b2 stages 3 and 4) and d_state 1. There a warp of the
+// kernel above has nothing to overlap its loads with: it loads one row, waits on memory, computes it and ends.
+// Here a warp scans kShortRows rows of one (batch, group) one after the other, with the next row's u, delta, A, D
+// and delta_bias loaded while one is computed, and loads the rows' common B and C once. No state is carried
+// between segments, so no shared memory either.
+constexpr int kShortRows = 4;
+
+template <typename T, bool kStates, bool kHasD, bool kSoftplus>
+__global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
+    selective_scan_short_fwd_kernel(const __grid_constant__ SelectiveScanParams p) {
+  constexpr int kItems = kFwdItems;
+  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const Row row = locate_row(p, kShortRows, 0);
+  if (!row.active) return;
+  // The warp's rows: d = row.d + j * warps for j < rows, those inside the group.
+  const int64_t group_end = (row.g + 1) * (p.dim / p.n_groups);
+  const int rows = static_cast<int>(std::min<int64_t>(kShortRows, (group_end - row.d + warps - 1) / warps));
+  const int64_t L = p.seqlen, t0 = lane * kItems;
+  const int valid = valid_items<kItems>(L, t0);
+  const RowInputs<T> first(p, row, kStates, kHasD);
+  const Items<T, kItems> B = load_items<kItems>(first.B + t0, valid);
+  Items<T, kItems> C;
+  if constexpr (!kStates) C = load_items<kItems>(first.C + t0, valid);
+
+  // Row j's inputs: its u and delta items, and A, D, delta_bias.
+  struct RowStep {
+    SegmentInputs<T, kItems> in;
+    float A, D, bias;
+  };
+  auto load_row = [&](int j) {
+    const int64_t d = row.d + int64_t{j} * warps;
+    RowStep r;
+    r.in.u = load_items<kItems>(first.u + j * warps * p.u_dim_stride + t0, valid);
+    r.in.delta = load_items<kItems>(first.delta + j * warps * p.delta_dim_stride + t0, valid);
+    r.A = first.A[j * warps * p.A_dim_stride];
+    r.D = kHasD ? static_cast<const float*>(p.D)[d] : 0.f;
+    r.bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
+    return r;
+  };
+  RowStep next = load_row(0);
+  for (int j = 0; j < rows; ++j) {
+    const RowStep r = next;
+    if (j + 1 < rows) next = load_row(j + 1);
+    float dt[kItems], dtu[kItems], y[kItems], h_items[kItems];
+    time_steps<T, kSoftplus>(r.in.delta, r.bias, valid, dt);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) dtu[i] = dt[i] * r.in.u[i];
+    scan_segment(dt, dtu, B, r.A, valid, 0.f, lane, [&](int i, float h) {
+      if constexpr (kStates) {
+        h_items[i] = h;
+      } else {
+        y[i] = fmaf(C[i], h, kHasD ? r.D * r.in.u[i] : 0.f);
+      }
+    });
+    // y row (L), or the row's states (1, L).
+    T* out = static_cast<T*>(p.out) + (row.b * p.dim + row.d + int64_t{j} * warps) * L;
+    if constexpr (kStates) {
+      store_items(out + t0, valid, h_items);
+    } else {
+      store_items(out + t0, valid, y);
+    }
   }
 }
 
@@ -855,12 +937,12 @@ struct Launch {
   unsigned int blocks;
 };
 
-inline Launch launch_shape(const SelectiveScanParams& p, int max_warps, const char* kernel) {
+inline Launch launch_shape(const SelectiveScanParams& p, int max_warps, int rows_per_warp, const char* kernel) {
   if (p.dstate > kSelectiveScanCudaMaxDState) {  // the registration checks it first, with the user's message
     throw std::runtime_error(std::string(kernel) + ": d_state " + std::to_string(p.dstate) + " exceeds " +
                              std::to_string(kSelectiveScanCudaMaxDState));
   }
-  const ChannelTiles tiling = channel_tiles(p, max_warps);
+  const ChannelTiles tiling = channel_tiles(p, max_warps, rows_per_warp);
   return {tiling.warps, grid_size(p.batch * p.n_groups * tiling.tiles, kernel)};
 }
 
@@ -883,11 +965,20 @@ void dispatch_flags(const SelectiveScanParams& p, F&& f) {
 // Requires batch, dim and L > 0.
 template <typename T>
 void selective_scan_fwd_launch(const SelectiveScanParams& p, cudaStream_t stream) {
-  const Launch shape = launch_shape(p, kFwdWarps, "selective_scan forward");
+  const bool short_rows = p.dstate == 1 && p.seqlen <= kFwdSegment;
+  const Launch shape = launch_shape(p, kFwdWarps, short_rows ? kShortRows : 1, "selective_scan forward");
   const size_t shared_bytes = static_cast<size_t>(shape.warps) * p.dstate * sizeof(float);
   dispatch_flags(p, [&](auto n, auto states, auto has_D, auto softplus) {
-    selective_scan_fwd_kernel<T, decltype(n)::value, decltype(states)::value, decltype(has_D)::value,
-                              decltype(softplus)::value><<<shape.blocks, shape.warps * 32, shared_bytes, stream>>>(p);
+    constexpr bool kStates = decltype(states)::value, kHasD = decltype(has_D)::value;
+    constexpr bool kSoftplus = decltype(softplus)::value;
+    if constexpr (decltype(n)::value == 1) {
+      if (short_rows) {
+        selective_scan_short_fwd_kernel<T, kStates, kHasD, kSoftplus><<<shape.blocks, shape.warps * 32, 0, stream>>>(p);
+        return;
+      }
+    }
+    selective_scan_fwd_kernel<T, decltype(n)::value, kStates, kHasD, kSoftplus>
+        <<<shape.blocks, shape.warps * 32, shared_bytes, stream>>>(p);
   });
   check_launch("selective_scan forward");
 }
@@ -896,7 +987,7 @@ void selective_scan_fwd_launch(const SelectiveScanParams& p, cudaStream_t stream
 template <typename T>
 void selective_scan_bwd_launch(const SelectiveScanBwdParams& bp, cudaStream_t stream) {
   const SelectiveScanParams& p = bp.fwd;
-  const Launch shape = launch_shape(p, kBwdWarps, "selective_scan backward");
+  const Launch shape = launch_shape(p, kBwdWarps, 1, "selective_scan backward");
   const BwdWorkspace ws = bwd_workspace_layout(bp);
   float* workspace = static_cast<float*>(bp.workspace);
   if (!bp.deterministic) {  // the dB, dC sums take atomic adds; deterministic blocks store every element once

@@ -169,6 +169,8 @@ def conv_reference(x, weight, bias=None, dilations=(1, 2)):
         (2, 8, 300, 1, 2, True, True),  # d_state 1 path, two forward segments
         (2, 8, 1003, 16, 4, True, True),  # general path, 8 backward segments, a 2-byte aligned row
         (1, 5, 1, 1, 1, True, False),  # L = 1; 5 channels: blocks with channel-less warps
+        (2, 40, 196, 1, 2, True, True),  # one-segment rows, d_state 1 (b2 stage 3): 4 rows a warp, the last tile short
+        (2, 12, 49, 1, 3, False, True),  # the same in states mode, 4 channels per group: a warp's rows past the group
         (2, 20, 257, 1, 2, False, True),  # states mode, d_state 1, 10 channels per group
         (1, 4, 600, 40, 2, False, True),  # states mode, d_state > 32 (lanes loop over the states)
         (1, 3, 1000, 3, 3, True, True),  # one channel per group
