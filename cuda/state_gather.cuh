@@ -307,26 +307,29 @@ __device__ __forceinline__ void store_rows(T* rows, int64_t L, int n_rows, int t
 }
 
 // A block of fwd_kernel or grad_h_kernel (blocks segment-major, then row chunk, then tile) and the rows of its
-// chunk in `data`, the (b, S, D, L) array it stages (h or grad_out), once its window is staged. Every thread of
-// the block must call it.
+// chunk in `data`, the (b, S, D, L) array it stages (h or grad_out).
 template <typename T>
 struct RowBlock {
   Block blk;
   const T* rows;
 };
 
-template <typename T, bool kVectorStage>
-__device__ __forceinline__ RowBlock<T> stage_row_block(typename Staged<T>::Bits* window, const void* data,
-                                                       const StateGatherParams& p, const Tiling& tiling) {
+template <typename T>
+__device__ __forceinline__ RowBlock<T> row_block(const void* data, const StateGatherParams& p, const Tiling& tiling) {
   constexpr int R = Staged<T>::kRows;
   const int64_t n_chunks = (p.dim + R - 1) / R;
   const int64_t block = blockIdx.x;
   const Block blk = make_block(block / tiling.n_tiles / n_chunks, block / tiling.n_tiles % n_chunks,
                                static_cast<int>(block % tiling.n_tiles), p, tiling, R);
-  const T* rows = static_cast<const T*>(data) + blk.row0 * p.seqlen;
-  stage_window<T, kVectorStage>(window, rows, p.seqlen, blk.n_rows, blk.w0, blk.w1);
+  return {blk, static_cast<const T*>(data) + blk.row0 * p.seqlen};
+}
+
+// Stages the window of a row block. Every thread of the block must call it.
+template <typename T, bool kVectorStage>
+__device__ __forceinline__ void stage_row_block(typename Staged<T>::Bits* window, const RowBlock<T>& rb,
+                                                const StateGatherParams& p) {
+  stage_window<T, kVectorStage>(window, rb.rows, p.seqlen, rb.blk.n_rows, rb.blk.w0, rb.blk.w1);
   __syncthreads();
-  return {blk, rows};
 }
 
 template <typename T, bool kVectorStage>
@@ -335,15 +338,18 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
   constexpr int R = S::kRows;
   extern __shared__ uint4 smem[];
   auto* window = reinterpret_cast<typename S::Bits*>(smem);
-  const auto [blk, h] = stage_row_block<T, kVectorStage>(window, p.h, p, tiling);
+  const RowBlock<T> rb = row_block<T>(p.h, p, tiling);
+  const Block& blk = rb.blk;
+  const T* h = rb.rows;
 
   const SegmentPoints<T> points(p, blk.segment);
   T* out = static_cast<T*>(p.out) + blk.row0 * p.seqlen;
   // Point groups are loaded one step ahead (the next group of this position, or the first of the thread's next
   // one): their samples' positions depend on them, so a group loaded where it is used would leave its position's
-  // work waiting on memory.
+  // work waiting on memory. The first is loaded before the window is staged, to wait on memory with it.
   int t = blk.t0 + static_cast<int>(threadIdx.x);
   PointGroup next = points.load_group(p.n_points, 0, t, t < blk.t1);
+  stage_row_block<T, kVectorStage>(window, rb, p);
   for (; t < blk.t1; t += kThreads) {
     float acc[R];
     read_staged<T>(window, t - blk.w0, acc);  // h[t], the residual
@@ -514,7 +520,9 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
   auto* window = reinterpret_cast<typename S::Bits*>(smem);
   const StateGatherParams& p = bp.fwd;
   const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen);
-  const auto [blk, grad] = stage_row_block<T, kVectorStage>(window, bp.grad_out, p, tiling);
+  const RowBlock<T> rb = row_block<T>(bp.grad_out, p, tiling);
+  const Block& blk = rb.blk;
+  const T* grad = rb.rows;
 
   const int* entry_t = reinterpret_cast<const int*>(workspace + layout.entry_t) + blk.segment * n;
   const float2* entry_c = reinterpret_cast<const float2*>(workspace + layout.entry_c) + blk.segment * n;
@@ -527,11 +535,13 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
   // A run's buckets and their first entry group depend on two loads one after the other (starts, then the
   // entries): they are loaded ahead, the buckets two runs ahead and the first group one run ahead, so that a run
   // whose buckets hold one group (K entries on average) finds them loaded. The entries of a group are loaded
-  // together: a bucket of up to kEntryGroup entries waits for one round trip to L2, not one per entry.
+  // together: a bucket of up to kEntryGroup entries waits for one round trip to L2, not one per entry. The first
+  // buckets are loaded before the window is staged, to wait on memory with it.
   int i0 = blk.t0 + warp * kRunTargets;  // warp-uniform
   int2 this_bucket = bucket(i0 + lane);
-  EntryGroup first = load_entries(entry_t, entry_c, this_bucket.x, this_bucket.y);
   int2 next_bucket = bucket(i0 + kRunStride + lane);
+  stage_row_block<T, kVectorStage>(window, rb, p);
+  EntryGroup first = load_entries(entry_t, entry_c, this_bucket.x, this_bucket.y);
   for (; i0 < blk.t1; i0 += kRunStride) {
     const int i = i0 + lane;  // this lane's target and bucket (lo = i - 1)
     const int begin = this_bucket.x, end = this_bucket.y;
