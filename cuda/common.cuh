@@ -74,7 +74,7 @@ __device__ __forceinline__ void unpack_word(uint32_t word, float* out, __nv_bflo
   out[0] = __uint_as_float(word << 16);
   out[1] = __uint_as_float(word & 0xffff0000u);
 }
-// The word of 4 / sizeof(T) elements of T, rounded from v[0] (the lower address) and v[1].
+// The word of the 4 / sizeof(T) elements v rounded to T, v[0] at the lower address.
 __device__ __forceinline__ uint32_t pack_word(const float (&v)[1], float) { return __float_as_uint(v[0]); }
 __device__ __forceinline__ uint32_t pack_word(const float (&v)[2], __half) {
   return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v[0]))) |
