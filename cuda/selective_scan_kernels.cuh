@@ -599,6 +599,55 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
 
 // ---- backward ------------------------------------------------------------------------------------------------
 
+// One state's backward over a segment, for a lane's K items: the forward recurrence again from h_start (the state
+// entering the segment), then the adjoint g_t = dout_t + a_{t+1} g_{t+1} backwards from `inflow` (a_t g_t of the
+// timestep after the segment). Adds the state's terms to du and ddt (ddt before the softplus derivative) and its
+// dA terms to dA_part, and calls contribution(i, dB_i, dC_i) for each item, from the last to the first, with its
+// terms of dB and dC (dC_i = dy_t h_t). x(i) gives item i of u, B, dout (dy C, or the states' gradient) and dy.
+// Returns the adjoint flowing into the segment before, in every lane.
+template <int K, typename U, typename Bf, typename Dout, typename Dy, typename Contribution>
+__device__ __forceinline__ float state_backward(const float (&dt)[K], U&& u, Bf&& B, Dout&& dout, Dy&& dy, float A,
+                                                int valid, float h_start, float inflow, int lane, float (&du)[K],
+                                                float (&ddt)[K], double& dA_part, Contribution&& contribution) {
+  // Forward recurrence inside the segment: a_h[i] = a_t h_{t-1} of item i.
+  const float A_log2 = A * kLog2e;
+  float a[K];
+  Affine lane_map = identity_map();
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    a[i] = i < valid ? exp2f(dt[i] * A_log2) : 1.f;
+    lane_map = compose(Affine{a[i], dt[i] * u(i) * B(i)}, lane_map);
+  }
+  const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
+  float h = fmaf(before.a, h_start, before.b);
+  float a_h[K];
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    a_h[i] = a[i] * h;
+    h = fmaf(dt[i] * u(i), B(i), a_h[i]);
+  }
+
+  // Adjoint, backwards: item i maps the inflow c (= a_{t+1} g_{t+1}) to a_t (c + dout_t), g_t = c + dout_t.
+  Affine lane_reverse = identity_map();
+#pragma unroll
+  for (int i = K - 1; i >= 0; --i) lane_reverse = compose(Affine{a[i], a[i] * dout(i)}, lane_reverse);
+  const Affine after = lanes_after(warp_reverse_scan(lane_reverse, lane), lane);
+  inflow = fmaf(after.a, inflow, after.b);
+
+  // Gradients, item by item as g_t comes.
+#pragma unroll
+  for (int i = K - 1; i >= 0; --i) {
+    const float g = dout(i) + inflow;
+    inflow = a[i] * g;
+    const float g_dt = g * dt[i];
+    ddt[i] = fmaf(g, fmaf(A, a_h[i], B(i) * u(i)), ddt[i]);
+    dA_part = fma(static_cast<double>(g_dt), static_cast<double>(a_h[i]), dA_part);
+    du[i] = fmaf(g_dt, B(i), du[i]);
+    contribution(i, g_dt * u(i), dy(i) * fmaf(dt[i] * u(i), B(i), a_h[i]));
+  }
+  return __shfl_sync(kFullMask, inflow, 0);
+}
+
 // A lane's sums over the segments of its row, in double: dD, ddelta_bias and, for d_state 1, dA (for more states,
 // each (segment, n)'s dA terms are summed over the warp at once, as the lane cannot keep N sums).
 struct LaneSums {
@@ -767,60 +816,28 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         next_h_start = load_checkpoint(seg - 1, 0);
       }
       const float A_n = st.A;
-      const float A_log2 = A_n * kLog2e;
       // dout_t: dy_t C[n, t], or the states' gradient.
       auto dout_at = [&](int i) { return kStates ? st.C[i] : dy_at(i) * st.C[i]; };
       auto B_at = [&](int i) { return st.B[i]; };
 
-      // Forward recurrence inside the segment, from its checkpoint: a_h[i] = a_t h_{t-1} of item i.
-      float a[kItems];
-      Affine lane_map = identity_map();
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        a[i] = i < valid ? exp2f(dt[i] * A_log2) : 1.f;
-        lane_map = compose(Affine{a[i], dt[i] * u_at(i) * B_at(i)}, lane_map);
-      }
-      const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
-      float h = fmaf(before.a, h_start, before.b);
-      float a_h[kItems];
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        a_h[i] = a[i] * h;
-        h = fmaf(dt[i] * u_at(i), B_at(i), a_h[i]);
-      }
-
-      // Adjoint, backwards: item i maps the inflow c (= a_{t+1} g_{t+1}) to a_t (c + dout_t), g_t = c + dout_t.
-      Affine lane_reverse = identity_map();
-#pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) lane_reverse = compose(Affine{a[i], a[i] * dout_at(i)}, lane_reverse);
-      const Affine after = lanes_after(warp_reverse_scan(lane_reverse, lane), lane);
-      float inflow = fmaf(after.a, carry[n], after.b);
-
-      // Gradients of this state, item by item as g_t comes: dA, and this warp's dB, dC contributions (four items
-      // at a time) into shared memory.
+      // This warp's dB, dC contributions (four items at a time) go into shared memory.
       float* mine = contributions + ((buffer * warps + warp) * 2) * kSegment + lane * kItems;
       static_assert(kItems % 4 == 0, "dB, dC go to shared memory as float4");
       double dA_part = 0.0;
       float dB_items[4], dC_items[4];
-#pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) {
-        const float g = dout_at(i) + inflow;
-        inflow = a[i] * g;
-        const float g_dt = g * dt[i];
-        ddt[i] = fmaf(g, fmaf(A_n, a_h[i], B_at(i) * u_at(i)), ddt[i]);
-        dA_part = fma(static_cast<double>(g_dt), static_cast<double>(a_h[i]), dA_part);
-        du_acc[i] = fmaf(g_dt, B_at(i), du_acc[i]);
-        dB_items[i % 4] = g_dt * u_at(i);
-        dC_items[i % 4] = dy_at(i) * fmaf(dt[i] * u_at(i), B_at(i), a_h[i]);  // dy_t h_t
-        if (i % 4 == 0) {
-          reinterpret_cast<float4*>(mine)[i / 4] = make_float4(dB_items[0], dB_items[1], dB_items[2], dB_items[3]);
-          if constexpr (!kStates) {
-            reinterpret_cast<float4*>(mine + kSegment)[i / 4] =
-                make_float4(dC_items[0], dC_items[1], dC_items[2], dC_items[3]);
-          }
-        }
-      }
-      const float into_previous = __shfl_sync(kFullMask, inflow, 0);
+      const float into_previous = state_backward(
+          dt, u_at, B_at, dout_at, dy_at, A_n, valid, h_start, carry[n], lane, du_acc, ddt, dA_part,
+          [&](int i, float dB_i, float dC_i) {
+            dB_items[i % 4] = dB_i;
+            dC_items[i % 4] = dC_i;
+            if (i % 4 == 0) {
+              reinterpret_cast<float4*>(mine)[i / 4] = make_float4(dB_items[0], dB_items[1], dB_items[2], dB_items[3]);
+              if constexpr (!kStates) {
+                reinterpret_cast<float4*>(mine + kSegment)[i / 4] =
+                    make_float4(dC_items[0], dC_items[1], dC_items[2], dC_items[3]);
+              }
+            }
+          });
       __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it (read again after a barrier)
       if (lane == 0) carry[n] = into_previous;
       if constexpr (kN == 1) {
