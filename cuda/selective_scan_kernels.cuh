@@ -15,7 +15,8 @@
 // block holds up to kFwdWarps / kBwdWarps channels of one (batch, group): they read the same B and C rows, and the
 // backward sums their dB and dC contributions in shared memory before one atomic add per block and element (with
 // `deterministic`, one store into the block's own slice of the workspace; the slices are summed in order after).
-// Rows of one forward segment with d_state 1 take selective_scan_short_fwd_kernel: kShortRows rows per warp.
+// Rows of one segment with d_state 1 take the short-row kernels (selective_scan_short_fwd_kernel and _bwd_kernel):
+// kShortRows rows per warp.
 //
 // Backward, per row: a first pass runs the forward recurrence over all segments but the last and stores the
 // state at each segment boundary (n_seg - 1 checkpoints of N floats per row, not the state history); the second
@@ -54,6 +55,8 @@ __host__ __device__ inline int bwd_segment(const SelectiveScanParams& p) {
 
 constexpr int kFwdWarps = 4;  // channels per block, forward
 constexpr int kBwdWarps = 8;  // channels per block, backward (each block adds dB, dC once)
+// Rows per warp of the short-row kernels (d_state 1, rows of one segment), scanned one after the other.
+constexpr int kShortRows = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -88,13 +91,19 @@ struct BwdWorkspace {
   int64_t padded_len, parts, part_stride, dB_offset, dC_offset, row_sums_offset, checkpoint_offset, total;
 };
 
+// Rows per warp of the backward: kShortRows for rows of one segment with d_state 1
+// (selective_scan_short_bwd_kernel), else 1.
+__host__ __device__ inline int bwd_rows_per_warp(const SelectiveScanParams& p) {
+  return p.dstate == 1 && p.seqlen <= bwd_segment(p) ? kShortRows : 1;
+}
+
 __host__ __device__ inline BwdWorkspace bwd_workspace_layout(const SelectiveScanBwdParams& bp) {
   const SelectiveScanParams& p = bp.fwd;
   const int segment = bwd_segment(p);
   const int64_t n_seg = num_segments(p.seqlen, segment);
   BwdWorkspace w;
   w.padded_len = n_seg * segment;
-  w.parts = bp.deterministic ? channel_tiles(p, kBwdWarps).tiles : 1;
+  w.parts = bp.deterministic ? channel_tiles(p, kBwdWarps, bwd_rows_per_warp(p)).tiles : 1;
   w.part_stride = p.batch * p.n_groups * p.dstate * w.padded_len;
   w.dB_offset = 0;
   w.dC_offset = w.parts * w.part_stride;
@@ -538,7 +547,6 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
 // Here a warp scans kShortRows rows of one (batch, group) one after the other, with the next row's u, delta, A, D
 // and delta_bias loaded while one is computed, and loads the rows' common B and C once. No state is carried
 // between segments, so no shared memory either.
-constexpr int kShortRows = 4;
 
 template <typename T, bool kStates, bool kHasD, bool kSoftplus>
 __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
@@ -646,6 +654,34 @@ __device__ __forceinline__ float state_backward(const float (&dt)[K], U&& u, Bf&
     contribution(i, g_dt * u(i), dy(i) * fmaf(dt[i] * u(i), B(i), a_h[i]));
   }
   return __shfl_sync(kFullMask, inflow, 0);
+}
+
+// Sums the block's warps' dB and dC terms of one segment and state ([warps][2][kSegment] floats at `terms`: dB,
+// then dC) in warp order, and adds them to the kSegment floats at dB_row and dC_row (16-byte aligned; dC absent in
+// states mode), or, when deterministic, stores them there: every element once. Every thread of the block calls
+// it, after a barrier that follows the warps' writes of `terms`.
+template <int kSegment, bool kStates>
+__device__ __forceinline__ void add_warp_terms(const float* terms, int warps, float* dB_row, float* dC_row,
+                                               bool deterministic) {
+  constexpr int kVectors = (kStates ? 1 : 2) * kSegment / 4;
+  const float4* sums = reinterpret_cast<const float4*>(terms);
+  for (int j = threadIdx.x; j < kVectors; j += blockDim.x) {
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int w = 0; w < warps; ++w) {
+      const float4 v = sums[w * (2 * kSegment / 4) + j];
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    const int item = 4 * j;
+    float* target = (item < kSegment ? dB_row : dC_row) + item % kSegment;
+    if (deterministic) {
+      *reinterpret_cast<float4*>(target) = s;
+    } else {
+      atomic_add4(target, s);
+    }
+  }
 }
 
 // A lane's sums over the segments of its row, in double: dD, ddelta_bias and, for d_state 1, dA (for more states,
@@ -852,25 +888,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       // a buffer is written again two steps later, after the next step's barrier, which every thread reaches
       // only once it has finished reading it here.
       __syncthreads();
-      constexpr int kVectors = (kStates ? 1 : 2) * kSegment / 4;
-      const float4* sums = reinterpret_cast<const float4*>(contributions + buffer * warps * 2 * kSegment);
-      for (int j = threadIdx.x; j < kVectors; j += blockDim.x) {
-        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int w = 0; w < warps; ++w) {
-          const float4 v = sums[w * (2 * kSegment / 4) + j];
-          s.x += v.x;
-          s.y += v.y;
-          s.z += v.z;
-          s.w += v.w;
-        }
-        const int item = 4 * j;
-        float* target = (item < kSegment ? dB_sum : dC_sum) + n * ws.padded_len + seg * kSegment + item % kSegment;
-        if (bp.deterministic) {
-          *reinterpret_cast<float4*>(target) = s;
-        } else {
-          atomic_add4(target, s);
-        }
-      }
+      const int64_t at = n * ws.padded_len + seg * kSegment;
+      add_warp_terms<kSegment, kStates>(contributions + buffer * warps * 2 * kSegment, warps, dB_sum + at, dC_sum + at,
+                                        bp.deterministic);
       buffer ^= 1;
     }
 
@@ -914,6 +934,119 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
     add_row_sum(kHasD ? static_cast<float*>(bp.dD) + row.d : nullptr, N, dD_row);
     add_row_sum(bp.ddelta_bias ? static_cast<float*>(bp.ddelta_bias) + row.d : nullptr, N + 1, dbias_row);
   }
+}
+
+// The backward for rows of one segment (L <= bwd_segment(p)) and d_state 1, as the forward's short kernel does
+// it: a warp takes kShortRows rows of one (batch, group) one after the other, with the next row's inputs loaded
+// while one is computed, and loads the rows' common B and C once. Its dB and dC terms are summed over its rows in
+// its lanes' own slots of shared memory (registers would spill), and the block adds its warps' sums with one
+// barrier (the kernel above: one per row). A warp without a row (past its group) still takes part in the barrier,
+// with zero terms.
+template <typename T, bool kStates, bool kHasD, bool kSoftplus>
+__global__ void __launch_bounds__(kBwdWarps * 32, 2)
+    selective_scan_short_bwd_kernel(const __grid_constant__ SelectiveScanBwdParams bp) {
+  const SelectiveScanParams& p = bp.fwd;
+  extern __shared__ float4 shared_storage[];  // [warps][2][kSegment] floats: each warp's dB and dC terms
+  constexpr int kItems = bwd_items(true, sizeof(T) == 4), kSegment = 32 * kItems;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const Row row = locate_row(p, kShortRows, 0);
+  // The warp's rows: d = row.d + j * warps for j < rows, those inside the group.
+  const int64_t group_end = (row.g + 1) * (p.dim / p.n_groups);
+  const int rows =
+      row.active ? static_cast<int>(std::min<int64_t>(kShortRows, (group_end - row.d + warps - 1) / warps)) : 0;
+  const int64_t L = p.seqlen, t0 = lane * kItems;
+  const int valid = valid_items<kItems>(rows > 0 ? L : 0, t0);
+  const RowInputs<T> first(p, row, kStates, kHasD);
+  const Items<T, kItems> B = load_items<kItems>(first.B + t0, valid);
+  Items<T, kItems> C;
+  if constexpr (!kStates) C = load_items<kItems>(first.C + t0, valid);
+
+  // Row j's inputs: u, delta and dy (the states' gradient in states mode: (b, dim, 1, L), the layout of dy) items,
+  // and A, D, delta_bias.
+  struct RowStep {
+    SegmentInputs<T, kItems> in;
+    float A, D, bias;
+  };
+  auto row_index = [&](int j) { return row.b * p.dim + row.d + int64_t{j} * warps; };
+  auto load_row = [&](int j) {
+    const int64_t d = row.d + int64_t{j} * warps;
+    RowStep r;
+    r.in.u = load_items<kItems>(first.u + j * warps * p.u_dim_stride + t0, valid);
+    r.in.delta = load_items<kItems>(first.delta + j * warps * p.delta_dim_stride + t0, valid);
+    r.in.dy = load_items<kItems>(static_cast<const T*>(bp.grad_out) + row_index(j) * L + t0, valid);
+    r.A = first.A[j * warps * p.A_dim_stride];
+    r.D = kHasD ? static_cast<const float*>(p.D)[d] : 0.f;
+    r.bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
+    return r;
+  };
+  const BwdWorkspace ws = bwd_workspace_layout(bp);
+  float* workspace = static_cast<float*>(bp.workspace);
+  // The row's sums (dA, dD, ddelta_bias): added to the outputs, or stored for row_sums_to_output_kernel when
+  // deterministic, as in the kernel above.
+  auto add_row_sum = [&](int j, float* output, int64_t slot, double value) {
+    if (bp.deterministic) {
+      workspace[ws.row_sums_offset + row_index(j) * 3 + slot] = static_cast<float>(value);
+    } else if (output != nullptr) {
+      atomicAdd(output, static_cast<float>(value));
+    }
+  };
+
+  // The warp's terms, summed over its rows: this lane's items of dB, then of dC.
+  float* terms = reinterpret_cast<float*>(shared_storage);
+  float* mine = terms + warp * 2 * kSegment + lane * kItems;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) mine[i] = mine[kSegment + i] = 0.f;
+  RowStep next;
+  if (rows > 0) next = load_row(0);
+  for (int j = 0; j < rows; ++j) {
+    const RowStep r = next;
+    if (j + 1 < rows) next = load_row(j + 1);
+    auto u_at = [&](int i) { return r.in.u[i]; };
+    auto B_at = [&](int i) { return B[i]; };
+    auto dy_at = [&](int i) { return kStates ? 0.f : r.in.dy[i]; };
+    auto dout_at = [&](int i) { return kStates ? r.in.dy[i] : r.in.dy[i] * C[i]; };
+    float dt[kItems], du[kItems], ddt[kItems];
+    time_steps<T, kSoftplus>(r.in.delta, r.bias, valid, dt);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      du[i] = kHasD ? r.D * dy_at(i) : 0.f;
+      ddt[i] = 0.f;
+    }
+    double dA_part = 0.0;
+    state_backward(dt, u_at, B_at, dout_at, dy_at, r.A, valid, 0.f, 0.f, lane, du, ddt, dA_part,
+                   [&](int i, float dB_i, float dC_i) {
+                     mine[i] += dB_i;
+                     mine[kSegment + i] += dC_i;
+                   });
+    float dD_part = 0.f, dbias_part = 0.f;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if constexpr (kSoftplus) ddt[i] *= softplus_derivative(r.in.delta[i] + r.bias);
+      if (i < valid) {
+        dD_part = fmaf(dy_at(i), u_at(i), dD_part);
+        dbias_part += ddt[i];
+      }
+    }
+    const int64_t t_row = row_index(j) * L + t0;
+    store_items(static_cast<T*>(bp.du) + t_row, valid, du);
+    store_items(static_cast<T*>(bp.ddelta) + t_row, valid, ddt);
+    const double dA_row = warp_sum(dA_part);
+    const double dD_row = kHasD ? warp_sum(static_cast<double>(dD_part)) : 0.0;
+    const double dbias_row = bp.ddelta_bias ? warp_sum(static_cast<double>(dbias_part)) : 0.0;
+    if (lane == 0) {
+      const int64_t d = row.d + int64_t{j} * warps;
+      add_row_sum(j, static_cast<float*>(bp.dA) + d, 0, dA_row);
+      add_row_sum(j, kHasD ? static_cast<float*>(bp.dD) + d : nullptr, 1, dD_row);
+      add_row_sum(j, bp.ddelta_bias ? static_cast<float*>(bp.ddelta_bias) + d : nullptr, 2, dbias_row);
+    }
+  }
+
+  __syncthreads();
+  const int64_t bg = row.b * p.n_groups + row.g;
+  const int64_t part = bp.deterministic ? static_cast<int64_t>(blockIdx.x) % ws.parts : 0;  // the channel tile
+  add_warp_terms<kSegment, kStates>(terms, warps, workspace + ws.dB_offset + part * ws.part_stride + bg * ws.padded_len,
+                                    workspace + ws.dC_offset + part * ws.part_stride + bg * ws.padded_len,
+                                    bp.deterministic);
 }
 
 // out[r, t] = sum over the parts k, in order, of sums[k, r, t] for t < L, converted to T: the (b, G, N, L)
@@ -1004,18 +1137,28 @@ void selective_scan_fwd_launch(const SelectiveScanParams& p, cudaStream_t stream
 template <typename T>
 void selective_scan_bwd_launch(const SelectiveScanBwdParams& bp, cudaStream_t stream) {
   const SelectiveScanParams& p = bp.fwd;
-  const Launch shape = launch_shape(p, kBwdWarps, 1, "selective_scan backward");
+  const int rows_per_warp = bwd_rows_per_warp(p);
+  const Launch shape = launch_shape(p, kBwdWarps, rows_per_warp, "selective_scan backward");
   const BwdWorkspace ws = bwd_workspace_layout(bp);
   float* workspace = static_cast<float*>(bp.workspace);
   if (!bp.deterministic) {  // the dB, dC sums take atomic adds; deterministic blocks store every element once
     check(cudaMemsetAsync(workspace, 0, ws.checkpoint_offset * sizeof(float), stream), "selective_scan_backward memset");
   }
-  const size_t shared_bytes =
-      static_cast<size_t>(shape.warps) * (2 * 2 * bwd_segment(p) * sizeof(float) + 32 * sizeof(LaneSums) +
-                                          p.dstate * (sizeof(double) + sizeof(float)));
+  const size_t terms_bytes = static_cast<size_t>(shape.warps) * 2 * bwd_segment(p) * sizeof(float);
+  const size_t row_bytes = 32 * sizeof(LaneSums) + p.dstate * (sizeof(double) + sizeof(float));  // per warp
+  const size_t shared_bytes = 2 * terms_bytes + static_cast<size_t>(shape.warps) * row_bytes;
   dispatch_flags(p, [&](auto n, auto states, auto has_D, auto softplus) {
-    selective_scan_bwd_kernel<T, decltype(n)::value, decltype(states)::value, decltype(has_D)::value,
-                              decltype(softplus)::value><<<shape.blocks, shape.warps * 32, shared_bytes, stream>>>(bp);
+    constexpr bool kStates = decltype(states)::value, kHasD = decltype(has_D)::value;
+    constexpr bool kSoftplus = decltype(softplus)::value;
+    if constexpr (decltype(n)::value == 1) {
+      if (rows_per_warp > 1) {
+        selective_scan_short_bwd_kernel<T, kStates, kHasD, kSoftplus>
+            <<<shape.blocks, shape.warps * 32, terms_bytes, stream>>>(bp);
+        return;
+      }
+    }
+    selective_scan_bwd_kernel<T, decltype(n)::value, kStates, kHasD, kSoftplus>
+        <<<shape.blocks, shape.warps * 32, shared_bytes, stream>>>(bp);
   });
   check_launch("selective_scan backward");
 

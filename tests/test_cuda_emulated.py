@@ -201,6 +201,7 @@ def test_selective_scan_strided_inputs_and_no_optional_args(emu):
         (2, 40, 300, 1, 2, True),  # 20 channels per group: three tiles, the last with channel-less warps
         (2, 24, 1003, 16, 1, False),  # states mode, general path, three tiles
         (1, 5, 129, 2, 1, True),  # one tile
+        (2, 40, 100, 1, 2, True),  # one-segment rows, d_state 1: 4 rows a warp, tiles of 32 channels
     ],
 )
 def test_selective_scan_deterministic_backward(emu, dtype, b, dim, L, N, G, with_C):
