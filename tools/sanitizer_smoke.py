@@ -1,7 +1,8 @@
 """A small forward + backward of every op on CUDA in every dtype, for compute-sanitizer (tools/gpu_check.sh).
 
-Shapes are small and odd on purpose (partial tiles, tails) and reach every kernel path: the scan over one and
-several segments of L, with and without C, d_state 1 and 16, `deterministic` on and off; the gather with rows that
+Shapes are small and odd on purpose (partial tiles, tails) and reach every kernel path: the scan over one
+segment of L (with d_state 1, several rows per warp) and several, with and without C, d_state 1 and 16,
+`deterministic` on and off; the gather with rows that
 fit in shared memory and rows tiled with halos, 16-byte and element staging, expanded weights, offsets reaching
 outside the sequence and NaN; the convolution staged with the default tile, with the tile a wide channels_last halo
 takes, and direct (a halo no staged tile fits), in NCHW and channels_last.
@@ -19,8 +20,8 @@ import mamba_adaptor_ops as mao
 
 
 def scan_cases(device: str, dtype: torch.dtype) -> None:
-    b, dim, G = 2, 12, 3
-    for L in (37, 300):  # one segment of L, and several (checkpoints in the backward)
+    b, dim, G = 2, 24, 2  # 12 channels per group: the short-row kernels' warps take 1 to 3 rows
+    for L in (37, 300):  # one segment of L (with d_state 1: the short-row kernels), and several (checkpoints)
         for N, with_C in ((1, True), (16, True), (1, False)):
             for deterministic in (False, True):
                 u = torch.randn(b, dim, L, device=device, dtype=dtype, requires_grad=True)
