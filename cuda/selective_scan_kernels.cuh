@@ -542,6 +542,50 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
   }
 }
 
+// A warp's rows in the short-row kernels (d_state 1, rows of one segment): d = row.d + j * warps for j < rows,
+// those inside the group (none when `row` is inactive); the lane's K items of their common B and C (C absent in
+// states mode), loaded once; and load(j), row j's u, delta and (from grad_out, (b, dim, L), when not nullptr) dy
+// items with its A, D and delta_bias.
+template <typename T, int K, bool kStates, bool kHasD>
+struct ShortRows {
+  struct Step {
+    SegmentInputs<T, K> in;
+    float A, D, bias;
+  };
+
+  const SelectiveScanParams& p;
+  Row row;
+  int warps, rows, valid;
+  int64_t t0;
+  RowInputs<T> first;
+  Items<T, K> B, C;
+
+  __device__ __forceinline__ ShortRows(const SelectiveScanParams& params, int lane)
+      : p(params), row(locate_row(params, kShortRows, 0)), warps(blockDim.x / 32), t0(int64_t{lane} * K),
+        first(params, row, kStates, kHasD) {
+    const int64_t group_end = (row.g + 1) * (p.dim / p.n_groups);
+    rows = row.active ? static_cast<int>(std::min<int64_t>(kShortRows, (group_end - row.d + warps - 1) / warps)) : 0;
+    valid = valid_items<K>(rows > 0 ? p.seqlen : 0, t0);
+    B = load_items<K>(first.B + t0, valid);
+    if constexpr (!kStates) C = load_items<K>(first.C + t0, valid);
+  }
+
+  // Row j's index in (b, dim) and its channel.
+  __device__ __forceinline__ int64_t d(int j) const { return row.d + int64_t{j} * warps; }
+  __device__ __forceinline__ int64_t index(int j) const { return row.b * p.dim + d(j); }
+
+  __device__ __forceinline__ Step load(int j, const T* grad_out) const {
+    Step r;
+    r.in.u = load_items<K>(first.u + j * warps * p.u_dim_stride + t0, valid);
+    r.in.delta = load_items<K>(first.delta + j * warps * p.delta_dim_stride + t0, valid);
+    if (grad_out != nullptr) r.in.dy = load_items<K>(grad_out + index(j) * p.seqlen + t0, valid);
+    r.A = first.A[j * warps * p.A_dim_stride];
+    r.D = kHasD ? static_cast<const float*>(p.D)[d(j)] : 0.f;
+    r.bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d(j)] : 0.f;
+    return r;
+  }
+};
+
 // The forward for rows of one segment (L <= kFwdSegment: b2 stages 3 and 4) and d_state 1. There a warp of the
 // kernel above has nothing to overlap its loads with: it loads one row, waits on memory, computes it and ends.
 // Here a warp scans kShortRows rows of one (batch, group) one after the other, with the next row's u, delta, A, D
@@ -552,38 +596,16 @@ template <typename T, bool kStates, bool kHasD, bool kSoftplus>
 __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
     selective_scan_short_fwd_kernel(const __grid_constant__ SelectiveScanParams p) {
   constexpr int kItems = kFwdItems;
-  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const Row row = locate_row(p, kShortRows, 0);
-  if (!row.active) return;
-  // The warp's rows: d = row.d + j * warps for j < rows, those inside the group.
-  const int64_t group_end = (row.g + 1) * (p.dim / p.n_groups);
-  const int rows = static_cast<int>(std::min<int64_t>(kShortRows, (group_end - row.d + warps - 1) / warps));
-  const int64_t L = p.seqlen, t0 = lane * kItems;
-  const int valid = valid_items<kItems>(L, t0);
-  const RowInputs<T> first(p, row, kStates, kHasD);
-  const Items<T, kItems> B = load_items<kItems>(first.B + t0, valid);
-  Items<T, kItems> C;
-  if constexpr (!kStates) C = load_items<kItems>(first.C + t0, valid);
-
-  // Row j's inputs: its u and delta items, and A, D, delta_bias.
-  struct RowStep {
-    SegmentInputs<T, kItems> in;
-    float A, D, bias;
-  };
-  auto load_row = [&](int j) {
-    const int64_t d = row.d + int64_t{j} * warps;
-    RowStep r;
-    r.in.u = load_items<kItems>(first.u + j * warps * p.u_dim_stride + t0, valid);
-    r.in.delta = load_items<kItems>(first.delta + j * warps * p.delta_dim_stride + t0, valid);
-    r.A = first.A[j * warps * p.A_dim_stride];
-    r.D = kHasD ? static_cast<const float*>(p.D)[d] : 0.f;
-    r.bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
-    return r;
-  };
-  RowStep next = load_row(0);
+  const int lane = threadIdx.x % 32;
+  const ShortRows<T, kItems, kStates, kHasD> warp_rows(p, lane);
+  const int rows = warp_rows.rows, valid = warp_rows.valid;
+  if (rows == 0) return;  // this kernel has no block-wide barrier
+  using Step = typename ShortRows<T, kItems, kStates, kHasD>::Step;
+  const Items<T, kItems>&B = warp_rows.B, &C = warp_rows.C;
+  Step next = warp_rows.load(0, nullptr);
   for (int j = 0; j < rows; ++j) {
-    const RowStep r = next;
-    if (j + 1 < rows) next = load_row(j + 1);
+    const Step r = next;
+    if (j + 1 < rows) next = warp_rows.load(j + 1, nullptr);
     float dt[kItems], dtu[kItems], y[kItems], h_items[kItems];
     time_steps<T, kSoftplus>(r.in.delta, r.bias, valid, dt);
 #pragma unroll
@@ -596,11 +618,11 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
       }
     });
     // y row (L), or the row's states (1, L).
-    T* out = static_cast<T*>(p.out) + (row.b * p.dim + row.d + int64_t{j} * warps) * L;
+    T* out = static_cast<T*>(p.out) + warp_rows.index(j) * p.seqlen + warp_rows.t0;
     if constexpr (kStates) {
-      store_items(out + t0, valid, h_items);
+      store_items(out, valid, h_items);
     } else {
-      store_items(out + t0, valid, y);
+      store_items(out, valid, y);
     }
   }
 }
@@ -949,43 +971,20 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   extern __shared__ float4 shared_storage[];  // [warps][2][kSegment] floats: each warp's dB and dC terms
   constexpr int kItems = bwd_items(true, sizeof(T) == 4), kSegment = 32 * kItems;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const Row row = locate_row(p, kShortRows, 0);
-  // The warp's rows: d = row.d + j * warps for j < rows, those inside the group.
-  const int64_t group_end = (row.g + 1) * (p.dim / p.n_groups);
-  const int rows =
-      row.active ? static_cast<int>(std::min<int64_t>(kShortRows, (group_end - row.d + warps - 1) / warps)) : 0;
-  const int64_t L = p.seqlen, t0 = lane * kItems;
-  const int valid = valid_items<kItems>(rows > 0 ? L : 0, t0);
-  const RowInputs<T> first(p, row, kStates, kHasD);
-  const Items<T, kItems> B = load_items<kItems>(first.B + t0, valid);
-  Items<T, kItems> C;
-  if constexpr (!kStates) C = load_items<kItems>(first.C + t0, valid);
-
-  // Row j's inputs: u, delta and dy (the states' gradient in states mode: (b, dim, 1, L), the layout of dy) items,
-  // and A, D, delta_bias.
-  struct RowStep {
-    SegmentInputs<T, kItems> in;
-    float A, D, bias;
-  };
-  auto row_index = [&](int j) { return row.b * p.dim + row.d + int64_t{j} * warps; };
-  auto load_row = [&](int j) {
-    const int64_t d = row.d + int64_t{j} * warps;
-    RowStep r;
-    r.in.u = load_items<kItems>(first.u + j * warps * p.u_dim_stride + t0, valid);
-    r.in.delta = load_items<kItems>(first.delta + j * warps * p.delta_dim_stride + t0, valid);
-    r.in.dy = load_items<kItems>(static_cast<const T*>(bp.grad_out) + row_index(j) * L + t0, valid);
-    r.A = first.A[j * warps * p.A_dim_stride];
-    r.D = kHasD ? static_cast<const float*>(p.D)[d] : 0.f;
-    r.bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
-    return r;
-  };
+  // No early return for a warp without rows: it takes part in the barrier below.
+  const ShortRows<T, kItems, kStates, kHasD> warp_rows(p, lane);
+  const int rows = warp_rows.rows, valid = warp_rows.valid;
+  using Step = typename ShortRows<T, kItems, kStates, kHasD>::Step;
+  const Items<T, kItems>&B = warp_rows.B, &C = warp_rows.C;
+  // Each row's in.dy: dy, or in states mode the states' gradient ((b, dim, 1, L): the layout of dy).
+  const T* grad_out = static_cast<const T*>(bp.grad_out);
   const BwdWorkspace ws = bwd_workspace_layout(bp);
   float* workspace = static_cast<float*>(bp.workspace);
   // The row's sums (dA, dD, ddelta_bias): added to the outputs, or stored for row_sums_to_output_kernel when
   // deterministic, as in the kernel above.
   auto add_row_sum = [&](int j, float* output, int64_t slot, double value) {
     if (bp.deterministic) {
-      workspace[ws.row_sums_offset + row_index(j) * 3 + slot] = static_cast<float>(value);
+      workspace[ws.row_sums_offset + warp_rows.index(j) * 3 + slot] = static_cast<float>(value);
     } else if (output != nullptr) {
       atomicAdd(output, static_cast<float>(value));
     }
@@ -996,11 +995,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   float* mine = terms + warp * 2 * kSegment + lane * kItems;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) mine[i] = mine[kSegment + i] = 0.f;
-  RowStep next;
-  if (rows > 0) next = load_row(0);
+  Step next = warp_rows.load(0, grad_out);  // without rows: nothing from u, delta, dy (valid 0), in-range scalars
   for (int j = 0; j < rows; ++j) {
-    const RowStep r = next;
-    if (j + 1 < rows) next = load_row(j + 1);
+    const Step r = next;
+    if (j + 1 < rows) next = warp_rows.load(j + 1, grad_out);
     auto u_at = [&](int i) { return r.in.u[i]; };
     auto B_at = [&](int i) { return B[i]; };
     auto dy_at = [&](int i) { return kStates ? 0.f : r.in.dy[i]; };
@@ -1027,14 +1025,14 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         dbias_part += ddt[i];
       }
     }
-    const int64_t t_row = row_index(j) * L + t0;
+    const int64_t t_row = warp_rows.index(j) * p.seqlen + warp_rows.t0;
     store_items(static_cast<T*>(bp.du) + t_row, valid, du);
     store_items(static_cast<T*>(bp.ddelta) + t_row, valid, ddt);
     const double dA_row = warp_sum(dA_part);
     const double dD_row = kHasD ? warp_sum(static_cast<double>(dD_part)) : 0.0;
     const double dbias_row = bp.ddelta_bias ? warp_sum(static_cast<double>(dbias_part)) : 0.0;
     if (lane == 0) {
-      const int64_t d = row.d + int64_t{j} * warps;
+      const int64_t d = warp_rows.d(j);
       add_row_sum(j, static_cast<float*>(bp.dA) + d, 0, dA_row);
       add_row_sum(j, kHasD ? static_cast<float*>(bp.dD) + d : nullptr, 1, dD_row);
       add_row_sum(j, bp.ddelta_bias ? static_cast<float*>(bp.ddelta_bias) + d : nullptr, 2, dbias_row);
@@ -1042,7 +1040,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   }
 
   __syncthreads();
-  const int64_t bg = row.b * p.n_groups + row.g;
+  const int64_t bg = warp_rows.row.b * p.n_groups + warp_rows.row.g;
   const int64_t part = bp.deterministic ? static_cast<int64_t>(blockIdx.x) % ws.parts : 0;  // the channel tile
   add_warp_terms<kSegment, kStates>(terms, warps, workspace + ws.dB_offset + part * ws.part_stride + bg * ws.padded_len,
                                     workspace + ws.dC_offset + part * ws.part_stride + bg * ws.padded_len,
