@@ -1,7 +1,7 @@
 """What each CUDA kernel costs in memory traffic, for Nsight Compute (tools/gpu_check.sh's profile step).
 
 Run under ncu, it calls this library's forward and backward of every op once on the issues' goal shapes
-(b2 stage 1, bfloat16, the benchmark's cases) and writes which calls it made to a sections file; each call
+(b2 stage 1, and the scan on stage 3, bfloat16, the benchmark's cases) and writes which calls it made to a sections file; each call
 sits between two launches of torch's spin kernel (`torch.cuda._sleep`), which mark where it starts and ends
 in ncu's list of kernels. `--summarize` then reads ncu's CSV and prints, per call, each kernel's time, the
 bytes it moved through DRAM, their ratio to the fewest bytes the call must move (inputs read once, outputs
@@ -76,7 +76,9 @@ def run_calls(sections_path: Path) -> None:
         return [dict(common, mode="fwd", min_bytes=case.bytes_fwd), dict(common, mode="bwd", min_bytes=case.bytes_bwd)]
 
     sections = []
-    for case in stage_cases(list(OPS), ["b2-s1"], 128, [torch.bfloat16], "cuda"):
+    cases = stage_cases(list(OPS), ["b2-s1"], 128, [torch.bfloat16], "cuda")
+    cases += stage_cases(["selective_scan"], ["b2-s3"], 128, [torch.bfloat16], "cuda")  # the short-row kernels
+    for case in cases:
         for impl in case.impls:
             if impl.name.startswith(OURS):
                 sections += profile(case, impl)
