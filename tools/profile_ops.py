@@ -1,17 +1,18 @@
 """What each CUDA kernel costs in memory traffic, for Nsight Compute (tools/gpu_check.sh's profile step).
 
-Run under ncu, it calls this library's forward and backward of every op once on the issues' goal shapes
-(b2 stage 1, and the scan on stage 3, bfloat16, the benchmark's cases) and writes which calls it made to a sections file; each call
-sits between two launches of torch's spin kernel (`torch.cuda._sleep`), which mark where it starts and ends
-in ncu's list of kernels. `--summarize` then reads ncu's CSV and prints, per call, each kernel's time, the
-bytes it moved through DRAM, their ratio to the fewest bytes the call must move (inputs read once, outputs
-written once: the benchmark's count), its fraction of peak DRAM throughput, achieved occupancy, registers, the
-warp instructions it executed, how busy the schedulers were issuing them, and the two reasons its warps most
-often waited for (share of the active warps' cycles). A ratio well above 1 means re-reads or uncoalesced access;
-a low DRAM fraction with a ratio near 1 means too little work in flight, or, with the issue fraction high, too
-many instructions per byte. The stall reasons say which: `mem` (a global load's data: too few loads in flight),
-`bar` (a block barrier), `smem` (shared memory or the special-function unit), `wait` (fixed-latency
-dependencies), `mio`/`lg` (the shared-/global-memory instruction queues full), `math` (an arithmetic pipe busy).
+Run under ncu, it calls this library's forward and backward of every op once on the issues' goal shapes (b2
+stage 1, and the scan on stage 3, bfloat16, the benchmark's cases) and writes which calls it made to a sections
+file; each call sits between two launches of torch's spin kernel (`torch.cuda._sleep`), which mark where it
+starts and ends in ncu's list of kernels. `--summarize` then reads ncu's CSV and prints, per call, each kernel's
+time, the bytes it moved through DRAM, their ratio to the fewest bytes the call must move (inputs read once,
+outputs written once: the benchmark's count), its fraction of peak DRAM throughput, achieved occupancy,
+registers, the warp instructions it executed, how busy the schedulers were issuing them, and the two reasons its
+warps most often waited for (share of the active warps' cycles). A ratio well above 1 means re-reads or
+uncoalesced access; a low DRAM fraction with a ratio near 1 means too little work in flight, or, with the issue
+fraction high, too many instructions per byte. The stall reasons say which: `mem` (a global load's data: too few
+loads in flight), `bar` (a block barrier), `smem` (shared memory or the special-function unit), `wait`
+(fixed-latency dependencies), `mio`/`lg` (the shared-/global-memory instruction queues full), `math` (an
+arithmetic pipe busy).
 
     ncu --csv --log-file ncu.csv --print-units base --metrics "$(python tools/profile_ops.py --metrics)" \\
         --kernel-name-base demangled -k regex:'mamba_adaptor|spin_kernel' \\
