@@ -706,6 +706,35 @@ __device__ __forceinline__ void add_warp_terms(const float* terms, int warps, fl
   }
 }
 
+// After a segment's states: turns the lane's ddt (the gradient of dt) into the gradient of delta (times the
+// softplus derivative), and returns its terms of dD (dy u) and ddelta_bias over the valid items. dy(i), u(i): item i.
+template <typename T, bool kSoftplus, int K, typename Dy, typename U>
+__device__ __forceinline__ float2 delta_gradients(const Items<T, K>& delta, float bias, int valid, Dy&& dy, U&& u,
+                                                  float (&ddt)[K]) {
+  float dD_part = 0.f, dbias_part = 0.f;
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    if constexpr (kSoftplus) ddt[i] *= softplus_derivative(delta[i] + bias);
+    if (i < valid) {
+      dD_part = fmaf(dy(i), u(i), dD_part);
+      dbias_part += ddt[i];
+    }
+  }
+  return make_float2(dD_part, dbias_part);
+}
+
+// A row's sum at `slot` of its N + 2 row sums (dA[n], then dD, then ddelta_bias): added to `output` (nullptr: an
+// absent dD or ddelta_bias), or, when deterministic, stored at row_sums[slot] for row_sums_to_output_kernel, every
+// slot (0 for an absent output): that kernel reads them all.
+__device__ __forceinline__ void add_row_sum(bool deterministic, float* row_sums, int64_t slot, float* output,
+                                            double value) {
+  if (deterministic) {
+    row_sums[slot] = static_cast<float>(value);
+  } else if (output != nullptr) {
+    atomicAdd(output, static_cast<float>(value));
+  }
+}
+
 // A lane's sums over the segments of its row, in double: dD, ddelta_bias and, for d_state 1, dA (for more states,
 // each (segment, n)'s dA terms are summed over the warp at once, as the lane cannot keep N sums).
 struct LaneSums {
@@ -916,45 +945,30 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
       buffer ^= 1;
     }
 
-    float dD_part = 0.f, dbias_part = 0.f;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      if constexpr (kSoftplus) ddt[i] *= softplus_derivative(in.delta[i] + bias);
-      if (i < valid) {
-        dD_part = fmaf(dy_at(i), u_at(i), dD_part);
-        dbias_part += ddt[i];
-      }
-    }
-    lane_sums.dD += dD_part;
-    lane_sums.dbias += dbias_part;
+    const float2 D_bias_parts = delta_gradients<T, kSoftplus>(in.delta, bias, valid, dy_at, u_at, ddt);
+    lane_sums.dD += D_bias_parts.x;
+    lane_sums.dbias += D_bias_parts.y;
     store_items(du + t0, valid, du_acc);
     store_items(ddelta + t0, valid, ddt);
   }
 
-  // The row's sums: added to the outputs (output nullptr: an absent dD or ddelta_bias), or stored for
-  // row_sums_to_output_kernel when deterministic, every slot (0 for an absent output): that kernel reads them all.
-  auto add_row_sum = [&](float* output, int64_t slot, double value) {
-    if (bp.deterministic) {
-      row_sums[slot] = static_cast<float>(value);
-    } else if (output != nullptr) {
-      atomicAdd(output, static_cast<float>(value));
-    }
-  };
+  // The row's sums.
   float* dA = static_cast<float*>(bp.dA) + row.d * N;
   if constexpr (kN == 1) {
     const double dA_row = warp_sum(lane_sums.dA);
-    if (lane == 0 && row.active) add_row_sum(dA, 0, dA_row);
+    if (lane == 0 && row.active) add_row_sum(bp.deterministic, row_sums, 0, dA, dA_row);
   } else {
     __syncwarp();  // lane 0's last dA_sum writes are visible to the whole warp
     if (row.active) {
-      for (int64_t n = lane; n < N; n += 32) add_row_sum(dA + n, n, dA_sum[n]);
+      for (int64_t n = lane; n < N; n += 32) add_row_sum(bp.deterministic, row_sums, n, dA + n, dA_sum[n]);
     }
   }
   const double dD_row = kHasD ? warp_sum(lane_sums.dD) : 0.0;
   const double dbias_row = bp.ddelta_bias ? warp_sum(lane_sums.dbias) : 0.0;
   if (lane == 0 && row.active) {
-    add_row_sum(kHasD ? static_cast<float*>(bp.dD) + row.d : nullptr, N, dD_row);
-    add_row_sum(bp.ddelta_bias ? static_cast<float*>(bp.ddelta_bias) + row.d : nullptr, N + 1, dbias_row);
+    add_row_sum(bp.deterministic, row_sums, N, kHasD ? static_cast<float*>(bp.dD) + row.d : nullptr, dD_row);
+    add_row_sum(bp.deterministic, row_sums, N + 1,
+                bp.ddelta_bias ? static_cast<float*>(bp.ddelta_bias) + row.d : nullptr, dbias_row);
   }
 }
 
@@ -980,15 +994,6 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   const T* grad_out = static_cast<const T*>(bp.grad_out);
   const BwdWorkspace ws = bwd_workspace_layout(bp);
   float* workspace = static_cast<float*>(bp.workspace);
-  // The row's sums (dA, dD, ddelta_bias): added to the outputs, or stored for row_sums_to_output_kernel when
-  // deterministic, as in the kernel above.
-  auto add_row_sum = [&](int j, float* output, int64_t slot, double value) {
-    if (bp.deterministic) {
-      workspace[ws.row_sums_offset + warp_rows.index(j) * 3 + slot] = static_cast<float>(value);
-    } else if (output != nullptr) {
-      atomicAdd(output, static_cast<float>(value));
-    }
-  };
 
   // The warp's terms, summed over its rows: this lane's items of dB, then of dC.
   float* terms = reinterpret_cast<float*>(shared_storage);
@@ -1016,26 +1021,20 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
                      mine[i] += dB_i;
                      mine[kSegment + i] += dC_i;
                    });
-    float dD_part = 0.f, dbias_part = 0.f;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      if constexpr (kSoftplus) ddt[i] *= softplus_derivative(r.in.delta[i] + r.bias);
-      if (i < valid) {
-        dD_part = fmaf(dy_at(i), u_at(i), dD_part);
-        dbias_part += ddt[i];
-      }
-    }
+    const float2 D_bias_parts = delta_gradients<T, kSoftplus>(r.in.delta, r.bias, valid, dy_at, u_at, ddt);
     const int64_t t_row = warp_rows.index(j) * p.seqlen + warp_rows.t0;
     store_items(static_cast<T*>(bp.du) + t_row, valid, du);
     store_items(static_cast<T*>(bp.ddelta) + t_row, valid, ddt);
     const double dA_row = warp_sum(dA_part);
-    const double dD_row = kHasD ? warp_sum(static_cast<double>(dD_part)) : 0.0;
-    const double dbias_row = bp.ddelta_bias ? warp_sum(static_cast<double>(dbias_part)) : 0.0;
+    const double dD_row = kHasD ? warp_sum(static_cast<double>(D_bias_parts.x)) : 0.0;
+    const double dbias_row = bp.ddelta_bias ? warp_sum(static_cast<double>(D_bias_parts.y)) : 0.0;
     if (lane == 0) {
       const int64_t d = warp_rows.d(j);
-      add_row_sum(j, static_cast<float*>(bp.dA) + d, 0, dA_row);
-      add_row_sum(j, kHasD ? static_cast<float*>(bp.dD) + d : nullptr, 1, dD_row);
-      add_row_sum(j, bp.ddelta_bias ? static_cast<float*>(bp.ddelta_bias) + d : nullptr, 2, dbias_row);
+      float* row_sums = workspace + ws.row_sums_offset + warp_rows.index(j) * (1 + 2);  // N + 2 sums, N = 1
+      add_row_sum(bp.deterministic, row_sums, 0, static_cast<float*>(bp.dA) + d, dA_row);
+      add_row_sum(bp.deterministic, row_sums, 1, kHasD ? static_cast<float*>(bp.dD) + d : nullptr, dD_row);
+      add_row_sum(bp.deterministic, row_sums, 2, bp.ddelta_bias ? static_cast<float*>(bp.ddelta_bias) + d : nullptr,
+                  dbias_row);
     }
   }
 
