@@ -6,8 +6,8 @@
 // Staged path: a block owns one image b, a block of `channels` channels and a tile of tile_h x tile_w output
 // pixels. It copies the input tile with its largest halo (r * max dilation) into shared memory once, as float
 // laid out [row][col][channel], zero outside the plane, and applies every tap of every dilation from there. The
-// copy runs along the input's contiguous direction (rows of one channel for NCHW-like strides, rows of every
-// channel for channels_last), so global reads are coalesced either way.
+// copy reads chunks of up to 16 bytes along the input's contiguous direction (columns of one channel for
+// NCHW-like strides, channels of one pixel for channels_last), so global reads are wide and coalesced either way.
 // A thread computes strips: kStripRows vertically adjacent output pixels of one channel word (4 / sizeof(T)
 // channels, one 32-bit word of the input). For each tap column kx it reads the window of rows the strip's kernel
 // rows cover once (a 16-bit strip's two channels in one 64-bit shared load) and applies it to every (row, ky)
@@ -37,7 +37,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kStripRows = 4;            // output rows of a strip
 constexpr int kStrips = 4;               // most strips per thread of a staged block
-constexpr int kStageLoads = 8;           // loads a lane has in flight while staging a tile
+constexpr int kStageBytes = 64;          // bytes of loads a thread has in flight while staging a tile
 constexpr int kEarlyWeights = 4;         // conv_kernel: weights per thread loaded before the tile is staged
 constexpr int kSmemBudget = 100 * 1024;  // most bytes of a staged block's tile and weights (see plan)
 // Blocks per SM the staged kernels are compiled for (__launch_bounds__), and that plan's tiles leave room for:
@@ -184,67 +184,189 @@ __device__ __forceinline__ Block make_block(const DwConvParams& p, const Tiling&
   return blk;
 }
 
-// Copies the input tile with its halo into `tile` (float [row][col][channel]), 0 outside the plane and for
-// channels >= C, along the input's contiguous direction, each lane with kStageLoads loads in flight:
-// - channels_last: a warp copies a row of every channel (lane = channel + cb x column offset), kStageLoads
-//   columns of it at once;
-// - else: a warp copies kStageLoads lines at once (line = row * cb + channel, a row of one channel; lane = column).
-// cb (the block's channels) is a power of 2 up to 32. Every thread of the block must call it.
+// Quotients n / d of n < 2^16 by a block-uniform 0 < d <= 2^16 as one multiplication: floor(n ceil(2^32 / d) / 2^32)
+// is floor(n / d) there (the error n (ceil(2^32 / d) - 2^32 / d) / 2^32 < 2^-16 <= 1 / d never reaches the next
+// integer).
+struct SmallDivisor {
+  uint32_t d, magic;
+  __device__ explicit SmallDivisor(uint32_t divisor) : d(divisor), magic(divisor > 1 ? 0xffffffffu / divisor + 1 : 0) {}
+  __device__ int quotient(int n) const { return d > 1 ? static_cast<int>(__umulhi(static_cast<uint32_t>(n), magic)) : n; }
+};
+// stage_tile's items (chunks of the tile) number at most twice its floats, which the plan keeps within kSmemBudget.
+static_assert(2 * kSmemBudget / 4 < (1 << 16), "SmallDivisor needs stage_tile's item indices below 2^16");
+
+// The bits of one element of T, zero-extended to 32 (for 16-bit types, the lower half of a word).
+__device__ __forceinline__ uint32_t element_bits(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ uint32_t element_bits(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ uint32_t element_bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
+// kV consecutive elements of T along the input's contiguous direction, as the 32-bit words of one aligned global
+// load of kV * sizeof(T) bytes (2 to 16; a 2-byte chunk is the lower half of its word).
+template <typename T, int kV>
+struct Chunk {
+  static constexpr int kBytes = kV * static_cast<int>(sizeof(T)), kWords = kBytes < 4 ? 1 : kBytes / 4;
+  uint32_t words[kWords];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) words[w] = 0;
+  }
+  // All kV elements at p, aligned to kBytes.
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kBytes == 16) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+      words[0] = u.x, words[1] = u.y, words[2] = u.z, words[3] = u.w;
+    } else if constexpr (kBytes == 8) {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+      words[0] = u.x, words[1] = u.y;
+    } else if constexpr (kBytes == 4) {
+      words[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+    } else {
+      words[0] = element_bits(p[0]);
+    }
+  }
+  // Element i at p + i where inside(i), else 0: a chunk that straddles the plane's or the channels' edge.
+  template <typename Inside>
+  __device__ __forceinline__ void load_some(const T* p, Inside&& inside) {
+    zero();
+#pragma unroll
+    for (int i = 0; i < kV; ++i) {
+      constexpr int kPerWord = kWordChannels<T>;
+      if (inside(i)) words[i / kPerWord] |= element_bits(p[i]) << (32 / kPerWord * (i % kPerWord));
+    }
+  }
+  __device__ __forceinline__ void to_floats(float (&v)[kV]) const {
+    constexpr int kPerWord = kWordChannels<T>;
+    float unpacked[kWords * kPerWord];
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) unpack_word(words[w], unpacked + w * kPerWord, T{});
+#pragma unroll
+    for (int i = 0; i < kV; ++i) v[i] = unpacked[i];
+  }
+};
+
+// The elements per chunk stage_tile may read at once (up to 16 bytes): the largest power of 2 that divides the
+// input's address and strides in elements, for channels_last at most the block's channels, and 1 unless the
+// contiguous direction (columns, or channels for channels_last) has stride 1. Then every chunk of kV elements
+// that starts at a multiple of kV along that direction is kV * sizeof(T)-aligned.
 template <typename T>
-__device__ __forceinline__ void stage_tile(float* tile, const void* data, const int64_t* strides,
-                                           const DwConvParams& p, const Tiling& t, const Block& blk) {
-  const T* src = static_cast<const T*>(data) + blk.b * strides[0];
+__device__ __forceinline__ int stage_chunk_elements(const void* data, const int64_t* strides, const Tiling& t) {
+  constexpr int kMost = 16 / static_cast<int>(sizeof(T));
+  if (strides[t.channels_last ? 1 : 3] != 1) return 1;
+  const uint64_t multiples = reinterpret_cast<uintptr_t>(data) / sizeof(T) | static_cast<uint64_t>(strides[0]) |
+                             static_cast<uint64_t>(strides[t.channels_last ? 3 : 1]) | static_cast<uint64_t>(strides[2]) |
+                             (t.channels_last ? static_cast<uint64_t>(t.channels) : 0) | kMost;
+  return static_cast<int>(multiples & (~multiples + 1));  // the lowest set bit
+}
+
+// stage_tile with chunks of kV elements, kChunks of them in flight per thread (kStageBytes of loads, at most 8).
+// Items are the tile's chunks, consecutive threads on consecutive items:
+// - NCHW-like (columns contiguous): item = line * n_chunks + k, line = row * cb + channel, chunk k = the kV columns
+//   from the kV-aligned plane column at or before the tile's first one, plus k * kV; its columns outside the tile
+//   are not stored, those outside the plane are 0.
+// - channels_last: item = pixel * (cb / kV) + k (pixel = row * sw + col), chunk k = the block's channels k * kV..;
+//   stored as kV consecutive floats.
+template <typename T, int kV>
+__device__ __forceinline__ void stage_chunks(float* tile, const T* src, const int64_t* strides, const DwConvParams& p,
+                                             const Tiling& t, const Block& blk) {
+  constexpr int kChunks = kStageBytes / Chunk<T, kV>::kBytes < 8 ? kStageBytes / Chunk<T, kV>::kBytes : 8;
   const int sh = t.span_h(), sw = t.span_w(), cb = t.channels, log2_cb = __ffs(cb) - 1;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int y0 = blk.y0 - t.halo, x0 = blk.x0 - t.halo, height = static_cast<int>(p.height),
             width = static_cast<int>(p.width), channels = static_cast<int>(p.channels);
-  const int col_lo = max(0, -x0), col_hi = min(sw, width - x0);  // the tile's columns inside the plane
   if (t.channels_last) {
-    // A lane's columns are col_step = 32 / cb apart: its loads col_step * strides[3] elements, its stores 32
-    // floats.
-    const int c = lane & (cb - 1), col_step = 32 >> log2_cb;
-    const int64_t channel_offset = (blk.c0 + c) * strides[1], load_step = col_step * strides[3];
-    for (int row = warp; row < sh; row += kWarps) {
-      const bool row_inside = blk.c0 + c < channels && y0 + row >= 0 && y0 + row < height;
-      const T* line = src + (row_inside ? channel_offset + (y0 + row) * strides[2] : 0);
-      for (int col0 = lane >> log2_cb; col0 < sw; col0 += kStageLoads * col_step) {
-        int64_t offset = (x0 + col0) * strides[3];
-        float v[kStageLoads];
+    const int log2_chunks = log2_cb - (__ffs(kV) - 1), n_items = sh * sw << log2_chunks;
+    const SmallDivisor per_row(sw);
+    for (int item0 = threadIdx.x; item0 < n_items; item0 += kThreads * kChunks) {
+      Chunk<T, kV> chunk[kChunks];
+      int dst[kChunks];  // the chunk's first float in the tile
 #pragma unroll
-        for (int j = 0; j < kStageLoads; ++j, offset += load_step) {
-          const int col = col0 + j * col_step;
-          v[j] = row_inside && col >= col_lo && col < col_hi ? to_float(line[offset]) : 0.f;
+      for (int j = 0; j < kChunks; ++j) {
+        const int item = item0 + j * kThreads, pixel = item >> log2_chunks, row = per_row.quotient(pixel);
+        const int y = y0 + row, x = x0 + pixel - row * sw, c = (item & ((1 << log2_chunks) - 1)) * kV;
+        dst[j] = pixel * cb + c;
+        const int have = item < n_items && y >= 0 && y < height && x >= 0 && x < width ? channels - blk.c0 - c : 0;
+        const T* at = src + (blk.c0 + c) + y * strides[2] + x * strides[3];
+        if (have >= kV) {
+          chunk[j].load(at);
+        } else if (have > 0) {
+          chunk[j].load_some(at, [&](int i) { return i < have; });
+        } else {
+          chunk[j].zero();
         }
-        float* dst = tile + (row * sw + col0) * cb + c;
+      }
 #pragma unroll
-        for (int j = 0; j < kStageLoads; ++j) {
-          if (col0 + j * col_step < sw) dst[32 * j] = v[j];
+      for (int j = 0; j < kChunks; ++j) {
+        if (item0 + j * kThreads >= n_items) break;
+        float v[kV];
+        chunk[j].to_floats(v);
+#pragma unroll
+        for (int i = 0; i < kV; i += 4) {
+          if constexpr (kV >= 4) {
+            *reinterpret_cast<float4*>(tile + dst[j] + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+          } else if constexpr (kV == 2) {
+            *reinterpret_cast<float2*>(tile + dst[j]) = make_float2(v[0], v[1]);
+          } else {
+            tile[dst[j]] = v[0];
+          }
         }
       }
     }
     return;
   }
-  for (int line0 = warp * kStageLoads; line0 < sh * cb; line0 += kWarps * kStageLoads) {
-    const T* line[kStageLoads];  // the line's column 0, nullptr where it is outside the plane or C
-    int first[kStageLoads];      // index in the tile of the line's column 0, -1 past the tile
+  const int first = x0 & -kV;  // plane column of chunk 0 (x0 may be negative: & rounds it down)
+  const int n_chunks = ((x0 + sw - 1 - first) >> (__ffs(kV) - 1)) + 1, n_items = sh * cb * n_chunks;
+  const SmallDivisor per_line(n_chunks);
+  for (int item0 = threadIdx.x; item0 < n_items; item0 += kThreads * kChunks) {
+    Chunk<T, kV> chunk[kChunks];
+    int col[kChunks];  // the tile column of the chunk's first element (may be < 0)
+    int dst[kChunks];  // the tile float of that column, (row * sw + col) * cb + channel
 #pragma unroll
-    for (int j = 0; j < kStageLoads; ++j) {
-      const int row = (line0 + j) >> log2_cb, c = (line0 + j) & (cb - 1);
-      const bool inside = row < sh && y0 + row >= 0 && y0 + row < height && blk.c0 + c < channels;
-      line[j] = inside ? src + (blk.c0 + c) * strides[1] + (y0 + row) * strides[2] : nullptr;
-      first[j] = row < sh ? row * sw * cb + c : -1;
-    }
-    for (int col = lane; col < sw; col += 32) {
-      const int64_t x_offset = (x0 + col) * strides[3];
-      const bool x_inside = col >= col_lo && col < col_hi;
-      float v[kStageLoads];
-#pragma unroll
-      for (int j = 0; j < kStageLoads; ++j) v[j] = x_inside && line[j] != nullptr ? to_float(line[j][x_offset]) : 0.f;
-#pragma unroll
-      for (int j = 0; j < kStageLoads; ++j) {
-        if (first[j] >= 0) tile[first[j] + col * cb] = v[j];
+    for (int j = 0; j < kChunks; ++j) {
+      const int item = item0 + j * kThreads, line = per_line.quotient(item), k = item - line * n_chunks;
+      const int row = line >> log2_cb, c = line & (cb - 1), y = y0 + row, x = first + k * kV;
+      col[j] = x - x0;
+      dst[j] = (row * sw + col[j]) * cb + c;
+      const bool line_inside = item < n_items && y >= 0 && y < height && blk.c0 + c < channels;
+      const T* at = src + (blk.c0 + c) * strides[1] + y * strides[2] + x;
+      if (line_inside && x >= 0 && x + kV <= width) {
+        chunk[j].load(at);
+      } else if (line_inside && x < width && x + kV > 0) {
+        chunk[j].load_some(at, [&](int i) { return x + i >= 0 && x + i < width; });
+      } else {
+        chunk[j].zero();
       }
     }
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+      if (item0 + j * kThreads >= n_items) break;
+      float v[kV];
+      chunk[j].to_floats(v);
+      float* at = tile + dst[j];
+      if (col[j] >= 0 && col[j] + kV <= sw) {  // every chunk but a line's first and last
+#pragma unroll
+        for (int i = 0; i < kV; ++i) at[i * cb] = v[i];
+      } else {
+#pragma unroll
+        for (int i = 0; i < kV; ++i) {
+          if (col[j] + i >= 0 && col[j] + i < sw) at[i * cb] = v[i];
+        }
+      }
+    }
+  }
+}
+
+// Copies the input tile with its halo into `tile` (float [row][col][channel]), 0 outside the plane and for
+// channels >= C, in chunks of up to 16 bytes along the input's contiguous direction (stage_chunks), so that a
+// thread's one load brings up to 8 elements. Every thread of the block must call it.
+template <typename T>
+__device__ __forceinline__ void stage_tile(float* tile, const void* data, const int64_t* strides,
+                                           const DwConvParams& p, const Tiling& t, const Block& blk) {
+  const T* src = static_cast<const T*>(data) + blk.b * strides[0];
+  switch (stage_chunk_elements<T>(data, strides, t)) {
+    case 1: stage_chunks<T, 1>(tile, src, strides, p, t, blk); break;
+    case 2: stage_chunks<T, 2>(tile, src, strides, p, t, blk); break;
+    case 4: stage_chunks<T, 4>(tile, src, strides, p, t, blk); break;
+    default: stage_chunks<T, 16 / sizeof(T)>(tile, src, strides, p, t, blk); break;  // 8 for 16-bit types
   }
 }
 

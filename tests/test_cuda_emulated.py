@@ -349,6 +349,31 @@ def test_multi_dilation_dwconv2d_channels_last_words_off_alignment(emu, dtype):
     check_against_reference(conv_op(emu), conv_reference, inputs, grad, dtype)
 
 
+
+def padded_view(t: torch.Tensor, dim: int, size: int, channels_last: bool) -> torch.Tensor:
+    """t as a view into a tensor `size` long along `dim`, the rest of it NaN (read it and the test fails)."""
+    shape = list(t.shape)
+    shape[dim] = size
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    wide = torch.full(shape, float("nan"), dtype=t.dtype).contiguous(memory_format=memory_format)
+    view = wide.narrow(dim, 0, t.shape[dim])
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_multi_dilation_dwconv2d_staged_chunks_straddling_the_edges(emu, dtype):
+    """Views whose rows (NCHW: 75 columns in rows of 80) or pixels (channels_last: 13 channels of 16) are padded:
+    the tile is staged in 16-byte chunks along the contiguous direction, aligned to the plane, and the chunks
+    over the plane's last column or the last channel are read element by element, the padding never. The
+    tiles' edges inside the plane (at column 64, or every 16 pixels) cut chunks on both sides; dilation 3 makes
+    a halo of 3 columns."""
+    for channels_last, (C, H, W), dim, size in [(False, (3, 9, 75), 3, 80), (True, (13, 20, 21), 1, 16)]:
+        inputs = conv_inputs(2, C, H, W, k=3, dtype=dtype)
+        inputs["x"] = padded_view(inputs["x"], dim, size, channels_last)
+        grad = padded_view(random_like(inputs["x"]).to(dtype), dim, size, channels_last)
+        check_against_reference(conv_op(emu), conv_reference, inputs, grad, dtype, dilations=(1, 3))
+
 # ---- thread order --------------------------------------------------------------------------------------------
 
 

@@ -148,6 +148,7 @@ inline unsigned __match_any_sync(unsigned mask, T v) {
 }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline float __uint_as_float(unsigned x) { return ::emu::from_payload<float>(x); }
