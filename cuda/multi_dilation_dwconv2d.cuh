@@ -588,18 +588,47 @@ __global__ void __launch_bounds__(kThreads, conv_blocks_per_sm(kK))
 }
 
 // Sums v[n] over the threads of the block that share threadIdx.x % words (a power of 2 up to 32), in a fixed
-// order (a butterfly within each warp, then warps in order). Thread w * kN + n, for w < words, gets the sum of
-// value n of channel word w in `result`. Every thread must call it; `scratch` holds kWarps * 32 * kN floats.
+// order. Thread w * kN + n, for w < words, gets the sum of value n of channel word w in `result`. Every thread must
+// call it; `scratch` holds kWarps * 32 * kN floats.
+// Within a warp the sums are reduced and scattered: at each xor distance from 16 down to `words`, of the h values a
+// lane holds the lower lane of a pair keeps the first ceil(h / 2), the upper one the others, each adding its
+// partner's copy of those: ceil(h / 2) shuffles, where a plain butterfly takes h. A lane that is down to one value
+// adds its partner's. Then one lane per held sum writes it, and the warps' sums are added in warp order.
 template <int kN>
 __device__ __forceinline__ bool reduce_over_pixels(float (&v)[kN], int words, float* scratch, float& result) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float held[kN];  // values first.. first + count - 1 of v, summed over the lanes reduced so far
 #pragma unroll
-  for (int n = 0; n < kN; ++n) {
-    for (int mask = 16; mask >= words; mask /= 2) v[n] += __shfl_xor_sync(0xffffffffu, v[n], mask);
+  for (int n = 0; n < kN; ++n) held[n] = v[n];
+  int first = 0, count = kN;
+  bool writer = true;  // false on all but one of the lanes that hold the same sums
+  int h = kN;          // the most values a lane holds at this distance (a constant once the loop is unrolled)
+#pragma unroll
+  for (int distance = 16; distance > 0; distance /= 2) {
+    if (distance < words) break;
+    const bool upper = (lane & distance) != 0;
+    if (h > 1) {
+      const int kept = (h + 1) / 2;  // the lower lane's share; the upper one keeps count - kept
+#pragma unroll
+      for (int j = 0; j < kept; ++j) {
+        const float other = j + kept < h ? held[j + kept] : 0.f;
+        const float give = upper ? held[j] : other, keep = upper ? other : held[j];
+        held[j] = keep + __shfl_xor_sync(0xffffffffu, give, distance);
+      }
+      first += upper ? kept : 0;
+      count = upper ? count - kept : min(count, kept);
+      h = kept;
+    } else {
+      held[0] += __shfl_xor_sync(0xffffffffu, held[0], distance);
+      writer = writer && !upper;
+    }
   }
-  if (lane < words) {
+  if (writer) {
+    float* row = scratch + (warp * words + (lane & (words - 1))) * kN;
 #pragma unroll
-    for (int n = 0; n < kN; ++n) scratch[(warp * words + lane) * kN + n] = v[n];
+    for (int j = 0; j < kN; ++j) {
+      if (j < count) row[first + j] = held[j];
+    }
   }
   __syncthreads();
   const bool owner = static_cast<int>(threadIdx.x) < words * kN;
