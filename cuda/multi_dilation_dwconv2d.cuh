@@ -260,20 +260,25 @@ __device__ __forceinline__ int stage_chunk_elements(const void* data, const int6
 }
 
 // stage_tile with chunks of kV elements, kChunks of them in flight per thread (kStageBytes of loads, at most 8).
+// `origin` is channel c0 of the tile's first row and column (it may lie outside the plane); element offsets from it
+// are Offset: int where the tile's extent fits (every tile but those of images of over 2^31 elements), else int64_t.
 // Items are the tile's chunks, consecutive threads on consecutive items:
 // - NCHW-like (columns contiguous): item = line * n_chunks + k, line = row * cb + channel, chunk k = the kV columns
 //   from the kV-aligned plane column at or before the tile's first one, plus k * kV; its columns outside the tile
 //   are not stored, those outside the plane are 0.
 // - channels_last: item = pixel * (cb / kV) + k (pixel = row * sw + col), chunk k = the block's channels k * kV..;
 //   stored as kV consecutive floats.
-template <typename T, int kV>
-__device__ __forceinline__ void stage_chunks(float* tile, const T* src, const int64_t* strides, const DwConvParams& p,
-                                             const Tiling& t, const Block& blk) {
+template <typename T, int kV, typename Offset>
+__device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const int64_t* strides,
+                                             const DwConvParams& p, const Tiling& t, const Block& blk) {
   constexpr int kChunks = kStageBytes / Chunk<T, kV>::kBytes < 8 ? kStageBytes / Chunk<T, kV>::kBytes : 8;
   const int sh = t.span_h(), sw = t.span_w(), cb = t.channels, log2_cb = __ffs(cb) - 1;
   const int y0 = blk.y0 - t.halo, x0 = blk.x0 - t.halo, height = static_cast<int>(p.height),
-            width = static_cast<int>(p.width), channels = static_cast<int>(p.channels);
+            width = static_cast<int>(p.width), channels = static_cast<int>(p.channels) - blk.c0;
+  const Offset row_stride = static_cast<Offset>(strides[2]);
   if (t.channels_last) {
+    // The stride of the contiguous direction: 1 where chunks are wider than one element.
+    const Offset channel_stride = kV > 1 ? 1 : static_cast<Offset>(strides[1]), col_stride = static_cast<Offset>(strides[3]);
     const int log2_chunks = log2_cb - (__ffs(kV) - 1), n_items = sh * sw << log2_chunks;
     const SmallDivisor per_row(sw);
     for (int item0 = threadIdx.x; item0 < n_items; item0 += kThreads * kChunks) {
@@ -282,10 +287,11 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* src, const in
 #pragma unroll
       for (int j = 0; j < kChunks; ++j) {
         const int item = item0 + j * kThreads, pixel = item >> log2_chunks, row = per_row.quotient(pixel);
-        const int y = y0 + row, x = x0 + pixel - row * sw, c = (item & ((1 << log2_chunks) - 1)) * kV;
+        const int col = pixel - row * sw, c = (item & ((1 << log2_chunks) - 1)) * kV;
         dst[j] = pixel * cb + c;
-        const int have = item < n_items && y >= 0 && y < height && x >= 0 && x < width ? channels - blk.c0 - c : 0;
-        const T* at = src + (blk.c0 + c) + y * strides[2] + x * strides[3];
+        const bool inside = item < n_items && y0 + row >= 0 && y0 + row < height && x0 + col >= 0 && x0 + col < width;
+        const int have = inside ? channels - c : 0;  // channels of the chunk inside C
+        const T* at = origin + (c * channel_stride + row * row_stride + col * col_stride);
         if (have >= kV) {
           chunk[j].load(at);
         } else if (have > 0) {
@@ -313,6 +319,7 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* src, const in
     }
     return;
   }
+  const Offset channel_stride = static_cast<Offset>(strides[1]), col_stride = kV > 1 ? 1 : static_cast<Offset>(strides[3]);
   const int first = x0 & -kV;  // plane column of chunk 0 (x0 may be negative: & rounds it down)
   const int n_chunks = ((x0 + sw - 1 - first) >> (__ffs(kV) - 1)) + 1, n_items = sh * cb * n_chunks;
   const SmallDivisor per_line(n_chunks);
@@ -323,11 +330,11 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* src, const in
 #pragma unroll
     for (int j = 0; j < kChunks; ++j) {
       const int item = item0 + j * kThreads, line = per_line.quotient(item), k = item - line * n_chunks;
-      const int row = line >> log2_cb, c = line & (cb - 1), y = y0 + row, x = first + k * kV;
+      const int row = line >> log2_cb, c = line & (cb - 1), x = first + k * kV;
       col[j] = x - x0;
       dst[j] = (row * sw + col[j]) * cb + c;
-      const bool line_inside = item < n_items && y >= 0 && y < height && blk.c0 + c < channels;
-      const T* at = src + (blk.c0 + c) * strides[1] + y * strides[2] + x;
+      const bool line_inside = item < n_items && y0 + row >= 0 && y0 + row < height && c < channels;
+      const T* at = origin + (c * channel_stride + row * row_stride + col[j] * col_stride);
       if (line_inside && x >= 0 && x + kV <= width) {
         chunk[j].load(at);
       } else if (line_inside && x < width && x + kV > 0) {
@@ -361,12 +368,20 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* src, const in
 template <typename T>
 __device__ __forceinline__ void stage_tile(float* tile, const void* data, const int64_t* strides,
                                            const DwConvParams& p, const Tiling& t, const Block& blk) {
-  const T* src = static_cast<const T*>(data) + blk.b * strides[0];
+  const T* origin = static_cast<const T*>(data) + blk.b * strides[0] + blk.c0 * strides[1] +
+                    (blk.y0 - t.halo) * strides[2] + (blk.x0 - t.halo) * strides[3];
+  // The most an element offset from origin reaches (strides are >= 0; a chunk starts up to 7 columns before the
+  // tile and ends up to 7 after it). Past int, in images of over 2^31 elements, one element per load is enough.
+  const int64_t extent = t.channels * strides[1] + t.span_h() * strides[2] + (t.span_w() + 8) * strides[3];
+  if (extent > INT32_MAX) {
+    stage_chunks<T, 1, int64_t>(tile, origin, strides, p, t, blk);
+    return;
+  }
   switch (stage_chunk_elements<T>(data, strides, t)) {
-    case 1: stage_chunks<T, 1>(tile, src, strides, p, t, blk); break;
-    case 2: stage_chunks<T, 2>(tile, src, strides, p, t, blk); break;
-    case 4: stage_chunks<T, 4>(tile, src, strides, p, t, blk); break;
-    default: stage_chunks<T, 16 / sizeof(T)>(tile, src, strides, p, t, blk); break;  // 8 for 16-bit types
+    case 1: stage_chunks<T, 1, int>(tile, origin, strides, p, t, blk); break;
+    case 2: stage_chunks<T, 2, int>(tile, origin, strides, p, t, blk); break;
+    case 4: stage_chunks<T, 4, int>(tile, origin, strides, p, t, blk); break;
+    default: stage_chunks<T, 16 / sizeof(T), int>(tile, origin, strides, p, t, blk); break;  // 8 for 16-bit types
   }
 }
 
