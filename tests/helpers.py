@@ -61,10 +61,29 @@ def interpolate(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def layout_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of t with its sizes, strides and storage offset: a view with gaps stays one (its gaps
+    NaN, so that a kernel reading them fails its test), an expanded dimension stays expanded (stride 0).
+    (Tensor.clone makes a view with gaps contiguous.)"""
+    t = t.detach()
+    core = t
+    for dim in range(t.dim()):
+        if t.stride(dim) == 0 and t.size(dim) > 1:
+            core = core.narrow(dim, 0, 1)
+    if core.numel() == 0:
+        return t.clone()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(core.shape, core.stride()))
+    fill = float("nan") if t.is_floating_point() else 0
+    storage = torch.full((core.storage_offset() + span,), fill, dtype=t.dtype, device=t.device)
+    copy = storage.as_strided(core.shape, core.stride(), core.storage_offset())
+    copy.copy_(core)
+    return copy.expand(t.shape)
+
+
 def run_with_grads(fn, inputs: dict[str, torch.Tensor | None], grad_out: torch.Tensor, **kwargs):
     """fn(**inputs, **kwargs) and the gradients of <out, grad_out> for every floating input tensor (zeros for
     those the output does not depend on, as the reference's on empty inputs)."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    leaves = {k: layout_copy(v).requires_grad_() for k, v in inputs.items() if v is not None}
     out = fn(**{k: leaves.get(k) for k in inputs}, **kwargs)
     if out.requires_grad:
         grads = torch.autograd.grad(
