@@ -362,17 +362,25 @@ def padded_view(t: torch.Tensor, dim: int, size: int, channels_last: bool) -> to
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_multi_dilation_dwconv2d_staged_chunks_straddling_the_edges(emu, dtype):
-    """Views whose rows (NCHW: 75 columns in rows of 80) or pixels (channels_last: 13 channels of 16) are padded:
-    the tile is staged in 16-byte chunks along the contiguous direction, aligned to the plane, and the chunks
-    over the plane's last column or the last channel are read element by element, the padding never. The
-    tiles' edges inside the plane (at column 64, or every 16 pixels) cut chunks on both sides; dilation 3 makes
-    a halo of 3 columns."""
+def test_multi_dilation_dwconv2d_strided_views(emu, dtype):
+    """x and grad_out as views, read through their strides (the test's copies keep them): the tile is staged in
+    chunks of up to 16 bytes along the contiguous direction, aligned to the plane.
+    - Padded rows (NCHW: 75 columns in rows of 80) or pixels (channels_last: 13 channels of 16): the chunks over
+      the plane's last column or the last channel are read element by element, the padding (NaN) never. The
+      tiles' edges inside the plane (at column 64, or every 16 pixels) cut chunks on both sides; dilation 3
+      makes a halo of 3 columns.
+    - Every other channel of a channels_last tensor (channel stride 2), with grad_out one value expanded to the
+      whole shape (every stride 0, as sum().backward() gives): one element per load, through the strides."""
     for channels_last, (C, H, W), dim, size in [(False, (3, 9, 75), 3, 80), (True, (13, 20, 21), 1, 16)]:
         inputs = conv_inputs(2, C, H, W, k=3, dtype=dtype)
         inputs["x"] = padded_view(inputs["x"], dim, size, channels_last)
         grad = padded_view(random_like(inputs["x"]).to(dtype), dim, size, channels_last)
         check_against_reference(conv_op(emu), conv_reference, inputs, grad, dtype, dilations=(1, 3))
+    inputs = conv_inputs(2, 10, 11, 9, k=3, dtype=dtype)
+    inputs["x"] = inputs["x"].repeat_interleave(2, dim=1).contiguous(memory_format=torch.channels_last)[:, ::2]
+    grad = torch.tensor(0.75, dtype=dtype).expand(inputs["x"].shape)
+    assert inputs["x"].stride(1) == 2 and grad.stride() == (0, 0, 0, 0)
+    check_against_reference(conv_op(emu), conv_reference, inputs, grad, dtype)
 
 # ---- thread order --------------------------------------------------------------------------------------------
 
@@ -545,6 +553,29 @@ def test_multi_dilation_dwconv2d_past_2_pow_31_elements(emu, channels_last):
     assert_close_scaled("grad_x", grad_x[corner], patch.grad[corner], 2e-2)
 
 
+
+def test_multi_dilation_dwconv2d_past_2_pow_31_element_offsets_in_a_tile(emu):
+    """x (1, 8, 14, 14) in bfloat16 whose channels lie 3.2 * 10^8 elements apart (a view of a 4.5 GB storage, only
+    the pages of its elements touched): a block stages all 8 channels, so offsets within its tile pass 2^31 and
+    staging takes 64-bit offsets. Output and every gradient against the reference."""
+    C, H, W, channel_stride = 8, 14, 14, 320_000_000
+    gen = torch.Generator().manual_seed(0)
+    x = far_end_tensor(((C - 1) * channel_stride + H * W,), slice(0, 0), gen).as_strided(
+        (1, C, H, W), (C * channel_stride, channel_stride, W, 1)
+    )
+    x.copy_(torch.randn(x.shape, generator=gen))
+    inputs = dict(x=x, weight=(torch.randn(2, C, 3, 3, generator=gen) / 3).to(torch.bfloat16), bias=None)
+    ops = torch.ops.mamba_adaptor_emu
+    grad = torch.randn(x.shape, generator=gen).to(torch.bfloat16)
+    out = ops.multi_dilation_dwconv2d(*inputs.values(), [1, 2])
+    grads = ops.multi_dilation_dwconv2d_backward(grad, *inputs.values(), [1, 2])[:2]
+    exact = {k: v.double().requires_grad_() for k, v in inputs.items() if v is not None}
+    expected = reference.multi_dilation_dwconv2d(exact["x"], exact["weight"], None, (1, 2))
+    expected.backward(grad.double())
+    assert_close_scaled("output", out, expected, 2e-2)
+    for name, got in zip(("x", "weight"), grads):
+        assert_close_scaled(f"grad_{name}", got, exact[name].grad, 2e-2)
+
 # ---- the paper's shapes --------------------------------------------------------------------------------------
 
 
@@ -704,16 +735,21 @@ def test_state_gather_random_shapes(emu, b, S, D, L, K, spread, residual, dtype,
     k=st.sampled_from([3, 5, 7]),
     dilations=st.lists(st.integers(1, 12), min_size=1, max_size=4),
     bias=st.booleans(),
-    channels_last=st.booleans(),
+    layout=st.sampled_from(["nchw", "channels_last", "transposed", "padded"]),
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
 )
-def test_multi_dilation_dwconv2d_random_shapes(
-    emu, b, C, H, W, k, dilations, bias, channels_last, dtype, seed
-):
+def test_multi_dilation_dwconv2d_random_shapes(emu, b, C, H, W, k, dilations, bias, layout, dtype, seed):
+    """x in one of four layouts: NCHW, channels_last, with H and W swapped in memory (column stride H), or rows
+    padded by 3 columns (a view with gaps)."""
     inputs = conv_inputs(b, C, H, W, k, len(dilations), dtype, bias=bias, seed=seed)
-    if channels_last:
-        inputs["x"] = inputs["x"].to(memory_format=torch.channels_last)
+    x = inputs["x"]
+    if layout == "channels_last":
+        inputs["x"] = x.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        inputs["x"] = x.transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "padded":
+        inputs["x"] = padded_view(x, 3, W + 3, channels_last=False)
     check_against_reference(
         conv_op(emu),
         conv_reference,
