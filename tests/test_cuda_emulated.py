@@ -856,13 +856,13 @@ def sector_bytes(tensors) -> int:
 # How coalesced each forward's warp requests are at least (the fewest sectors they need over the sectors they
 # touch, divergent requests left out; b2 stage 1), by element size. The scan's float32 lanes load their 8
 # timesteps as two 16-byte vectors, so each request touches 32 sectors and uses half of each (the next request
-# reads the other half from L1). The NCHW convolution stages 2-byte (4-byte) elements with lanes along x: halos
-# and row ends split a warp's run.
+# reads the other half from L1). The convolution stages its tile in 16-byte chunks; in NCHW, 16-bit outputs are
+# stored 2 bytes per lane with lanes along x, and row ends split a warp's run.
 FORWARD_COALESCING = {
     "selective_scan": {4: 0.5, 2: 0.99},
     "state_gather": {4: 0.99, 2: 0.99},
-    "multi_dilation_dwconv2d NCHW": {4: 0.7, 2: 0.65},
-    "multi_dilation_dwconv2d NHWC": {4: 0.99, 2: 0.95},
+    "multi_dilation_dwconv2d NCHW": {4: 0.99, 2: 0.74},
+    "multi_dilation_dwconv2d NHWC": {4: 0.99, 2: 0.98},
 }
 
 
