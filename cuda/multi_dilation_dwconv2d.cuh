@@ -200,48 +200,58 @@ __device__ __forceinline__ uint32_t element_bits(float x) { return __float_as_ui
 __device__ __forceinline__ uint32_t element_bits(__half x) { return __half_as_ushort(x); }
 __device__ __forceinline__ uint32_t element_bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 
-// kV consecutive elements of T along the input's contiguous direction, as the 32-bit words of one aligned global
-// load of kV * sizeof(T) bytes (2 to 16; a 2-byte chunk is the lower half of its word).
-template <typename T, int kV>
+// kW consecutive elements of T along the input's contiguous direction, held as the 32-bit words they fill in memory
+// (the elements of a 2-byte chunk are the lower half of its word).
+template <typename T, int kW>
 struct Chunk {
-  static constexpr int kBytes = kV * static_cast<int>(sizeof(T)), kWords = kBytes < 4 ? 1 : kBytes / 4;
+  static constexpr int kBytes = kW * static_cast<int>(sizeof(T)), kWords = kBytes < 4 ? 1 : kBytes / 4;
+  static constexpr int kPerWord = kWordChannels<T>;
   uint32_t words[kWords];
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
     for (int w = 0; w < kWords; ++w) words[w] = 0;
   }
-  // All kV elements at p, aligned to kBytes.
-  __device__ __forceinline__ void load(const T* p) {
-    if constexpr (kBytes == 16) {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-      words[0] = u.x, words[1] = u.y, words[2] = u.z, words[3] = u.w;
-    } else if constexpr (kBytes == 8) {
-      const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
-      words[0] = u.x, words[1] = u.y;
-    } else if constexpr (kBytes == 4) {
-      words[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+  // The kW elements from p, kV at a time: aligned loads of kV * sizeof(T) bytes where kV > 1 (the elements are then
+  // adjacent), else one element per load, `step` elements apart.
+  template <int kV, typename Offset>
+  __device__ __forceinline__ void load(const T* p, Offset step) {
+    if constexpr (kV == 1) {
+      zero();
+#pragma unroll
+      for (int i = 0; i < kW; ++i) words[i / kPerWord] |= element_bits(p[i * step]) << (32 / kPerWord * (i % kPerWord));
     } else {
-      words[0] = element_bits(p[0]);
+      constexpr int kLoadWords = kV * static_cast<int>(sizeof(T)) / 4;
+#pragma unroll
+      for (int j = 0; j < kWords; j += kLoadWords) {
+        const T* at = p + j * kPerWord;
+        if constexpr (kLoadWords == 4) {
+          const uint4 u = __ldg(reinterpret_cast<const uint4*>(at));
+          words[j] = u.x, words[j + 1] = u.y, words[j + 2] = u.z, words[j + 3] = u.w;
+        } else if constexpr (kLoadWords == 2) {
+          const uint2 u = __ldg(reinterpret_cast<const uint2*>(at));
+          words[j] = u.x, words[j + 1] = u.y;
+        } else {
+          words[j] = __ldg(reinterpret_cast<const uint32_t*>(at));
+        }
+      }
     }
   }
-  // Element i at p + i where inside(i), else 0: a chunk that straddles the plane's or the channels' edge.
-  template <typename Inside>
-  __device__ __forceinline__ void load_some(const T* p, Inside&& inside) {
+  // Element i at p + i * step where inside(i), else 0: a chunk that straddles the plane's or the channels' edge.
+  template <typename Offset, typename Inside>
+  __device__ __forceinline__ void load_some(const T* p, Offset step, Inside&& inside) {
     zero();
 #pragma unroll
-    for (int i = 0; i < kV; ++i) {
-      constexpr int kPerWord = kWordChannels<T>;
-      if (inside(i)) words[i / kPerWord] |= element_bits(p[i]) << (32 / kPerWord * (i % kPerWord));
+    for (int i = 0; i < kW; ++i) {
+      if (inside(i)) words[i / kPerWord] |= element_bits(p[i * step]) << (32 / kPerWord * (i % kPerWord));
     }
   }
-  __device__ __forceinline__ void to_floats(float (&v)[kV]) const {
-    constexpr int kPerWord = kWordChannels<T>;
+  __device__ __forceinline__ void to_floats(float (&v)[kW]) const {
     float unpacked[kWords * kPerWord];
 #pragma unroll
     for (int w = 0; w < kWords; ++w) unpack_word(words[w], unpacked + w * kPerWord, T{});
 #pragma unroll
-    for (int i = 0; i < kV; ++i) v[i] = unpacked[i];
+    for (int i = 0; i < kW; ++i) v[i] = unpacked[i];
   }
 };
 
@@ -259,25 +269,26 @@ __device__ __forceinline__ int stage_chunk_elements(const void* data, const int6
   return static_cast<int>(multiples & (~multiples + 1));  // the lowest set bit
 }
 
-// stage_tile with chunks of kV elements, kChunks of them in flight per thread (kStageBytes of loads, at most 8).
-// `origin` is channel c0 of the tile's first row and column (it may lie outside the plane); element offsets from it
-// are Offset: int where the tile's extent fits (every tile but those of images of over 2^31 elements), else int64_t.
-// Items are the tile's chunks, consecutive threads on consecutive items:
-// - NCHW-like (columns contiguous): item = line * n_chunks + k, line = row * cb + channel, chunk k = the kV columns
-//   from the kV-aligned plane column at or before the tile's first one, plus k * kV; its columns outside the tile
-//   are not stored, those outside the plane are 0.
-// - channels_last: item = pixel * (cb / kV) + k (pixel = row * sw + col), chunk k = the block's channels k * kV..;
-//   stored as kV consecutive floats.
+// stage_tile with loads of kV elements (stage_chunk_elements). `origin` is channel c0 of the tile's first row and
+// column (it may lie outside the plane); element offsets from it are Offset: int where the tile's extent fits (every
+// tile but those of images of over 2^31 elements), else int64_t. Items are chunks of the tile, consecutive threads on
+// consecutive items, kChunks of them in flight per thread (kStageBytes of loads, at most 8):
+// - NCHW-like (columns contiguous): chunks of kW = 16 / sizeof(T) columns of a line, read kV at a time; item =
+//   line * n_chunks + k, line = row * cb + channel, chunk k = the kW columns from the kW-aligned plane column at or
+//   before the tile's first one, plus k * kW; its columns outside the tile are not stored, those outside the plane
+//   are 0.
+// - channels_last: chunks of kV channels; item = pixel * (cb / kV) + k (pixel = row * sw + col), chunk k = the
+//   block's channels k * kV..; stored as kV consecutive floats.
 template <typename T, int kV, typename Offset>
 __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const int64_t* strides,
                                              const DwConvParams& p, const Tiling& t, const Block& blk) {
-  constexpr int kChunks = kStageBytes / Chunk<T, kV>::kBytes < 8 ? kStageBytes / Chunk<T, kV>::kBytes : 8;
   const int sh = t.span_h(), sw = t.span_w(), cb = t.channels, log2_cb = __ffs(cb) - 1;
   const int y0 = blk.y0 - t.halo, x0 = blk.x0 - t.halo, height = static_cast<int>(p.height),
             width = static_cast<int>(p.width), channels = static_cast<int>(p.channels) - blk.c0;
   const Offset row_stride = static_cast<Offset>(strides[2]);
   if (t.channels_last) {
-    // The stride of the contiguous direction: 1 where chunks are wider than one element.
+    constexpr int kChunks = kStageBytes / Chunk<T, kV>::kBytes < 8 ? kStageBytes / Chunk<T, kV>::kBytes : 8;
+    // The stride of the contiguous direction: 1 where loads are wider than one element.
     const Offset channel_stride = kV > 1 ? 1 : static_cast<Offset>(strides[1]), col_stride = static_cast<Offset>(strides[3]);
     const int log2_chunks = log2_cb - (__ffs(kV) - 1), n_items = sh * sw << log2_chunks;
     const SmallDivisor per_row(sw);
@@ -293,9 +304,9 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const
         const int have = inside ? channels - c : 0;  // channels of the chunk inside C
         const T* at = origin + (c * channel_stride + row * row_stride + col * col_stride);
         if (have >= kV) {
-          chunk[j].load(at);
+          chunk[j].template load<kV>(at, channel_stride);
         } else if (have > 0) {
-          chunk[j].load_some(at, [&](int i) { return i < have; });
+          chunk[j].load_some(at, channel_stride, [&](int i) { return i < have; });
         } else {
           chunk[j].zero();
         }
@@ -319,26 +330,27 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const
     }
     return;
   }
+  constexpr int kW = 16 / static_cast<int>(sizeof(T)), kChunks = kStageBytes / 16;
   const Offset channel_stride = static_cast<Offset>(strides[1]), col_stride = kV > 1 ? 1 : static_cast<Offset>(strides[3]);
-  const int first = x0 & -kV;  // plane column of chunk 0 (x0 may be negative: & rounds it down)
-  const int n_chunks = ((x0 + sw - 1 - first) >> (__ffs(kV) - 1)) + 1, n_items = sh * cb * n_chunks;
+  const int first = x0 & -kW;  // plane column of chunk 0 (x0 may be negative: & rounds it down)
+  const int n_chunks = ((x0 + sw - 1 - first) >> (__ffs(kW) - 1)) + 1, n_items = sh * cb * n_chunks;
   const SmallDivisor per_line(n_chunks);
   for (int item0 = threadIdx.x; item0 < n_items; item0 += kThreads * kChunks) {
-    Chunk<T, kV> chunk[kChunks];
+    Chunk<T, kW> chunk[kChunks];
     int col[kChunks];  // the tile column of the chunk's first element (may be < 0)
     int dst[kChunks];  // the tile float of that column, (row * sw + col) * cb + channel
 #pragma unroll
     for (int j = 0; j < kChunks; ++j) {
       const int item = item0 + j * kThreads, line = per_line.quotient(item), k = item - line * n_chunks;
-      const int row = line >> log2_cb, c = line & (cb - 1), x = first + k * kV;
+      const int row = line >> log2_cb, c = line & (cb - 1), x = first + k * kW;
       col[j] = x - x0;
       dst[j] = (row * sw + col[j]) * cb + c;
       const bool line_inside = item < n_items && y0 + row >= 0 && y0 + row < height && c < channels;
       const T* at = origin + (c * channel_stride + row * row_stride + col[j] * col_stride);
-      if (line_inside && x >= 0 && x + kV <= width) {
-        chunk[j].load(at);
-      } else if (line_inside && x < width && x + kV > 0) {
-        chunk[j].load_some(at, [&](int i) { return x + i >= 0 && x + i < width; });
+      if (line_inside && x >= 0 && x + kW <= width) {
+        chunk[j].template load<kV>(at, col_stride);
+      } else if (line_inside && x < width && x + kW > 0) {
+        chunk[j].load_some(at, col_stride, [&](int i) { return x + i >= 0 && x + i < width; });
       } else {
         chunk[j].zero();
       }
@@ -346,15 +358,15 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const
 #pragma unroll
     for (int j = 0; j < kChunks; ++j) {
       if (item0 + j * kThreads >= n_items) break;
-      float v[kV];
+      float v[kW];
       chunk[j].to_floats(v);
       float* at = tile + dst[j];
-      if (col[j] >= 0 && col[j] + kV <= sw) {  // every chunk but a line's first and last
+      if (col[j] >= 0 && col[j] + kW <= sw) {  // every chunk but a line's first and last
 #pragma unroll
-        for (int i = 0; i < kV; ++i) at[i * cb] = v[i];
+        for (int i = 0; i < kW; ++i) at[i * cb] = v[i];
       } else {
 #pragma unroll
-        for (int i = 0; i < kV; ++i) {
+        for (int i = 0; i < kW; ++i) {
           if (col[j] + i >= 0 && col[j] + i < sw) at[i * cb] = v[i];
         }
       }
