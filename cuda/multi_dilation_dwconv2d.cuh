@@ -237,13 +237,18 @@ struct Chunk {
       }
     }
   }
-  // Element i at p + i * step where inside(i), else 0: a chunk that straddles the plane's or the channels' edge.
-  template <typename Offset, typename Inside>
-  __device__ __forceinline__ void load_some(const T* p, Offset step, Inside&& inside) {
+  // The first `count` elements from p + i * step (as load<kV> where that is all kW of them), the others 0: a chunk
+  // over the plane's last column or the last channel is read element by element.
+  template <int kV, typename Offset>
+  __device__ __forceinline__ void load_first(const T* p, Offset step, int count) {
+    if (count >= kW) {
+      load<kV>(p, step);
+      return;
+    }
     zero();
 #pragma unroll
     for (int i = 0; i < kW; ++i) {
-      if (inside(i)) words[i / kPerWord] |= element_bits(p[i * step]) << (32 / kPerWord * (i % kPerWord));
+      if (i < count) words[i / kPerWord] |= element_bits(p[i * step]) << (32 / kPerWord * (i % kPerWord));
     }
   }
   __device__ __forceinline__ void to_floats(float (&v)[kW]) const {
@@ -301,15 +306,8 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const
         const int col = pixel - row * sw, c = (item & ((1 << log2_chunks) - 1)) * kV;
         dst[j] = pixel * cb + c;
         const bool inside = item < n_items && y0 + row >= 0 && y0 + row < height && x0 + col >= 0 && x0 + col < width;
-        const int have = inside ? channels - c : 0;  // channels of the chunk inside C
         const T* at = origin + (c * channel_stride + row * row_stride + col * col_stride);
-        if (have >= kV) {
-          chunk[j].template load<kV>(at, channel_stride);
-        } else if (have > 0) {
-          chunk[j].load_some(at, channel_stride, [&](int i) { return i < have; });
-        } else {
-          chunk[j].zero();
-        }
+        chunk[j].template load_first<kV>(at, channel_stride, inside ? channels - c : 0);
       }
 #pragma unroll
       for (int j = 0; j < kChunks; ++j) {
@@ -347,13 +345,8 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const
       dst[j] = (row * sw + col[j]) * cb + c;
       const bool line_inside = item < n_items && y0 + row >= 0 && y0 + row < height && c < channels;
       const T* at = origin + (c * channel_stride + row * row_stride + col[j] * col_stride);
-      if (line_inside && x >= 0 && x + kW <= width) {
-        chunk[j].template load<kV>(at, col_stride);
-      } else if (line_inside && x < width && x + kW > 0) {
-        chunk[j].load_some(at, col_stride, [&](int i) { return x + i >= 0 && x + i < width; });
-      } else {
-        chunk[j].zero();
-      }
+      // Chunks start at multiples of kW, as the plane does: one is all inside the plane's left edge or all outside.
+      chunk[j].template load_first<kV>(at, col_stride, line_inside && x >= 0 ? width - x : 0);
     }
 #pragma unroll
     for (int j = 0; j < kChunks; ++j) {
