@@ -194,6 +194,26 @@ def test_selective_scan_strided_inputs_and_no_optional_args(emu):
     check_against_reference(scan_op(emu), reference.selective_scan, inputs, scan_grad(inputs), torch.float32)
 
 
+
+def test_selective_scan_views_with_gaps(emu):
+    """Every input a view, read through its strides (the test's copies keep them): u and B transposed, C with its
+    batch and group dimensions swapped, A transposed, delta and D every other channel of a larger tensor; 1001
+    steps, several segments."""
+    b, dim, L, N, G = 2, 6, 1001, 2, 3
+    gen = torch.Generator().manual_seed(3)
+    inputs = dict(
+        u=torch.randn(b, L, dim, generator=gen).transpose(1, 2),
+        delta=torch.rand(b, 2 * dim, L, generator=gen)[:, ::2],
+        A=-torch.rand(N, dim, generator=gen).t(),
+        B=torch.randn(b, N, G, L, generator=gen).transpose(1, 2),
+        C=torch.randn(G, b, N, L, generator=gen).transpose(0, 1),
+        D=torch.randn(2 * dim, generator=gen)[::2],
+        delta_bias=None,
+    )
+    check_against_reference(
+        scan_op(emu), reference.selective_scan, inputs, scan_grad(inputs), torch.float32, delta_softplus=True
+    )
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize(
     "b,dim,L,N,G,with_C",
