@@ -194,7 +194,6 @@ def test_selective_scan_strided_inputs_and_no_optional_args(emu):
     check_against_reference(scan_op(emu), reference.selective_scan, inputs, scan_grad(inputs), torch.float32)
 
 
-
 def test_selective_scan_views_with_gaps(emu):
     """Every input a view, read through its strides (the test's copies keep them): u and B transposed, C with its
     batch and group dimensions swapped, A transposed, delta and D every other channel of a larger tensor; 1001
@@ -213,6 +212,7 @@ def test_selective_scan_views_with_gaps(emu):
     check_against_reference(
         scan_op(emu), reference.selective_scan, inputs, scan_grad(inputs), torch.float32, delta_softplus=True
     )
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize(
@@ -369,7 +369,6 @@ def test_multi_dilation_dwconv2d_channels_last_words_off_alignment(emu, dtype):
     check_against_reference(conv_op(emu), conv_reference, inputs, grad, dtype)
 
 
-
 def padded_view(t: torch.Tensor, dim: int, size: int, channels_last: bool) -> torch.Tensor:
     """t as a view into a tensor `size` long along `dim`, the rest of it NaN (read it and the test fails)."""
     shape = list(t.shape)
@@ -401,6 +400,7 @@ def test_multi_dilation_dwconv2d_strided_views(emu, dtype):
     grad = torch.tensor(0.75, dtype=dtype).expand(inputs["x"].shape)
     assert inputs["x"].stride(1) == 2 and grad.stride() == (0, 0, 0, 0)
     check_against_reference(conv_op(emu), conv_reference, inputs, grad, dtype)
+
 
 # ---- thread order --------------------------------------------------------------------------------------------
 
@@ -573,7 +573,6 @@ def test_multi_dilation_dwconv2d_past_2_pow_31_elements(emu, channels_last):
     assert_close_scaled("grad_x", grad_x[corner], patch.grad[corner], 2e-2)
 
 
-
 def test_multi_dilation_dwconv2d_past_2_pow_31_element_offsets_in_a_tile(emu):
     """x (1, 8, 14, 14) in bfloat16 whose channels lie 3.2 * 10^8 elements apart (a view of a 4.5 GB storage, only
     the pages of its elements touched): a block stages all 8 channels, so offsets within its tile pass 2^31 and
@@ -595,6 +594,7 @@ def test_multi_dilation_dwconv2d_past_2_pow_31_element_offsets_in_a_tile(emu):
     assert_close_scaled("output", out, expected, 2e-2)
     for name, got in zip(("x", "weight"), grads):
         assert_close_scaled(f"grad_{name}", got, exact[name].grad, 2e-2)
+
 
 # ---- the paper's shapes --------------------------------------------------------------------------------------
 
