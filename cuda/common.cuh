@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/dtype.h"
@@ -83,6 +84,60 @@ __device__ __forceinline__ uint32_t pack_word(const float (&v)[2], __half) {
 __device__ __forceinline__ uint32_t pack_word(const float (&v)[2], __nv_bfloat16) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v[0]))) |
          static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v[1]))) << 16;
+}
+
+// ---- K items of T held as 32-bit words ----------------------------------------------------------------------
+
+// K consecutive items of type T, held as the 32-bit words that hold them in memory (two 16-bit items a word, the
+// lower address first), so that a 16-bit item takes half a register; x[i] is item i as float. Words, not T[K]:
+// the compiler gives each element of a T[K] a register of its own.
+template <typename T, int K>
+struct alignas(16) Items {
+  static constexpr int kPerWord = 4 / sizeof(T);
+  static constexpr int kWords = K / kPerWord;
+  static_assert(K % kPerWord == 0, "K items must be whole words");
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ float operator[](int i) const {
+    float v[kPerWord];
+    unpack_word(w[i / kPerWord], v, T{});
+    return v[i % kPerWord];
+  }
+};
+
+// A T's bits in the low bytes of a word, for loads and stores of one item at a time: T-typed memory accesses, and
+// memcpy between registers (a memcpy from memory would read byte by byte).
+template <typename T>
+__device__ __forceinline__ uint32_t bits_of(T value) {
+  uint32_t bits = 0;
+  memcpy(&bits, &value, sizeof(T));
+  return bits;
+}
+
+// x = the K items at p, in loads of V (p aligned to sizeof(V)).
+template <typename V, typename T, int K>
+__device__ __forceinline__ void load_vectors(const T* p, Items<T, K>& x) {
+  constexpr int kWordsPerVector = sizeof(V) / 4;
+  static_assert(sizeof(V) % 4 == 0 && Items<T, K>::kWords % kWordsPerVector == 0, "K items must be whole vectors");
+  const V* src = reinterpret_cast<const V*>(p);
+#pragma unroll
+  for (int k = 0; k < Items<T, K>::kWords / kWordsPerVector; ++k) {
+    const V v = __ldg(src + k);
+    memcpy(x.w + k * kWordsPerVector, &v, sizeof(V));
+  }
+}
+
+// The first `count` of K items from p, p + step, p + 2 step, ..., one item per load; 0 past them.
+template <int K, typename T, typename Offset>
+__device__ __forceinline__ Items<T, K> load_items_by_one(const T* p, Offset step, int count) {
+  Items<T, K> x;
+#pragma unroll
+  for (int j = 0; j < Items<T, K>::kWords; ++j) x.w[j] = 0;
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    if (i < count) x.w[i / Items<T, K>::kPerWord] |= bits_of(p[i * step]) << (8 * sizeof(T) * (i % Items<T, K>::kPerWord));
+  }
+  return x;
 }
 
 // Lets `kernel`, which declares `static_bytes` of static shared memory, be launched with `bytes` of dynamic

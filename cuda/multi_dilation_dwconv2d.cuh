@@ -196,70 +196,24 @@ struct SmallDivisor {
 // stage_tile's items (chunks of the tile) number at most twice its floats, which the plan keeps within kSmemBudget.
 static_assert(2 * kSmemBudget / 4 < (1 << 16), "SmallDivisor needs stage_tile's item indices below 2^16");
 
-// The bits of one element of T, zero-extended to 32 (for 16-bit types, the lower half of a word).
-__device__ __forceinline__ uint32_t element_bits(float x) { return __float_as_uint(x); }
-__device__ __forceinline__ uint32_t element_bits(__half x) { return __half_as_ushort(x); }
-__device__ __forceinline__ uint32_t element_bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
-
-// kW consecutive elements of T along the input's contiguous direction, held as the 32-bit words they fill in memory
-// (the elements of a 2-byte chunk are the lower half of its word).
-template <typename T, int kW>
-struct Chunk {
-  static constexpr int kBytes = kW * static_cast<int>(sizeof(T)), kWords = kBytes < 4 ? 1 : kBytes / 4;
-  static constexpr int kPerWord = kWordChannels<T>;
-  uint32_t words[kWords];
-
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int w = 0; w < kWords; ++w) words[w] = 0;
-  }
-  // The kW elements from p, kV at a time: aligned loads of kV * sizeof(T) bytes where kV > 1 (the elements are then
-  // adjacent), else one element per load, `step` elements apart.
-  template <int kV, typename Offset>
-  __device__ __forceinline__ void load(const T* p, Offset step) {
-    if constexpr (kV == 1) {
-      zero();
-#pragma unroll
-      for (int i = 0; i < kW; ++i) words[i / kPerWord] |= element_bits(p[i * step]) << (32 / kPerWord * (i % kPerWord));
+// The first `count` of kW items from p, `step` elements apart (0 past them), as the words of Items: where count
+// covers all kW, in aligned loads of kV items where kV > 1 (the items are then adjacent), else one item per load. A
+// chunk over the plane's last column or the last channel is read item by item.
+template <int kV, int kW, typename T, typename Offset>
+__device__ __forceinline__ Items<T, kW> load_chunk(const T* p, Offset step, int count) {
+  if (count >= kW) {
+    if constexpr (kV > 1) {
+      constexpr int kBytes = kV * static_cast<int>(sizeof(T));
+      using V = std::conditional_t<kBytes == 16, uint4, std::conditional_t<kBytes == 8, uint2, unsigned int>>;
+      Items<T, kW> x;
+      load_vectors<V>(p, x);
+      return x;
     } else {
-      constexpr int kLoadWords = kV * static_cast<int>(sizeof(T)) / 4;
-#pragma unroll
-      for (int j = 0; j < kWords; j += kLoadWords) {
-        const T* at = p + j * kPerWord;
-        if constexpr (kLoadWords == 4) {
-          const uint4 u = __ldg(reinterpret_cast<const uint4*>(at));
-          words[j] = u.x, words[j + 1] = u.y, words[j + 2] = u.z, words[j + 3] = u.w;
-        } else if constexpr (kLoadWords == 2) {
-          const uint2 u = __ldg(reinterpret_cast<const uint2*>(at));
-          words[j] = u.x, words[j + 1] = u.y;
-        } else {
-          words[j] = __ldg(reinterpret_cast<const uint32_t*>(at));
-        }
-      }
+      return load_items_by_one<kW>(p, step, kW);
     }
   }
-  // The first `count` elements from p + i * step (as load<kV> where that is all kW of them), the others 0: a chunk
-  // over the plane's last column or the last channel is read element by element.
-  template <int kV, typename Offset>
-  __device__ __forceinline__ void load_first(const T* p, Offset step, int count) {
-    if (count >= kW) {
-      load<kV>(p, step);
-      return;
-    }
-    zero();
-#pragma unroll
-    for (int i = 0; i < kW; ++i) {
-      if (i < count) words[i / kPerWord] |= element_bits(p[i * step]) << (32 / kPerWord * (i % kPerWord));
-    }
-  }
-  __device__ __forceinline__ void to_floats(float (&v)[kW]) const {
-    float unpacked[kWords * kPerWord];
-#pragma unroll
-    for (int w = 0; w < kWords; ++w) unpack_word(words[w], unpacked + w * kPerWord, T{});
-#pragma unroll
-    for (int i = 0; i < kW; ++i) v[i] = unpacked[i];
-  }
-};
+  return load_items_by_one<kW>(p, step, count);
+}
 
 // The elements per chunk stage_tile may read at once (up to 16 bytes): the largest power of 2 that divides the
 // input's address and strides in elements, for channels_last at most the block's channels, and 1 unless the
@@ -277,14 +231,15 @@ __device__ __forceinline__ int stage_chunk_elements(const void* data, const int6
 
 // stage_tile with loads of kV elements (stage_chunk_elements). `origin` is channel c0 of the tile's first row and
 // column (it may lie outside the plane); element offsets from it are Offset: int where the tile's extent fits (every
-// tile but those of images of over 2^31 elements), else int64_t. Items are chunks of the tile, consecutive threads on
-// consecutive items, kChunks of them in flight per thread (kStageBytes of loads, at most 8):
+// tile but those of images of over 2^31 elements), else int64_t. Work items are chunks of the tile, consecutive threads
+// on consecutive items, kChunks of them in flight per thread (kStageBytes of loads, at most 8):
 // - NCHW-like (columns contiguous): chunks of kW = 16 / sizeof(T) columns of a line, read kV at a time; item =
 //   line * n_chunks + k, line = row * cb + channel, chunk k = the kW columns from the kW-aligned plane column at or
 //   before the tile's first one, plus k * kW; its columns outside the tile are not stored, those outside the plane
 //   are 0.
-// - channels_last: chunks of kV channels; item = pixel * (cb / kV) + k (pixel = row * sw + col), chunk k = the
-//   block's channels k * kV..; stored as kV consecutive floats.
+// - channels_last: chunks of kW = kV channels (two at least for 16-bit types, a whole word: cb is even there);
+//   item = pixel * (cb / kW) + k (pixel = row * sw + col), chunk k = the block's channels k * kW..; stored as kW
+//   consecutive floats.
 template <typename T, int kV, typename Offset>
 __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const int64_t* strides,
                                              const DwConvParams& p, const Tiling& t, const Block& blk) {
@@ -293,33 +248,33 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const
             width = static_cast<int>(p.width), channels = static_cast<int>(p.channels) - blk.c0;
   const Offset row_stride = static_cast<Offset>(strides[2]);
   if (t.channels_last) {
-    constexpr int kChunks = kStageBytes / Chunk<T, kV>::kBytes < 8 ? kStageBytes / Chunk<T, kV>::kBytes : 8;
+    constexpr int kW = kV * sizeof(T) < 4 ? 4 / static_cast<int>(sizeof(T)) : kV;
+    constexpr int kBytes = kW * static_cast<int>(sizeof(T)), kChunks = kStageBytes / kBytes < 8 ? kStageBytes / kBytes : 8;
     // The stride of the contiguous direction: 1 where loads are wider than one element.
     const Offset channel_stride = kV > 1 ? 1 : static_cast<Offset>(strides[1]), col_stride = static_cast<Offset>(strides[3]);
-    const int log2_chunks = log2_cb - (__ffs(kV) - 1), n_items = sh * sw << log2_chunks;
+    const int log2_chunks = log2_cb - (__ffs(kW) - 1), n_items = sh * sw << log2_chunks;
     const SmallDivisor per_row(sw);
     for (int item0 = threadIdx.x; item0 < n_items; item0 += kThreads * kChunks) {
-      Chunk<T, kV> chunk[kChunks];
+      Items<T, kW> chunk[kChunks];
       int dst[kChunks];  // the chunk's first float in the tile
 #pragma unroll
       for (int j = 0; j < kChunks; ++j) {
         const int item = item0 + j * kThreads, pixel = item >> log2_chunks, row = per_row.quotient(pixel);
-        const int col = pixel - row * sw, c = (item & ((1 << log2_chunks) - 1)) * kV;
+        const int col = pixel - row * sw, c = (item & ((1 << log2_chunks) - 1)) * kW;
         dst[j] = pixel * cb + c;
         const bool inside = item < n_items && y0 + row >= 0 && y0 + row < height && x0 + col >= 0 && x0 + col < width;
         const T* at = origin + (c * channel_stride + row * row_stride + col * col_stride);
-        chunk[j].template load_first<kV>(at, channel_stride, inside ? channels - c : 0);
+        chunk[j] = load_chunk<kV, kW>(at, channel_stride, inside ? channels - c : 0);
       }
 #pragma unroll
       for (int j = 0; j < kChunks; ++j) {
         if (item0 + j * kThreads >= n_items) break;
-        float v[kV];
-        chunk[j].to_floats(v);
+        const Items<T, kW>& v = chunk[j];
 #pragma unroll
-        for (int i = 0; i < kV; i += 4) {
-          if constexpr (kV >= 4) {
+        for (int i = 0; i < kW; i += 4) {
+          if constexpr (kW >= 4) {
             *reinterpret_cast<float4*>(tile + dst[j] + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
-          } else if constexpr (kV == 2) {
+          } else if constexpr (kW == 2) {
             *reinterpret_cast<float2*>(tile + dst[j]) = make_float2(v[0], v[1]);
           } else {
             tile[dst[j]] = v[0];
@@ -335,7 +290,7 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const
   const int n_chunks = ((x0 + sw - 1 - first) >> (__ffs(kW) - 1)) + 1, n_items = sh * cb * n_chunks;
   const SmallDivisor per_line(n_chunks);
   for (int item0 = threadIdx.x; item0 < n_items; item0 += kThreads * kChunks) {
-    Chunk<T, kW> chunk[kChunks];
+    Items<T, kW> chunk[kChunks];
     int col[kChunks];  // the tile column of the chunk's first element (may be < 0)
     int dst[kChunks];  // the tile float of that column, (row * sw + col) * cb + channel
 #pragma unroll
@@ -347,13 +302,12 @@ __device__ __forceinline__ void stage_chunks(float* tile, const T* origin, const
       const bool line_inside = item < n_items && y0 + row >= 0 && y0 + row < height && c < channels;
       const T* at = origin + (c * channel_stride + row * row_stride + col[j] * col_stride);
       // Chunks start at multiples of kW, as the plane does: one is all inside the plane's left edge or all outside.
-      chunk[j].template load_first<kV>(at, col_stride, line_inside && x >= 0 ? width - x : 0);
+      chunk[j] = load_chunk<kV, kW>(at, col_stride, line_inside && x >= 0 ? width - x : 0);
     }
 #pragma unroll
     for (int j = 0; j < kChunks; ++j) {
       if (item0 + j * kThreads >= n_items) break;
-      float v[kW];
-      chunk[j].to_floats(v);
+      const Items<T, kW>& v = chunk[j];
       float* at = tile + dst[j];
       if (col[j] >= 0 && col[j] + kW <= sw) {  // every chunk but a line's first and last
 #pragma unroll

@@ -165,23 +165,6 @@ __device__ __forceinline__ int valid_items(int64_t len, int64_t t0) {
 
 // ---- loads and stores of one lane's K timesteps --------------------------------------------------------------
 
-// K consecutive items of type T, held as the 32-bit words that hold them in memory (two 16-bit items a word, the
-// lower address first), so that a 16-bit item takes half a register; x[i] is item i as float. Words, not T[K]:
-// the compiler gives each element of a T[K] a register of its own.
-template <typename T, int K>
-struct alignas(16) Items {
-  static constexpr int kPerWord = 4 / sizeof(T);
-  static constexpr int kWords = K / kPerWord;
-  static_assert(K % kPerWord == 0, "K items must be whole words");
-  uint32_t w[kWords];
-
-  __device__ __forceinline__ float operator[](int i) const {
-    float v[kPerWord];
-    unpack_word(w[i / kPerWord], v, T{});
-    return v[i % kPerWord];
-  }
-};
-
 // x's items rounded to T.
 template <typename T, int K>
 __device__ __forceinline__ Items<T, K> pack_items(const float (&x)[K]) {
@@ -197,32 +180,12 @@ __device__ __forceinline__ Items<T, K> pack_items(const float (&x)[K]) {
   return y;
 }
 
-// A T's bits (in the low bytes of a word) and back, for the partial loads and stores below, which move one item at
-// a time: T-typed memory accesses, and memcpy between registers (a memcpy from memory would read byte by byte).
-template <typename T>
-__device__ __forceinline__ uint32_t bits_of(T value) {
-  uint32_t bits = 0;
-  memcpy(&bits, &value, sizeof(T));
-  return bits;
-}
-
+// A T from its bits (in the low bytes of a word), for the partial stores below (memcpy between registers).
 template <typename T>
 __device__ __forceinline__ T from_bits(uint32_t bits) {
   T value;
   memcpy(&value, &bits, sizeof(T));
   return value;
-}
-
-template <typename V, typename T, int K>
-__device__ __forceinline__ void load_vectors(const T* p, Items<T, K>& x) {
-  constexpr int kWordsPerVector = sizeof(V) / 4;
-  static_assert(sizeof(V) % 4 == 0 && Items<T, K>::kWords % kWordsPerVector == 0, "K items must be whole vectors");
-  const V* src = reinterpret_cast<const V*>(p);
-#pragma unroll
-  for (int k = 0; k < Items<T, K>::kWords / kWordsPerVector; ++k) {
-    const V v = __ldg(src + k);
-    memcpy(x.w + k * kWordsPerVector, &v, sizeof(V));
-  }
 }
 
 // p[0 .. K): the widest loads the address alignment allows when all items are valid; otherwise only p[0 .. valid)
@@ -253,13 +216,7 @@ __device__ __forceinline__ Items<T, K> load_items(const T* p, int valid) {
       }
     }
   }
-#pragma unroll
-  for (int j = 0; j < Items<T, K>::kWords; ++j) x.w[j] = 0;
-#pragma unroll
-  for (int i = 0; i < K; ++i) {
-    if (i < valid) x.w[i / Items<T, K>::kPerWord] |= bits_of(p[i]) << (8 * sizeof(T) * (i % Items<T, K>::kPerWord));
-  }
-  return x;
+  return load_items_by_one<K>(p, 1, valid);
 }
 
 template <typename V, typename T, int K>
