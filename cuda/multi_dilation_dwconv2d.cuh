@@ -42,7 +42,7 @@ constexpr int kEarlyWeights = 4;         // conv_kernel: weights per thread load
 constexpr int kSmemBudget = 100 * 1024;  // most bytes of a staged block's tile and weights (see plan)
 // Blocks per SM the staged kernels are compiled for (__launch_bounds__), and that plan's tiles leave room for:
 // 4 at k = 3, the paper's size (64 registers; sm_90, nvcc 13: the forward spills nothing, the weight gradient in
-// 16-bit types 64 bytes, some 10 local loads and stores per kernel column, off the tap loops), else what their
+// 16-bit types 48-64 bytes, some 10 local loads and stores per kernel column, off the tap loops), else what their
 // registers allow.
 __host__ __device__ constexpr int conv_blocks_per_sm(int64_t k) { return k == 3 ? 4 : 2; }
 __host__ __device__ constexpr int weight_grad_blocks_per_sm(int64_t k) { return k == 3 ? 4 : 3; }
