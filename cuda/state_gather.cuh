@@ -5,9 +5,10 @@
 //
 // Staging: a block works on kRows rows (channels d) of one (b, s), kRows * sizeof(T) = 32 bytes, and copies a
 // window of positions of those rows into shared memory transposed, [position][row], so that one position of
-// all its rows is two 16-byte loads. The window is the whole row when it fits (every sample then reads shared
-// memory), else a tile with a halo on each side; samples outside the window read global memory. The window
-// size follows the device's shared memory per block (row_tiling).
+// all its rows is two 16-byte loads (a thread stages 16 or 8 bytes of a row per load where the rows' alignment
+// allows, one element otherwise: staging_load_bytes). The window is the whole row when it fits (every sample then
+// reads shared memory), else a tile with a halo on each side; samples outside the window read global memory. The
+// window size follows the device's shared memory per block (row_tiling).
 //
 // Forward: block (b, s, row chunk, tile) stages h; thread per position t: residual + K samples, kRows rows.
 // Backward, with no float atomics, so it is bit-identical across runs whatever `deterministic` says:
@@ -46,8 +47,7 @@ constexpr size_t kBucketsStaticSmem = kWarps * sizeof(int);  // buckets_kernel's
 template <typename T>
 struct Staged {
   static constexpr int kRows = kPositionBytes / static_cast<int>(sizeof(T));  // 8 for float, 16 for 16-bit
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));               // elements per 16-byte load
-  using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;         // T's bits in shared memory
+  static constexpr int kRowsPerWord = 4 / static_cast<int>(sizeof(T));        // rows in a staged 32-bit word
 };
 
 // Tiles of `tile` positions along L, each staged with `halo` positions on each side.
@@ -58,7 +58,7 @@ struct Tiling {
 // The tiling of fwd_kernel and grad_h_kernel on a device with `block_smem` bytes of shared memory per block.
 // The window is kMaxWindow positions, or the most multiple of 8 that fits where that is fewer: the whole row
 // when L fits, else a tile and a halo of kHalo each side (a quarter of the window where that is less),
-// tile + 2 * halo == window. Tiles, halos and so window starts are multiples of 8 positions (vector_staging).
+// tile + 2 * halo == window. Tiles, halos and so window starts are multiples of 8 positions (staging_load_bytes).
 // sm_80, sm_90: windows of 3584 positions (112 KiB), tiles of 2048; sm_86, sm_89, sm_120: 3168 (99 KiB), 1632.
 inline Tiling row_tiling(int64_t L, size_t block_smem) {
   const int window = static_cast<int>(std::min<size_t>(kMaxWindow, block_smem / kPositionBytes / 8 * 8));
@@ -73,11 +73,16 @@ inline size_t window_bytes(const Tiling& tiling, int64_t L) {
   return static_cast<size_t>(std::min<int64_t>(L, tiling.tile + 2 * tiling.halo)) * kPositionBytes;
 }
 
-// Whether rows of `data` can be staged with 16-byte loads: every window starts at a multiple of kVec
-// positions (tiles and halos are multiples of 8), so rows must too and the data must be 16-byte aligned.
+// The bytes per load with which stage_window reads rows of `data` (rows of L elements): 16 or 8 where the data's
+// address and every row start are aligned to them (windows start at multiples of 8 positions: tiles and halos
+// are), else one element. b2 stage 1 (L = 3136): 16; stage 3 (L = 196): 16 for float32, 8 for 16-bit types.
 template <typename T>
-bool vector_staging(const void* data, int64_t L) {
-  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && L % Staged<T>::kVec == 0;
+int staging_load_bytes(const void* data, int64_t L) {
+  const auto address = reinterpret_cast<uintptr_t>(data);
+  for (const int bytes : {16, 8}) {
+    if (address % bytes == 0 && L * static_cast<int64_t>(sizeof(T)) % bytes == 0) return bytes;
+  }
+  return static_cast<int>(sizeof(T));
 }
 
 // The workspace of the backward: per (b, s), the bucket entries and starts (and the per-warp cursors when
@@ -200,75 +205,102 @@ __device__ __forceinline__ Block make_block(int64_t segment, int64_t chunk, int 
   return blk;
 }
 
-// Index in the window of row r (< R) at staged position i: positions are 32 bytes, [position][row], except that
-// the two 16-byte halves of a position swap places where (i >> 2) & 1. A warp reading one half of each lane's
-// position (read_staged) then finds 8 consecutive positions in 8 different bank quads (16-byte chunk
-// 2i + ((i >> 2) & 1) mod 8 takes every value): no conflict for nearby positions.
-template <int R>
-__device__ __forceinline__ int window_index(int i, int r) {
-  constexpr int H = R / 2;  // rows per half
-  return (2 * i + ((r / H) ^ ((i >> 2) & 1))) * H + r % H;
+// The window is an array of 32-bit words: staged position i (relative to the window start) holds its kRows rows
+// in 8 words, word g rows kRowsPerWord * g .. kRowsPerWord * (g + 1) - 1 (the lower row in the lower bits), as two
+// 16-byte halves of 4 words that swap places where i & 4. A warp reading one half of each lane's position
+// (read_staged) then finds 8 consecutive positions in 8 different bank quads (16-byte chunk 2i + ((i >> 2) & 1)
+// mod 8 takes every value): no conflict for nearby positions.
+__device__ __forceinline__ int window_word(int i, int g) { return 8 * i + (g ^ (i & 4)); }
+
+// The V elements at p (aligned to V * sizeof(T)) as the words that hold them, the lower address first; a load of
+// one 16-bit element fills the low half of w[0].
+template <typename T, int V>
+struct RowLoad {
+  static constexpr int kBytes = V * static_cast<int>(sizeof(T));
+  static constexpr int kWords = kBytes < 4 ? 1 : kBytes / 4;
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kBytes == 16) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+      w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
+    } else if constexpr (kBytes == 8) {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+      w[0] = u.x, w[1] = u.y;
+    } else {
+      static_assert(V == 1, "one element, or 8 or 16 bytes");
+      w[0] = bits_of(*p);
+    }
+  }
+};
+
+// Copies positions [w0, w1) of rows [0, n_rows) of the row-major (rows, L) array `src` into `window` (laid out as
+// window_word says, relative to w0), V positions of a row per load; rows n_rows..kRows-1 read 0. w0 and w1 - w0
+// are multiples of V, and so is L where V > 1. Thread (g, c) stages word g of V positions at a time: it loads them
+// from its kRowsPerWord rows (16 or 8 bytes each, a warp's 8 threads of one chunk reading 8 rows), pairs the rows
+// of each position into one word (16-bit types) and stores the V words. A store of a warp's 4 chunks takes up to
+// 4 passes of shared memory (positions 8 apart share their banks), but it is one instruction, where rotating the
+// words into distinct banks would take several.
+template <typename T, int V>
+__device__ __forceinline__ void stage_words(uint32_t* window, const T* src, int64_t L, int n_rows, int w0, int w1) {
+  constexpr int P = Staged<T>::kRowsPerWord;
+  const int g = static_cast<int>(threadIdx.x) % 8;
+  const T* first = src + int64_t{P} * g * L + w0;  // row P * g at position w0
+  bool has[P];
+#pragma unroll
+  for (int q = 0; q < P; ++q) has[q] = P * g + q < n_rows;
+  const int chunks = (w1 - w0) / V;
+  constexpr int kUnroll = std::min(4, std::max(1, 64 / (P * RowLoad<T, V>::kBytes)));
+#pragma unroll kUnroll
+  for (int c = static_cast<int>(threadIdx.x) / 8; c < chunks; c += kThreads / 8) {
+    RowLoad<T, V> rows[P];
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      if (has[q]) {
+        rows[q].load(first + q * L + c * V);
+      } else {
+#pragma unroll
+        for (int k = 0; k < RowLoad<T, V>::kWords; ++k) rows[q].w[k] = 0;
+      }
+    }
+    // window_word(c * V + j, g) is at + 8 j: bit 2 of position c * V + j is c * V's for j < 4 (V <= 4 divides
+    // c * V), 1 for j >= 4 (V = 8: c * V is a multiple of 8), where the halves swap.
+    const int at = window_word(c * V, g);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      uint32_t word;
+      if constexpr (P == 1) {
+        word = rows[0].w[j];
+      } else {  // position j of the two rows: the low halves of their word j / 2 where j is even, else the high
+        word = __byte_perm(rows[0].w[j / 2], rows[1].w[j / 2], j % 2 ? 0x7632 : 0x5410);
+      }
+      window[(j < 4 ? at : at ^ 4) + 8 * j] = word;
+    }
+  }
 }
 
-// Copies positions [w0, w1) of rows [0, n_rows) of the row-major (rows, L) array `src` into `window`, laid out
-// as window_index says, relative to w0; rows n_rows..kRows-1 read 0. Every thread of the block must call it.
-template <typename T, bool kVectorStage>
-__device__ __forceinline__ void stage_window(typename Staged<T>::Bits* window, const T* src, int64_t L, int n_rows,
-                                             int w0, int w1) {
-  using Bits = typename Staged<T>::Bits;
-  constexpr int R = Staged<T>::kRows;
-  const Bits* rows = reinterpret_cast<const Bits*>(src);
-  const int n = w1 - w0;
-  if constexpr (kVectorStage) {
-    // Lane (group g, row r) of a warp loads kVec positions of row r (g = lane / R; a warp covers 32 / R chunks
-    // of kVec positions) and stores its element (j + g) % kVec at step j: without the rotation the groups of
-    // a warp would write the same banks (positions kVec apart are 32 * kVec bytes apart).
-    constexpr int V = Staged<T>::kVec;
-    constexpr int G = 32 / R;
-    const int items = n / V * R;  // n is a multiple of V (vector_staging)
-#pragma unroll 4
-    for (int item = threadIdx.x; item < items; item += kThreads) {
-      const int r = item % R, chunk = item / R, g = chunk % G;
-      uint4 u = make_uint4(0, 0, 0, 0);
-      if (r < n_rows) u = __ldg(reinterpret_cast<const uint4*>(rows + r * L + w0 + chunk * V));
-      const uint32_t words[4] = {u.x, u.y, u.z, u.w};
-      Bits e[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        if constexpr (sizeof(Bits) == 4) {
-          e[j] = words[j];
-        } else {
-          e[j] = static_cast<Bits>(words[j / 2] >> (16 * (j % 2)));
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        Bits value = e[j];
-#pragma unroll
-        for (int rot = 1; rot < G; ++rot) {
-          if (g == rot) value = e[(j + rot) % V];
-        }
-        window[window_index<R>(chunk * V + (j + g) % V, r)] = value;
-      }
-    }
+// stage_words with V positions per load as staging_load_bytes(src, L) gave (`load_bytes`). Every thread of the
+// block must call it.
+template <typename T>
+__device__ __forceinline__ void stage_window(uint32_t* window, const T* src, int64_t L, int n_rows, int w0, int w1,
+                                             int load_bytes) {
+  constexpr int kElement = static_cast<int>(sizeof(T));
+  if (load_bytes == 16) {
+    stage_words<T, 16 / kElement>(window, src, L, n_rows, w0, w1);
+  } else if (load_bytes == 8) {
+    stage_words<T, 8 / kElement>(window, src, L, n_rows, w0, w1);
   } else {
-    // Lanes along positions: coalesced global reads (the stores into the transposed layout conflict).
-#pragma unroll 8
-    for (int item = threadIdx.x; item < n * R; item += kThreads) {
-      const int i = item % n, r = item / n;
-      window[window_index<R>(i, r)] = r < n_rows ? rows[r * L + w0 + i] : Bits(0);
-    }
+    stage_words<T, 1>(window, src, L, n_rows, w0, w1);
   }
 }
 
 // The kRows values of staged position i (relative to the window start).
 template <typename T>
-__device__ __forceinline__ void read_staged(const typename Staged<T>::Bits* window, int i,
-                                            float (&v)[Staged<T>::kRows]) {
+__device__ __forceinline__ void read_staged(const uint32_t* window, int i, float (&v)[Staged<T>::kRows]) {
   constexpr int kPerWord = 4 / sizeof(T);
-  const uint4* src = reinterpret_cast<const uint4*>(window) + 2 * i;
-  const int swapped = (i >> 2) & 1;  // whether the halves are stored swapped (window_index)
-  const uint4 lo = src[swapped], hi = src[swapped ^ 1];
+  const int first = window_word(i, 0);  // words 0 .. 3; words 4 .. 7 are the other half, first ^ 4
+  const uint4 lo = *reinterpret_cast<const uint4*>(window + first);
+  const uint4 hi = *reinterpret_cast<const uint4*>(window + (first ^ 4));
   const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
   for (int w = 0; w < 8; ++w) unpack_word(words[w], v + w * kPerWord, T{});
@@ -277,7 +309,7 @@ __device__ __forceinline__ void read_staged(const typename Staged<T>::Bits* wind
 // The kRows values at position i of the chunk: 0 where !valid, from the window when staged, else from the
 // global rows (row r at rows[r * L + i], rows n_rows.. read 0).
 template <typename T>
-__device__ __forceinline__ void read_position(const typename Staged<T>::Bits* window, const Block& blk,
+__device__ __forceinline__ void read_position(const uint32_t* window, const Block& blk,
                                               const T* rows, int64_t L, bool valid, int i,
                                               float (&v)[Staged<T>::kRows]) {
   constexpr int R = Staged<T>::kRows;
@@ -291,7 +323,7 @@ __device__ __forceinline__ void read_position(const typename Staged<T>::Bits* wi
 
 // The kRows values at a sample's two neighbours, lo (v0) and lo + 1 (v1); 0 where a neighbour is invalid.
 template <typename T>
-__device__ __forceinline__ void read_neighbours(const typename Staged<T>::Bits* window, const Block& blk,
+__device__ __forceinline__ void read_neighbours(const uint32_t* window, const Block& blk,
                                                 const T* rows, int64_t L, const Sample& smp,
                                                 float (&v0)[Staged<T>::kRows], float (&v1)[Staged<T>::kRows]) {
   read_position<T>(window, blk, rows, L, smp.ok0, smp.lo, v0);
@@ -324,20 +356,20 @@ __device__ __forceinline__ RowBlock<T> row_block(const void* data, const StateGa
   return {blk, static_cast<const T*>(data) + blk.row0 * p.seqlen};
 }
 
-// Stages the window of a row block. Every thread of the block must call it.
-template <typename T, bool kVectorStage>
-__device__ __forceinline__ void stage_row_block(typename Staged<T>::Bits* window, const RowBlock<T>& rb,
-                                                const StateGatherParams& p) {
-  stage_window<T, kVectorStage>(window, rb.rows, p.seqlen, rb.blk.n_rows, rb.blk.w0, rb.blk.w1);
+// Stages the window of a row block, `load_bytes` a load (staging_load_bytes). Every thread of the block must call it.
+template <typename T>
+__device__ __forceinline__ void stage_row_block(uint32_t* window, const RowBlock<T>& rb, const StateGatherParams& p,
+                                                int load_bytes) {
+  stage_window<T>(window, rb.rows, p.seqlen, rb.blk.n_rows, rb.blk.w0, rb.blk.w1, load_bytes);
   __syncthreads();
 }
 
-template <typename T, bool kVectorStage>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p, const Tiling tiling) {
-  using S = Staged<T>;
-  constexpr int R = S::kRows;
+// load_bytes: staging_load_bytes(p.h, L).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p, const Tiling tiling, int load_bytes) {
+  constexpr int R = Staged<T>::kRows;
   extern __shared__ uint4 smem[];
-  auto* window = reinterpret_cast<typename S::Bits*>(smem);
+  auto* window = reinterpret_cast<uint32_t*>(smem);
   const RowBlock<T> rb = row_block<T>(p.h, p, tiling);
   const Block& blk = rb.blk;
   const T* h = rb.rows;
@@ -349,7 +381,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
   // work waiting on memory. The first is loaded before the window is staged, to wait on memory with it.
   int t = blk.t0 + static_cast<int>(threadIdx.x);
   PointGroup next = points.load_group(p.n_points, 0, t, t < blk.t1);
-  stage_row_block<T, kVectorStage>(window, rb, p);
+  stage_row_block<T>(window, rb, p, load_bytes);
   for (; t < blk.t1; t += kThreads) {
     float acc[R];
     read_staged<T>(window, t - blk.w0, acc);  // h[t], the residual
@@ -511,13 +543,14 @@ __device__ __forceinline__ EntryGroup load_entries(const int* entry_t, const flo
   return g;
 }
 
-template <typename T, bool kVectorStage>
+// load_bytes: staging_load_bytes(bp.grad_out, L).
+template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdParams bp, const Tiling tiling,
-                                                        const BucketLayout layout, const char* workspace) {
-  using S = Staged<T>;
-  constexpr int R = S::kRows;
+                                                        const BucketLayout layout, const char* workspace,
+                                                        int load_bytes) {
+  constexpr int R = Staged<T>::kRows;
   extern __shared__ uint4 smem[];
-  auto* window = reinterpret_cast<typename S::Bits*>(smem);
+  auto* window = reinterpret_cast<uint32_t*>(smem);
   const StateGatherParams& p = bp.fwd;
   const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen);
   const RowBlock<T> rb = row_block<T>(bp.grad_out, p, tiling);
@@ -540,7 +573,7 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
   int i0 = blk.t0 + warp * kRunTargets;  // warp-uniform
   int2 this_bucket = bucket(i0 + lane);
   int2 next_bucket = bucket(i0 + kRunStride + lane);
-  stage_row_block<T, kVectorStage>(window, rb, p);
+  stage_row_block<T>(window, rb, p, load_bytes);
   EntryGroup first = load_entries(entry_t, entry_c, this_bucket.x, this_bucket.y);
   for (; i0 < blk.t1; i0 += kRunStride) {
     const int i = i0 + lane;  // this lane's target and bucket (lo = i - 1)
@@ -581,13 +614,15 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
 // points the block walks every row chunk of D in order, so each sum over D has a fixed order.
 // Two blocks per SM (at most 128 registers): with the 180 it would take otherwise for 16-bit types, one 8-warp
 // block per SM stages 16 KiB of loads at a time, short of the ~25 KiB per SM that 3 TB/s at ~1 us of latency
-// needs (an estimate, for Nsight Compute to confirm). sm_90 SASS (nvcc 13): 117 to 128 registers, no spills.
-template <typename T, bool kVectorStage>
-__global__ void __launch_bounds__(kThreads, 2) grad_points_kernel(const StateGatherBwdParams bp, const Tiling tiling) {
-  using S = Staged<T>;
-  constexpr int R = S::kRows;
+// needs (an estimate, for Nsight Compute to confirm). sm_90 SASS (nvcc 13): 128 registers, 0 to 8 bytes of stack
+// (one value, stored once and reloaded once per point group; the count varies with unrelated edits).
+// load_bytes: staging_load_bytes(p.h, L).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) grad_points_kernel(const StateGatherBwdParams bp, const Tiling tiling,
+                                                                  int load_bytes) {
+  constexpr int R = Staged<T>::kRows;
   extern __shared__ uint4 smem[];
-  auto* window = reinterpret_cast<typename S::Bits*>(smem);
+  auto* window = reinterpret_cast<uint32_t*>(smem);
   const StateGatherParams& p = bp.fwd;
   const int L = static_cast<int>(p.seqlen);
   const int64_t n_chunks = (p.dim + R - 1) / R;
@@ -612,7 +647,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_points_kernel(const StateGat
 #pragma unroll
       for (int r = 0; r < R; ++r) g[r] = active && r < blk.n_rows ? to_float(grad[r * p.seqlen + t]) : 0.f;
       __syncthreads();  // the previous chunk's window is no longer read
-      stage_window<T, kVectorStage>(window, h, p.seqlen, blk.n_rows, blk.w0, blk.w1);
+      stage_window<T>(window, h, p.seqlen, blk.n_rows, blk.w0, blk.w1, load_bytes);
       __syncthreads();
       if (!active) continue;
 #pragma unroll
@@ -648,37 +683,23 @@ void launch_fwd(const StateGatherParams& p, cudaStream_t stream) {
   const Tiling tiling = row_tiling(p.seqlen, max_block_smem());
   const size_t smem = window_bytes(tiling, p.seqlen);
   const unsigned grid = grid_size(p.batch * p.n_seq * ceil_div(p.dim, Staged<T>::kRows) * tiling.n_tiles, "state_gather");
-  const auto launch = [&](auto kernel) {
-    allow_dynamic_smem(kernel, smem, 0);
-    kernel<<<grid, kThreads, smem, stream>>>(p, tiling);
-  };
-  if (vector_staging<T>(p.h, p.seqlen)) {
-    launch(fwd_kernel<T, true>);
-  } else {
-    launch(fwd_kernel<T, false>);
-  }
+  allow_dynamic_smem(fwd_kernel<T>, smem, 0);
+  fwd_kernel<T><<<grid, kThreads, smem, stream>>>(p, tiling, staging_load_bytes<T>(p.h, p.seqlen));
   check_launch("state_gather forward");
 }
 
 template <typename T>
 void launch_bwd(const StateGatherBwdParams& bp, cudaStream_t stream) {
   const StateGatherParams& p = bp.fwd;
-  const bool vector = vector_staging<T>(p.h, p.seqlen) && vector_staging<T>(bp.grad_out, p.seqlen);
   const int64_t segments = p.batch * p.n_seq;
   const size_t block_smem = max_block_smem();
 
   const Tiling points = points_tiling(p.seqlen);
   const size_t points_smem = window_bytes(points, p.seqlen);
   const unsigned points_grid = grid_size(segments * points.n_tiles, "state_gather backward");
-  const auto launch_points = [&](auto kernel) {
-    allow_dynamic_smem(kernel, points_smem, 0);
-    kernel<<<points_grid, kThreads, points_smem, stream>>>(bp, points);
-  };
-  if (vector) {
-    launch_points(grad_points_kernel<T, true>);
-  } else {
-    launch_points(grad_points_kernel<T, false>);
-  }
+  allow_dynamic_smem(grad_points_kernel<T>, points_smem, 0);
+  grad_points_kernel<T><<<points_grid, kThreads, points_smem, stream>>>(bp, points,
+                                                                       staging_load_bytes<T>(p.h, p.seqlen));
   check_launch("state_gather backward (grad_offsets, grad_weights)");
   if (p.dim == 0) return;  // grad_h is empty
 
@@ -692,15 +713,9 @@ void launch_bwd(const StateGatherBwdParams& bp, cudaStream_t stream) {
   const Tiling rows = row_tiling(p.seqlen, block_smem);
   const size_t rows_smem = window_bytes(rows, p.seqlen);
   const unsigned rows_grid = grid_size(segments * ceil_div(p.dim, Staged<T>::kRows) * rows.n_tiles, "state_gather backward");
-  const auto launch_grad_h = [&](auto kernel) {
-    allow_dynamic_smem(kernel, rows_smem, 0);
-    kernel<<<rows_grid, kThreads, rows_smem, stream>>>(bp, rows, layout, workspace);
-  };
-  if (vector) {
-    launch_grad_h(grad_h_kernel<T, true>);
-  } else {
-    launch_grad_h(grad_h_kernel<T, false>);
-  }
+  allow_dynamic_smem(grad_h_kernel<T>, rows_smem, 0);
+  grad_h_kernel<T><<<rows_grid, kThreads, rows_smem, stream>>>(bp, rows, layout, workspace,
+                                                               staging_load_bytes<T>(bp.grad_out, p.seqlen));
   check_launch("state_gather backward (grad_h)");
 }
 

@@ -291,6 +291,34 @@ def test_state_gather_every_sample_on_one_position(emu):
     check_against_reference(gather_op(emu), reference.state_gather, inputs, random_like(inputs["h"]), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "L,shifted",
+    [
+        (196, None),  # rows of 784 / 392 bytes: 16-byte loads for float32, 8-byte for 16-bit types (b2 stage 3)
+        (98, None),  # 392 / 196 bytes: 8-byte loads for float32, one element for 16-bit types
+        (4100, None),  # tiles with halos (L % 8 == 4): windows past the first start inside the row
+        (296, "h"),  # h one element off 16-byte alignment: the forward and grad_points stage it element-wise
+        (296, "grad_out"),  # grad_out one element off: grad_h stages it element-wise, the others 16 bytes
+    ],
+)
+def test_state_gather_staging_load_widths(emu, dtype, L, shifted):
+    """The windows are staged with 16-byte, 8-byte or one-element loads, as the rows' length and the tensors'
+    alignment allow; 17 rows leave the last row chunk a single row (half a staged word in 16-bit types)."""
+    inputs = gather_inputs(1, 2, 17, L, 3, dtype=dtype, spread=40.0)
+    grad = random_like(inputs["h"]).to(dtype)
+
+    def shift(t):  # the same values, one element past a 16-byte aligned address
+        storage = torch.empty(t.numel() + 1, dtype=t.dtype)
+        return storage[1:].view(t.shape).copy_(t)
+
+    if shifted == "h":
+        inputs["h"] = shift(inputs["h"])
+    elif shifted == "grad_out":
+        grad = shift(grad)
+    check_against_reference(gather_op(emu), reference.state_gather, inputs, grad, dtype)
+
+
 @pytest.mark.parametrize("L", [3200, 4096])
 def test_state_gather_on_a_99_kib_device(emu, L):
     """With 99 KiB of shared memory per block (sm_86, sm_89, sm_120), L = 3200 no longer fits one window."""

@@ -148,6 +148,13 @@ inline unsigned __match_any_sync(unsigned mask, T v) {
 }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+// Byte n of the result is byte (s >> 4n) & 7 of the 8 bytes y:x (x's the low four).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t bytes = static_cast<uint64_t>(y) << 32 | x;
+  unsigned result = 0;
+  for (int n = 0; n < 4; ++n) result |= static_cast<unsigned>((bytes >> (8 * ((s >> (4 * n)) & 7))) & 0xff) << (8 * n);
+  return result;
+}
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
