@@ -330,11 +330,13 @@ __device__ __forceinline__ void read_neighbours(const uint32_t* window, const Bl
   read_position<T>(window, blk, rows, L, smp.ok1, smp.lo + 1, v1);
 }
 
+// Stores v[r] at position t of rows r < n_rows (row r at rows + r * L), one pointer step of L a row.
 template <typename T>
 __device__ __forceinline__ void store_rows(T* rows, int64_t L, int n_rows, int t, const float (&v)[Staged<T>::kRows]) {
+  T* at = rows + t;
 #pragma unroll
-  for (int r = 0; r < Staged<T>::kRows; ++r) {
-    if (r < n_rows) rows[r * L + t] = from_float<T>(v[r]);
+  for (int r = 0; r < Staged<T>::kRows; ++r, at += L) {
+    if (r < n_rows) *at = from_float<T>(v[r]);
   }
 }
 
