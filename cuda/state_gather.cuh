@@ -156,16 +156,18 @@ struct SegmentPoints {
   }
 
   // Points k0 .. k0 + kPointGroup - 1 of position t; 0 for points past n_points, and for all where !active. The
-  // 2 * kPointGroup loads are in flight together; their addresses are one 64-bit product per tensor and group.
+  // 2 * kPointGroup loads are in flight together; their addresses step one pointer per tensor by its K stride.
   __device__ __forceinline__ PointGroup load_group(int64_t n_points, int64_t k0, int t, bool active) const {
-    const T* o = offsets + k0 * os[2] + t * os[3];
-    const T* w = weights + k0 * ws[2] + t * ws[3];
+    const int64_t o_step = os[2], w_step = ws[2];
+    const T* o = offsets + k0 * o_step + t * os[3];
+    const T* w = weights + k0 * w_step + t * ws[3];
+    const int64_t left = n_points - k0;
+    const int live = !active ? 0 : left < kPointGroup ? static_cast<int>(left) : kPointGroup;  // points to load
     PointGroup g;
 #pragma unroll
-    for (int j = 0; j < kPointGroup; ++j) {
-      const bool live = active && k0 + j < n_points;
-      g.offset[j] = live ? to_float(o[j * os[2]]) : 0.f;
-      g.weight[j] = live ? to_float(w[j * ws[2]]) : 0.f;
+    for (int j = 0; j < kPointGroup; ++j, o += o_step, w += w_step) {
+      g.offset[j] = j < live ? to_float(*o) : 0.f;
+      g.weight[j] = j < live ? to_float(*w) : 0.f;
     }
     return g;
   }
