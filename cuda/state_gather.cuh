@@ -618,8 +618,8 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
 // points the block walks every row chunk of D in order, so each sum over D has a fixed order.
 // Two blocks per SM (at most 128 registers): with the 180 it would take otherwise for 16-bit types, one 8-warp
 // block per SM stages 16 KiB of loads at a time, short of the ~25 KiB per SM that 3 TB/s at ~1 us of latency
-// needs (an estimate, for Nsight Compute to confirm). sm_90 SASS (nvcc 13): 128 registers, 0 to 8 bytes of stack
-// (one value, stored once and reloaded once per point group; the count varies with unrelated edits).
+// needs (an estimate, for Nsight Compute to confirm). SASS (nvcc 13): 116 to 128 registers; in 16-bit types 8
+// bytes of stack on sm_90, 16 on sm_80 (values stored once and reloaded once per point group).
 // load_bytes: staging_load_bytes(p.h, L).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) grad_points_kernel(const StateGatherBwdParams bp, const Tiling tiling,
