@@ -25,7 +25,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "common.cuh"
 #include "state_gather.h"
@@ -239,7 +238,7 @@ struct RowLoad {
 // Copies positions [w0, w1) of rows [0, n_rows) of the row-major (rows, L) array `src` into `window` (laid out as
 // window_word says, relative to w0), V positions of a row per load; rows n_rows..kRows-1 read 0. w0 and w1 - w0
 // are multiples of V, and so is L where V > 1. Thread (g, c) stages word g of V positions at a time: it loads them
-// from its kRowsPerWord rows (16 or 8 bytes each, a warp's 8 threads of one chunk reading 8 rows), pairs the rows
+// from its kRowsPerWord rows (16 or 8 bytes each, a warp's 8 threads of one chunk reading all kRows), pairs the rows
 // of each position into one word (16-bit types) and stores the V words. A store of a warp's 4 chunks takes up to
 // 4 passes of shared memory (positions 8 apart share their banks), but it is one instruction, where rotating the
 // words into distinct banks would take several.
@@ -252,6 +251,8 @@ __device__ __forceinline__ void stage_words(uint32_t* window, const T* src, int6
 #pragma unroll
   for (int q = 0; q < P; ++q) has[q] = P * g + q < n_rows;
   const int chunks = (w1 - w0) / V;
+  // Steps unrolled: 64 bytes of loads in flight per thread (2 steps of 16-byte loads of 16-bit rows: 4 would spill
+  // in grad_points_kernel), at most 4 steps.
   constexpr int kUnroll = std::min(4, std::max(1, 64 / (P * RowLoad<T, V>::kBytes)));
 #pragma unroll kUnroll
   for (int c = static_cast<int>(threadIdx.x) / 8; c < chunks; c += kThreads / 8) {
