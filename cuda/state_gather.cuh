@@ -456,23 +456,28 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
   const int per_warp = ((n + kWarps - 1) / kWarps + 31) / 32 * 32;
   const int e_begin = min(n, warp * per_warp), e_end = min(n, e_begin + per_warp);
   const SegmentPoints<T> points(p, segment);
-  // Calls f(e, bucket, sample) for the warp's samples e = e0 + lane, 32 at a time in order, on every lane (lanes
-  // past e_end and samples touching no target get bucket -1 - lane: a key of their own). The offsets and weights
-  // of kBucketSteps such steps are loaded before any is used.
+  // Calls f(t, bucket, sample) for the warp's samples e = k * L + t = e0 + lane, 32 at a time in order, on every
+  // lane (lanes past e_end and samples touching no target get bucket -1 - lane: a key of their own). The offsets
+  // and weights of kBucketSteps such steps are loaded before any is used. A lane steps its (k, t) by 32 samples:
+  // one division per call rather than two per sample.
   const auto for_each_sample = [&](auto&& f) {
+    int k = (e_begin + lane) / L, t = (e_begin + lane) % L;
     for (int e0 = e_begin; e0 < e_end; e0 += 32 * kBucketSteps) {
       float2 pt[kBucketSteps];
+      int position[kBucketSteps];
 #pragma unroll
       for (int j = 0; j < kBucketSteps; ++j) {
         const int e = e0 + 32 * j + lane;
-        pt[j] = e < e_end ? points.point(e / L, e % L) : make_float2(0.f, 0.f);
+        position[j] = t;
+        pt[j] = e < e_end ? points.point(k, t) : make_float2(0.f, 0.f);
+        for (t += 32; t >= L; t -= L) ++k;
       }
 #pragma unroll
       for (int j = 0; j < kBucketSteps; ++j) {
         if (e0 + 32 * j >= e_end) break;  // warp-uniform
         const int e = e0 + 32 * j + lane;
-        const Sample smp = make_sample(e % L, pt[j].x, pt[j].y, L);
-        f(e, e < e_end && (smp.ok0 || smp.ok1) ? smp.lo + 1 : -1 - lane, smp);
+        const Sample smp = make_sample(position[j], pt[j].x, pt[j].y, L);
+        f(position[j], e < e_end && (smp.ok0 || smp.ok1) ? smp.lo + 1 : -1 - lane, smp);
       }
     }
   };
@@ -509,13 +514,13 @@ __global__ void __launch_bounds__(kThreads) buckets_kernel(const StateGatherPara
   if (threadIdx.x == 0) starts[buckets] = carry;
   __syncthreads();
 
-  for_each_sample([&](int e, int bucket, const Sample& smp) {
+  for_each_sample([&](int t, int bucket, const Sample& smp) {
     const unsigned peers = __match_any_sync(0xffffffffu, bucket);
     const int slot = bucket >= 0 ? my_counts[bucket] + __popc(peers & ((1u << lane) - 1)) : 0;
     __syncwarp();  // every peer has read the cursor before its leader moves it
     if (bucket >= 0) {
       if (lane == __ffs(peers) - 1) my_counts[bucket] += __popc(peers);
-      entry_t[slot] = e % L;
+      entry_t[slot] = t;
       entry_c[slot] = make_float2(smp.c0, smp.c1);
     }
     __syncwarp();
