@@ -10,7 +10,8 @@
 // reads shared memory), else a tile with a halo on each side; samples outside the window read global memory. The
 // window size follows the device's shared memory per block (row_tiling).
 //
-// Forward: block (b, s, row chunk, tile) stages h; thread per position t: residual + K samples, kRows rows.
+// Forward: block (b, s, row chunk, tile) stages h; thread per position t: residual + K samples, kRows rows. Short
+// rows with K <= kPointGroup: a block stages a run of row chunks, and a position's samples serve all of them.
 // Backward, with no float atomics, so it is bit-identical across runs whatever `deterministic` says:
 //   1. buckets_kernel, block per (b, s): the samples that touch a target (lo in [-1, L-1]) sorted by lo with
 //      a counting sort whose order is fixed (per-warp counts, an ordered scan, each warp filling its own
@@ -59,8 +60,12 @@ struct Tiling {
 // when L fits, else a tile and a halo of kHalo each side (a quarter of the window where that is less),
 // tile + 2 * halo == window. Tiles, halos and so window starts are multiples of 8 positions (staging_load_bytes).
 // sm_80, sm_90: windows of 3584 positions (112 KiB), tiles of 2048; sm_86, sm_89, sm_120: 3168 (99 KiB), 1632.
+inline int window_positions(size_t block_smem) {
+  return static_cast<int>(std::min<size_t>(kMaxWindow, block_smem / kPositionBytes / 8 * 8));
+}
+
 inline Tiling row_tiling(int64_t L, size_t block_smem) {
-  const int window = static_cast<int>(std::min<size_t>(kMaxWindow, block_smem / kPositionBytes / 8 * 8));
+  const int window = window_positions(block_smem);
   if (L <= window) return {static_cast<int>(L), 0, 1};
   const int halo = std::min(kHalo, window / 4 / 8 * 8), tile = window - 2 * halo;
   return {tile, halo, static_cast<int>(ceil_div(L, tile))};
@@ -310,27 +315,28 @@ __device__ __forceinline__ void read_staged(const uint32_t* window, int i, float
 }
 
 // The kRows values at position i of the chunk: 0 where !valid, from the window when staged, else from the
-// global rows (row r at rows[r * L + i], rows n_rows.. read 0).
-template <typename T>
+// global rows (row r at rows[r * L + i], rows n_rows.. read 0). kWholeRow: the window is the whole row, so every
+// valid position is staged.
+template <typename T, bool kWholeRow = false>
 __device__ __forceinline__ void read_position(const uint32_t* window, const Block& blk,
                                               const T* rows, int64_t L, bool valid, int i,
                                               float (&v)[Staged<T>::kRows]) {
   constexpr int R = Staged<T>::kRows;
-  if (valid && i >= blk.w0 && i < blk.w1) {
+  if (valid && (kWholeRow || (i >= blk.w0 && i < blk.w1))) {
     read_staged<T>(window, i - blk.w0, v);
     return;
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) v[r] = valid && r < blk.n_rows ? to_float(rows[r * L + i]) : 0.f;
+  for (int r = 0; r < R; ++r) v[r] = !kWholeRow && valid && r < blk.n_rows ? to_float(rows[r * L + i]) : 0.f;
 }
 
 // The kRows values at a sample's two neighbours, lo (v0) and lo + 1 (v1); 0 where a neighbour is invalid.
-template <typename T>
+template <typename T, bool kWholeRow = false>
 __device__ __forceinline__ void read_neighbours(const uint32_t* window, const Block& blk,
                                                 const T* rows, int64_t L, const Sample& smp,
                                                 float (&v0)[Staged<T>::kRows], float (&v1)[Staged<T>::kRows]) {
-  read_position<T>(window, blk, rows, L, smp.ok0, smp.lo, v0);
-  read_position<T>(window, blk, rows, L, smp.ok1, smp.lo + 1, v1);
+  read_position<T, kWholeRow>(window, blk, rows, L, smp.ok0, smp.lo, v0);
+  read_position<T, kWholeRow>(window, blk, rows, L, smp.ok1, smp.lo + 1, v1);
 }
 
 // Stores v[r] at position t of rows r < n_rows (row r at rows + r * L), one pointer step of L a row.
@@ -343,44 +349,82 @@ __device__ __forceinline__ void store_rows(T* rows, int64_t L, int n_rows, int t
   }
 }
 
-// A block of fwd_kernel or grad_h_kernel (blocks segment-major, then row chunk, then tile) and the rows of its
-// chunk in `data`, the (b, S, D, L) array it stages (h or grad_out).
+// A block of fwd_kernel or grad_h_kernel (blocks segment-major, then a run of `per_block` row chunks, then tile):
+// its first chunk (blk), how many chunks it has (`chunks`: per_block, fewer at the end of D) and their rows in
+// `data`, the (b, S, D, L) array it stages (h or grad_out), chunk w's rows at rows + w * kRows * L.
 template <typename T>
 struct RowBlock {
   Block blk;
+  int chunks;
   const T* rows;
+
+  // Chunk w's block: its rows start w * kRows rows after the first chunk's; the window and tile are the same.
+  __device__ __forceinline__ Block chunk(int w, const StateGatherParams& p) const {
+    constexpr int R = Staged<T>::kRows;
+    Block b = blk;
+    b.row0 += int64_t{w} * R;
+    const int64_t rows_left = p.dim - (b.row0 - b.segment * p.dim);
+    b.n_rows = rows_left < R ? static_cast<int>(rows_left) : R;
+    return b;
+  }
 };
 
 template <typename T>
-__device__ __forceinline__ RowBlock<T> row_block(const void* data, const StateGatherParams& p, const Tiling& tiling) {
+__device__ __forceinline__ RowBlock<T> row_block(const void* data, const StateGatherParams& p, const Tiling& tiling,
+                                                 int per_block) {
   constexpr int R = Staged<T>::kRows;
-  const int64_t n_chunks = (p.dim + R - 1) / R;
+  const int64_t n_chunks = (p.dim + R - 1) / R, runs = (n_chunks + per_block - 1) / per_block;
   const int64_t block = blockIdx.x;
-  const Block blk = make_block(block / tiling.n_tiles / n_chunks, block / tiling.n_tiles % n_chunks,
-                               static_cast<int>(block % tiling.n_tiles), p, tiling, R);
-  return {blk, static_cast<const T*>(data) + blk.row0 * p.seqlen};
+  const int64_t first = block / tiling.n_tiles % runs * per_block;
+  const Block blk = make_block(block / tiling.n_tiles / runs, first, static_cast<int>(block % tiling.n_tiles), p,
+                               tiling, R);
+  const int chunks = static_cast<int>(n_chunks - first < per_block ? n_chunks - first : per_block);
+  return {blk, chunks, static_cast<const T*>(data) + blk.row0 * p.seqlen};
 }
 
-// Stages the window of a row block, `load_bytes` a load (staging_load_bytes). Every thread of the block must call it.
+// The window words of one row chunk of a row block: the chunks' windows follow one another in shared memory.
+__device__ __forceinline__ int chunk_window_words(const Block& blk) { return (blk.w1 - blk.w0) * kPositionBytes / 4; }
+
+// Stages the windows of a row block's chunks, `load_bytes` a load (staging_load_bytes). Every thread of the block
+// must call it.
 template <typename T>
 __device__ __forceinline__ void stage_row_block(uint32_t* window, const RowBlock<T>& rb, const StateGatherParams& p,
                                                 int load_bytes) {
-  stage_window<T>(window, rb.rows, p.seqlen, rb.blk.n_rows, rb.blk.w0, rb.blk.w1, load_bytes);
+  for (int w = 0; w < rb.chunks; ++w) {
+    stage_window<T>(window + w * chunk_window_words(rb.blk), rb.rows + int64_t{w} * Staged<T>::kRows * p.seqlen,
+                    p.seqlen, rb.chunk(w, p).n_rows, rb.blk.w0, rb.blk.w1, load_bytes);
+  }
   __syncthreads();
 }
 
-// load_bytes: staging_load_bytes(p.h, L).
+// Row chunks per forward block (fwd_chunks_per_block): where the window is the whole row and a position's points
+// are one group (K <= kPointGroup), a block stages several row chunks of its segment, and each position's samples
+// are worked out once for all of them.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p, const Tiling tiling, int load_bytes) {
+int fwd_chunks_per_block(const StateGatherParams& p, const Tiling& tiling, size_t block_smem) {
+  const int64_t n_chunks = ceil_div(p.dim, Staged<T>::kRows);
+  if (tiling.n_tiles > 1 || p.n_points > kPointGroup || p.seqlen == 0 || n_chunks <= 1) return 1;
+  // As many as the window holds, and no fewer blocks than two per SM where the chunks allow; then spread evenly.
+  const int64_t fit = window_positions(block_smem) / p.seqlen;
+  const int64_t spread = p.batch * p.n_seq * n_chunks / (2 * int64_t{sm_count()});
+  const int64_t most = std::max<int64_t>(1, std::min(fit, spread));
+  return static_cast<int>(ceil_div(n_chunks, ceil_div(n_chunks, most)));
+}
+
+// load_bytes: staging_load_bytes(p.h, L); per_block: fwd_chunks_per_block, 1 unless kChunks. kChunks: compiled for
+// several chunks, whose loop costs registers and instructions that one chunk does without; their windows are
+// whole rows (fwd_chunks_per_block), so no sample reads global memory.
+template <typename T, bool kChunks>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p, const Tiling tiling, int load_bytes,
+                                                      int per_block) {
   constexpr int R = Staged<T>::kRows;
   extern __shared__ uint4 smem[];
   auto* window = reinterpret_cast<uint32_t*>(smem);
-  const RowBlock<T> rb = row_block<T>(p.h, p, tiling);
+  const RowBlock<T> rb = row_block<T>(p.h, p, tiling, per_block);
   const Block& blk = rb.blk;
-  const T* h = rb.rows;
+  const int window_words = chunk_window_words(blk);
 
   const SegmentPoints<T> points(p, blk.segment);
-  T* out = static_cast<T*>(p.out) + blk.row0 * p.seqlen;
   // Point groups are loaded one step ahead (the next group of this position, or the first of the thread's next
   // one): their samples' positions depend on them, so a group loaded where it is used would leave its position's
   // work waiting on memory. The first is loaded before the window is staged, to wait on memory with it.
@@ -388,27 +432,34 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
   PointGroup next = points.load_group(p.n_points, 0, t, t < blk.t1);
   stage_row_block<T>(window, rb, p, load_bytes);
   for (; t < blk.t1; t += kThreads) {
-    float acc[R];
-    read_staged<T>(window, t - blk.w0, acc);  // h[t], the residual
+    Sample smp[kPointGroup];  // the position's current group; with several chunks, its only one, for all of them
+    for (int w = 0; w < (kChunks ? rb.chunks : 1); ++w) {
+      const Block chunk = kChunks ? rb.chunk(w, p) : blk;
+      const uint32_t* chunk_window = window + w * window_words;
+      const T* h = rb.rows + int64_t{w} * R * p.seqlen;
+      float acc[R];
+      read_staged<T>(chunk_window, t - blk.w0, acc);  // h[t], the residual
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = p.residual ? acc[r] : 0.f;
-    for (int64_t k0 = 0; k0 < p.n_points; k0 += kPointGroup) {
-      const PointGroup group = next;
-      const bool last = k0 + kPointGroup >= p.n_points;
-      const int t_next = last ? t + kThreads : t;
-      next = points.load_group(p.n_points, last ? 0 : k0 + kPointGroup, t_next, t_next < blk.t1);
-      Sample smp[kPointGroup];
-      points.samples(group, smp, p.n_points, k0, t, true);
+      for (int r = 0; r < R; ++r) acc[r] = p.residual ? acc[r] : 0.f;
+      for (int64_t k0 = 0; k0 < p.n_points; k0 += kPointGroup) {
+        if (w == 0) {  // the first chunk's groups (all of them: K > kPointGroup has one chunk per block)
+          const PointGroup group = next;
+          const bool last = k0 + kPointGroup >= p.n_points;
+          const int t_next = last ? t + kThreads : t;
+          next = points.load_group(p.n_points, last ? 0 : k0 + kPointGroup, t_next, t_next < blk.t1);
+          points.samples(group, smp, p.n_points, k0, t, true);
+        }
 #pragma unroll
-      for (int j = 0; j < kPointGroup; ++j) {
-        if (k0 + j >= p.n_points) break;
-        float v0[R], v1[R];
-        read_neighbours<T>(window, blk, h, p.seqlen, smp[j], v0, v1);
+        for (int j = 0; j < kPointGroup; ++j) {
+          if (k0 + j >= p.n_points) break;
+          float v0[R], v1[R];
+          read_neighbours<T, kChunks>(chunk_window, chunk, h, p.seqlen, smp[j], v0, v1);
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = fmaf(smp[j].c1, v1[r], fmaf(smp[j].c0, v0[r], acc[r]));
+          for (int r = 0; r < R; ++r) acc[r] = fmaf(smp[j].c1, v1[r], fmaf(smp[j].c0, v0[r], acc[r]));
+        }
       }
+      store_rows<T>(static_cast<T*>(p.out) + chunk.row0 * p.seqlen, p.seqlen, chunk.n_rows, t, acc);
     }
-    store_rows<T>(out, p.seqlen, blk.n_rows, t, acc);
   }
 }
 
@@ -563,7 +614,7 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
   auto* window = reinterpret_cast<uint32_t*>(smem);
   const StateGatherParams& p = bp.fwd;
   const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen);
-  const RowBlock<T> rb = row_block<T>(bp.grad_out, p, tiling);
+  const RowBlock<T> rb = row_block<T>(bp.grad_out, p, tiling, 1);
   const Block& blk = rb.blk;
   const T* grad = rb.rows;
 
@@ -690,11 +741,17 @@ __global__ void __launch_bounds__(kThreads, 2) grad_points_kernel(const StateGat
 // Host launchers, instantiated per dtype in state_gather_{fwd,bwd}_<dtype>.cu.
 template <typename T>
 void launch_fwd(const StateGatherParams& p, cudaStream_t stream) {
-  const Tiling tiling = row_tiling(p.seqlen, max_block_smem());
-  const size_t smem = window_bytes(tiling, p.seqlen);
-  const unsigned grid = grid_size(p.batch * p.n_seq * ceil_div(p.dim, Staged<T>::kRows) * tiling.n_tiles, "state_gather");
-  allow_dynamic_smem(fwd_kernel<T>, smem, 0);
-  fwd_kernel<T><<<grid, kThreads, smem, stream>>>(p, tiling, staging_load_bytes<T>(p.h, p.seqlen));
+  const size_t block_smem = max_block_smem();
+  const Tiling tiling = row_tiling(p.seqlen, block_smem);
+  const int per_block = fwd_chunks_per_block<T>(p, tiling, block_smem);
+  const size_t smem = per_block * window_bytes(tiling, p.seqlen);
+  const int64_t runs = ceil_div(ceil_div(p.dim, Staged<T>::kRows), per_block);
+  const unsigned grid = grid_size(p.batch * p.n_seq * runs * tiling.n_tiles, "state_gather");
+  bool_switch(per_block > 1, [&](auto chunks) {
+    const auto kernel = fwd_kernel<T, decltype(chunks)::value>;
+    allow_dynamic_smem(kernel, smem, 0);
+    kernel<<<grid, kThreads, smem, stream>>>(p, tiling, staging_load_bytes<T>(p.h, p.seqlen), per_block);
+  });
   check_launch("state_gather forward");
 }
 

@@ -319,6 +319,17 @@ def test_state_gather_staging_load_widths(emu, dtype, L, shifted):
     check_against_reference(gather_op(emu), reference.state_gather, inputs, grad, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("L,K", [(24, 4), (21, 3)])
+def test_state_gather_several_row_chunks_per_block(emu, dtype, L, K):
+    """Short rows with at most 4 points: each forward block stages several row chunks of its segment and works out a
+    position's samples once for all of them. 4 x 4 segments of 521 channels on the emulated H100's 132 SMs take 2
+    chunks a block in 16-bit types (17 blocks a segment, the last with one chunk of 9 rows), 4 in float32 (the last
+    block 2 chunks); L = 21 stages one element per load."""
+    inputs = gather_inputs(4, 4, 521, L, K, dtype=dtype, spread=8.0)
+    check_against_reference(gather_op(emu), reference.state_gather, inputs, random_like(inputs["h"]), dtype)
+
+
 @pytest.mark.parametrize("L", [3200, 4096])
 def test_state_gather_on_a_99_kib_device(emu, L):
     """With 99 KiB of shared memory per block (sm_86, sm_89, sm_120), L = 3200 no longer fits one window."""
