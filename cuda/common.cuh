@@ -140,6 +140,26 @@ __device__ __forceinline__ Items<T, K> load_items_by_one(const T* p, Offset step
   return x;
 }
 
+// The first `count` of kW items from p, `step` elements apart (0 past them), as the words of Items: where count
+// covers all kW, in aligned loads of kV items where kV > 1 (the items are then adjacent), else one item per load.
+// Chunks of a staged tile or window: one over a plane's last column or a tensor's last channel is read item by item,
+// and a single 16-bit item (kV = 1, kW = 2) fills the low half of its word.
+template <int kV, int kW, typename T, typename Offset>
+__device__ __forceinline__ Items<T, kW> load_chunk(const T* p, Offset step, int count) {
+  if (count >= kW) {
+    if constexpr (kV > 1) {
+      constexpr int kBytes = kV * static_cast<int>(sizeof(T));
+      using V = std::conditional_t<kBytes == 16, uint4, std::conditional_t<kBytes == 8, uint2, unsigned int>>;
+      Items<T, kW> x;
+      load_vectors<V>(p, x);
+      return x;
+    } else {
+      return load_items_by_one<kW>(p, step, kW);
+    }
+  }
+  return load_items_by_one<kW>(p, step, count);
+}
+
 // Lets `kernel`, which declares `static_bytes` of static shared memory, be launched with `bytes` of dynamic
 // shared memory where the two together exceed the default 48 KiB. The caller's plan keeps
 // static_bytes + bytes <= max_block_smem(). The attribute is set to all the device allows,

@@ -196,25 +196,6 @@ struct SmallDivisor {
 // stage_tile's items (chunks of the tile) number at most twice its floats, which the plan keeps within kSmemBudget.
 static_assert(2 * kSmemBudget / 4 < (1 << 16), "SmallDivisor needs stage_tile's item indices below 2^16");
 
-// The first `count` of kW items from p, `step` elements apart (0 past them), as the words of Items: where count
-// covers all kW, in aligned loads of kV items where kV > 1 (the items are then adjacent), else one item per load. A
-// chunk over the plane's last column or the last channel is read item by item.
-template <int kV, int kW, typename T, typename Offset>
-__device__ __forceinline__ Items<T, kW> load_chunk(const T* p, Offset step, int count) {
-  if (count >= kW) {
-    if constexpr (kV > 1) {
-      constexpr int kBytes = kV * static_cast<int>(sizeof(T));
-      using V = std::conditional_t<kBytes == 16, uint4, std::conditional_t<kBytes == 8, uint2, unsigned int>>;
-      Items<T, kW> x;
-      load_vectors<V>(p, x);
-      return x;
-    } else {
-      return load_items_by_one<kW>(p, step, kW);
-    }
-  }
-  return load_items_by_one<kW>(p, step, count);
-}
-
 // The elements per chunk stage_tile may read at once (up to 16 bytes): the largest power of 2 that divides the
 // input's address and strides in elements, for channels_last at most the block's channels, and 1 unless the
 // contiguous direction (columns, or channels for channels_last) has stride 1. Then every chunk of kV elements

@@ -218,28 +218,6 @@ __device__ __forceinline__ Block make_block(int64_t segment, int64_t chunk, int 
 // mod 8 takes every value): no conflict for nearby positions.
 __device__ __forceinline__ int window_word(int i, int g) { return 8 * i + (g ^ (i & 4)); }
 
-// The V elements at p (aligned to V * sizeof(T)) as the words that hold them, the lower address first; a load of
-// one 16-bit element fills the low half of w[0].
-template <typename T, int V>
-struct RowLoad {
-  static constexpr int kBytes = V * static_cast<int>(sizeof(T));
-  static constexpr int kWords = kBytes < 4 ? 1 : kBytes / 4;
-  uint32_t w[kWords];
-
-  __device__ __forceinline__ void load(const T* p) {
-    if constexpr (kBytes == 16) {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-      w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
-    } else if constexpr (kBytes == 8) {
-      const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
-      w[0] = u.x, w[1] = u.y;
-    } else {
-      static_assert(V == 1, "one element, or 8 or 16 bytes");
-      w[0] = bits_of(*p);
-    }
-  }
-};
-
 // Copies positions [w0, w1) of rows [0, n_rows) of the row-major (rows, L) array `src` into `window` (laid out as
 // window_word says, relative to w0), V positions of a row per load; rows n_rows..kRows-1 read 0. w0 and w1 - w0
 // are multiples of V, and so is L where V > 1. Thread (g, c) stages word g of V positions at a time: it loads them
@@ -256,21 +234,16 @@ __device__ __forceinline__ void stage_words(uint32_t* window, const T* src, int6
 #pragma unroll
   for (int q = 0; q < P; ++q) has[q] = P * g + q < n_rows;
   const int chunks = (w1 - w0) / V;
+  // A row's V positions as Items: whole words (one 16-bit position fills the low half of its word).
+  constexpr int kW = V > P ? V : P;
   // Steps unrolled: 64 bytes of loads in flight per thread (2 steps of 16-byte loads of 16-bit rows: 4 would spill
   // in grad_points_kernel), at most 4 steps.
-  constexpr int kUnroll = std::min(4, std::max(1, 64 / (P * RowLoad<T, V>::kBytes)));
+  constexpr int kUnroll = std::min(4, std::max(1, 64 / (P * V * static_cast<int>(sizeof(T)))));
 #pragma unroll kUnroll
   for (int c = static_cast<int>(threadIdx.x) / 8; c < chunks; c += kThreads / 8) {
-    RowLoad<T, V> rows[P];
+    Items<T, kW> rows[P];
 #pragma unroll
-    for (int q = 0; q < P; ++q) {
-      if (has[q]) {
-        rows[q].load(first + q * L + c * V);
-      } else {
-#pragma unroll
-        for (int k = 0; k < RowLoad<T, V>::kWords; ++k) rows[q].w[k] = 0;
-      }
-    }
+    for (int q = 0; q < P; ++q) rows[q] = has[q] ? load_chunk<V, kW>(first + q * L + c * V, 1, V) : Items<T, kW>{};
     // window_word(c * V + j, g) is at + 8 j: bit 2 of position c * V + j is c * V's for j < 4 (V <= 4 divides
     // c * V), 1 for j >= 4 (V = 8: c * V is a multiple of 8), where the halves swap.
     const int at = window_word(c * V, g);
