@@ -64,9 +64,22 @@ int64_t block_rows(const SelectiveScanParams& p) { return (kChains + p.dstate - 
 // Values of scratch that scan_fwd_block needs.
 int64_t fwd_work_size(const SelectiveScanParams& p) { return (3 * block_rows(p) + 2 * kChains + 1) * p.seqlen; }
 
+// The checkpoints (SelectiveScanParams::checkpoints) of chains [q, q + chains) (chain q = row * N + n) from their
+// states h (chains, L).
+template <typename Acc>
+void store_checkpoints(const SelectiveScanParams& p, int64_t q, int64_t chains, const Acc* h) {
+  const int64_t L = p.seqlen, N = p.dstate, segment = selective_scan_segment(p);
+  const int64_t count = selective_scan_num_checkpoints(p);
+  for (int64_t j = 0; j < chains; ++j) {
+    const int64_t row = (q + j) / N, n = (q + j) % N;
+    Acc* out = static_cast<Acc*>(p.checkpoints) + row * count * N + n;
+    for (int64_t k = 0; k < count; ++k) out[k * N] = h[j * L + (k + 1) * segment - 1];
+  }
+}
+
 // Forward of rows [row0, row0 + rows): writes their y (rows, L) or states (rows, N, L), each contiguous in the
-// output. Per chain, the decays a_t = exp(dt_t A[n]) and drives x_t = dt_t u_t B[n, t] are vector loops over t,
-// which leaves only h_t = a_t h_{t-1} + x_t sequential.
+// output, and their checkpoints when asked. Per chain, the decays a_t = exp(dt_t A[n]) and drives
+// x_t = dt_t u_t B[n, t] are vector loops over t, which leaves only h_t = a_t h_{t-1} + x_t sequential.
 template <typename T>
 void scan_fwd_block(const SelectiveScanParams& p, int64_t row0, int64_t rows, acc_t<T>* work) {
   using Acc = acc_t<T>;
@@ -98,15 +111,16 @@ void scan_fwd_block(const SelectiveScanParams& p, int64_t row0, int64_t rows, ac
       const Acc* Bn = as_acc(c[r].B + n * p.B_dstate_stride, in, L);
       for (int64_t t = 0; t < L; ++t) x[j * L + t] = dtu[r * L + t] * Bn[t];
     }
-    if (p.states_mode) {  // chains q0.. are consecutive (L,) rows of the states
-      Acc* h = acc_out(out + q0 * L, x);
-      cpu::linear_recurrence(h, a, x, L, group);
+    // h (group, L): the chains' states.
+    Acc* h = p.states_mode ? acc_out(out + q0 * L, x) : x;  // in states mode, chains q0.. are rows of the output
+    cpu::linear_recurrence(h, a, x, L, group);
+    if (p.checkpoints) store_checkpoints(p, row0 * N + q0, group, h);
+    if (p.states_mode) {
       store_out(out + q0 * L, h, group * L);
     } else {
-      cpu::linear_recurrence(x, a, x, L, group);
       for (int64_t j = 0; j < group; ++j) {
         const int64_t r = (q0 + j) / N, n = (q0 + j) % N;
-        cpu::fma_add(y + r * L, as_acc(c[r].C + n * p.C_dstate_stride, in, L), x + j * L, L);
+        cpu::fma_add(y + r * L, as_acc(c[r].C + n * p.C_dstate_stride, in, L), h + j * L, L);
       }
     }
   }
@@ -299,12 +313,24 @@ Tensor selective_scan_cpu(Tensor u, Tensor delta, Tensor A, Tensor B, std::optio
   return call.out;
 }
 
+std::tuple<Tensor, Tensor> selective_scan_forward_cpu(Tensor u, Tensor delta, Tensor A, Tensor B,
+                                                      std::optional<Tensor> C, std::optional<Tensor> D,
+                                                      std::optional<Tensor> delta_bias, bool delta_softplus,
+                                                      bool deterministic) {
+  SelectiveScanCall call =
+      selective_scan_call(Backend::CPU, u, delta, A, B, C, D, delta_bias, delta_softplus, /*with_checkpoints=*/true);
+  if (call.out.numel() > 0) {
+    cpu::dispatch_dtype(call.params.dtype, [&](auto tag) { scan_fwd<decltype(tag)>(call.params); });
+  }
+  return {call.out, *call.checkpoints};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>
 selective_scan_backward_cpu(Tensor grad_out, Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
                             std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus,
-                            bool deterministic) {
+                            bool deterministic, std::optional<Tensor> checkpoints) {
   SelectiveScanBwdCall call = selective_scan_bwd_call(Backend::CPU, grad_out, u, delta, A, B, C, D, delta_bias,
-                                                      delta_softplus, deterministic);
+                                                      delta_softplus, deterministic, checkpoints);
   if (call.params.fwd.batch * call.params.fwd.dim > 0) {
     cpu::dispatch_dtype(call.params.fwd.dtype, [&](auto tag) { scan_bwd<decltype(tag)>(call.params); });
   }
@@ -318,13 +344,19 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mamba_adaptor, m) {
   m.def(
       "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, Tensor? D=None, "
       "Tensor? delta_bias=None, bool delta_softplus=False, bool deterministic=False) -> Tensor");
+  // What autograd runs when it records a backward: selective_scan, and the checkpoints the backward starts from.
+  m.def(
+      "selective_scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, Tensor? D=None, "
+      "Tensor? delta_bias=None, bool delta_softplus=False, bool deterministic=False) "
+      "-> (Tensor out, Tensor checkpoints)");
   m.def(
       "selective_scan_backward(Tensor grad_out, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, "
-      "Tensor? D, Tensor? delta_bias, bool delta_softplus, bool deterministic=False) "
+      "Tensor? D, Tensor? delta_bias, bool delta_softplus, bool deterministic=False, Tensor? checkpoints=None) "
       "-> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor? dC, Tensor? dD, Tensor? ddelta_bias)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(mamba_adaptor, CPU, m) {
   m.impl("selective_scan", TORCH_BOX(&mamba_adaptor::selective_scan_cpu));
+  m.impl("selective_scan_forward", TORCH_BOX(&mamba_adaptor::selective_scan_forward_cpu));
   m.impl("selective_scan_backward", TORCH_BOX(&mamba_adaptor::selective_scan_backward_cpu));
 }

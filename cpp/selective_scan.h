@@ -35,9 +35,27 @@ struct SelectiveScanParams {
 
   // Output, contiguous: y (b, dim, L), or the states (b, dim, N, L) in states mode.
   void* out;
+  // Optional output (nullptr: not written), contiguous (b, dim, selective_scan_num_checkpoints(*this), N) in A's
+  // dtype: the state h after each of the backward's segments but the last (checkpoints[.., k, n] = h_t[n] at
+  // t = (k + 1) * selective_scan_segment(*this) - 1), for a backward that then need not run the forward again.
+  void* checkpoints;
 
   int64_t dim_per_group() const { return dim / n_groups; }
 };
+
+// The backward walks L in segments of this many timesteps (the CUDA backward's: 32 lanes of 8 timesteps for
+// d_state 1 in 16-bit types, of 4 otherwise) and starts each from the state the segment before left. (constexpr:
+// the CUDA kernels call them too.)
+constexpr int64_t selective_scan_segment(DType dtype, int64_t dstate) {
+  return dstate == 1 && (dtype == DType::Float16 || dtype == DType::BFloat16) ? 256 : 128;
+}
+constexpr int64_t selective_scan_segment(const SelectiveScanParams& p) { return selective_scan_segment(p.dtype, p.dstate); }
+
+// The checkpoints of a row: one per segment boundary inside L.
+constexpr int64_t selective_scan_num_checkpoints(const SelectiveScanParams& p) {
+  const int64_t segment = selective_scan_segment(p);
+  return p.seqlen > 0 ? (p.seqlen - 1) / segment : 0;
+}
 
 struct SelectiveScanBwdParams {
   SelectiveScanParams fwd;  // the forward's inputs (fwd.out unused)
@@ -56,8 +74,13 @@ struct SelectiveScanBwdParams {
   void* dD;           // (dim,), nullptr without D
   void* ddelta_bias;  // (dim,), nullptr without delta_bias
 
+  // The forward's checkpoints (SelectiveScanParams::checkpoints), or nullptr: the CUDA backward then computes
+  // them in its workspace, in a first pass over the inputs. Unused on the CPU, whose backward recomputes every
+  // state.
+  const void* checkpoints;
+
   // CUDA only: float32 scratch of selective_scan_bwd_cuda_workspace_bytes(*this) bytes, 16-byte aligned
-  // (dB/dC sums, per-row sums when deterministic, the per-segment checkpoints of the recomputed forward).
+  // (dB/dC sums, per-row sums when deterministic, the checkpoints when not given).
   // Unused on the CPU.
   void* workspace;
 };

@@ -122,25 +122,35 @@ std::vector<int64_t> output_shape(const Checked& in) {
   return {in.batch, in.dim, in.dstate, in.seqlen};
 }
 
+std::vector<int64_t> checkpoints_shape(const SelectiveScanParams& p) {
+  return {p.batch, p.dim, selective_scan_num_checkpoints(p), p.dstate};
+}
+
 }  // namespace
 
 SelectiveScanCall selective_scan_call(Backend backend, const Tensor& u, const Tensor& delta, const Tensor& A,
                                       const Tensor& B, const std::optional<Tensor>& C,
                                       const std::optional<Tensor>& D, const std::optional<Tensor>& delta_bias,
-                                      bool delta_softplus) {
-  const ArgChecker check(kOp);
+                                      bool delta_softplus, bool with_checkpoints) {
+  const ArgChecker check(with_checkpoints ? "selective_scan_forward" : kOp);
   Checked in = check_inputs(check, backend, u, delta, A, B, C, D, delta_bias);
-  Tensor out = torch::stable::new_empty(in.u, output_shape(in));
-  SelectiveScanParams params = make_params(in, delta_softplus);
-  params.out = out.data_ptr();
-  return SelectiveScanCall{params, out, keep_alive(in)};
+  SelectiveScanCall call{};
+  call.params = make_params(in, delta_softplus);
+  call.out = torch::stable::new_empty(in.u, output_shape(in));
+  call.params.out = call.out.data_ptr();
+  if (with_checkpoints) {
+    call.checkpoints = torch::stable::new_empty(in.A, checkpoints_shape(call.params));
+    call.params.checkpoints = call.checkpoints->data_ptr();
+  }
+  call.keep_alive = keep_alive(in);
+  return call;
 }
 
 SelectiveScanBwdCall selective_scan_bwd_call(Backend backend, const Tensor& grad_out, const Tensor& u,
                                              const Tensor& delta, const Tensor& A, const Tensor& B,
                                              const std::optional<Tensor>& C, const std::optional<Tensor>& D,
                                              const std::optional<Tensor>& delta_bias, bool delta_softplus,
-                                             bool deterministic) {
+                                             bool deterministic, const std::optional<Tensor>& checkpoints) {
   const ArgChecker check("selective_scan_backward");
   Checked in = check_inputs(check, backend, u, delta, A, B, C, D, delta_bias);
   const auto out_shape = output_shape(in);
@@ -153,6 +163,15 @@ SelectiveScanBwdCall selective_scan_bwd_call(Backend backend, const Tensor& grad
   call.params.fwd = make_params(in, delta_softplus);
   call.params.grad_out = grad.data_ptr();
   call.params.deterministic = deterministic;
+  std::optional<Tensor> given_checkpoints;
+  if (checkpoints) {
+    check.shape(*checkpoints, "checkpoints", checkpoints_shape(call.params.fwd),
+                "(b, dim, (L - 1) // S, N) (S = 256 for d_state 1 in 16-bit types, else 128)");
+    check.dtype(*checkpoints, "checkpoints", A.scalar_type(), "the dtype of A");
+    check.same_device(*checkpoints, "checkpoints", u, "u");
+    given_checkpoints = torch::stable::contiguous(*checkpoints);
+    call.params.checkpoints = given_checkpoints->data_ptr();
+  }
   call.du = torch::stable::new_empty(in.u, sizes_of(in.u));
   call.ddelta = torch::stable::new_empty(in.u, sizes_of(in.u));
   call.dA = torch::stable::new_zeros(in.A, sizes_of(in.A));
@@ -175,6 +194,7 @@ SelectiveScanBwdCall selective_scan_bwd_call(Backend backend, const Tensor& grad
   }
   call.keep_alive = keep_alive(in);
   call.keep_alive.push_back(grad);
+  if (given_checkpoints) call.keep_alive.push_back(*given_checkpoints);
   return call;
 }
 

@@ -13,6 +13,7 @@ namespace mamba_adaptor {
 struct SelectiveScanCall {
   SelectiveScanParams params;
   Tensor out;
+  std::optional<Tensor> checkpoints;  // with_checkpoints: (b, dim, selective_scan_num_checkpoints, N), A's dtype
   std::vector<Tensor> keep_alive;  // contiguous copies the params point into
 };
 
@@ -26,12 +27,12 @@ struct SelectiveScanBwdCall {
 SelectiveScanCall selective_scan_call(Backend backend, const Tensor& u, const Tensor& delta, const Tensor& A,
                                       const Tensor& B, const std::optional<Tensor>& C,
                                       const std::optional<Tensor>& D, const std::optional<Tensor>& delta_bias,
-                                      bool delta_softplus);
+                                      bool delta_softplus, bool with_checkpoints = false);
 
 SelectiveScanBwdCall selective_scan_bwd_call(Backend backend, const Tensor& grad_out, const Tensor& u,
                                              const Tensor& delta, const Tensor& A, const Tensor& B,
                                              const std::optional<Tensor>& C, const std::optional<Tensor>& D,
                                              const std::optional<Tensor>& delta_bias, bool delta_softplus,
-                                             bool deterministic);
+                                             bool deterministic, const std::optional<Tensor>& checkpoints);
 
 }  // namespace mamba_adaptor

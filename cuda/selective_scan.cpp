@@ -19,7 +19,7 @@ void check_cuda_limits(const char* op, const SelectiveScanParams& p) {
   }
 }
 
-// The forward is deterministic whatever `deterministic` says.
+// The forwards are deterministic whatever `deterministic` says.
 Tensor selective_scan_cuda(Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
                            std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus,
                            bool deterministic) {
@@ -30,12 +30,24 @@ Tensor selective_scan_cuda(Tensor u, Tensor delta, Tensor A, Tensor B, std::opti
   return call.out;
 }
 
+std::tuple<Tensor, Tensor> selective_scan_forward_cuda(Tensor u, Tensor delta, Tensor A, Tensor B,
+                                                       std::optional<Tensor> C, std::optional<Tensor> D,
+                                                       std::optional<Tensor> delta_bias, bool delta_softplus,
+                                                       bool deterministic) {
+  SelectiveScanCall call =
+      selective_scan_call(Backend::CUDA, u, delta, A, B, C, D, delta_bias, delta_softplus, /*with_checkpoints=*/true);
+  check_cuda_limits("selective_scan_forward", call.params);
+  CudaScope scope(u);
+  selective_scan_fwd_cuda(call.params, scope.stream());
+  return {call.out, *call.checkpoints};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>
 selective_scan_backward_cuda(Tensor grad_out, Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
                              std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus,
-                             bool deterministic) {
+                             bool deterministic, std::optional<Tensor> checkpoints) {
   SelectiveScanBwdCall call = selective_scan_bwd_call(Backend::CUDA, grad_out, u, delta, A, B, C, D, delta_bias,
-                                                      delta_softplus, deterministic);
+                                                      delta_softplus, deterministic, checkpoints);
   check_cuda_limits("selective_scan_backward", call.params.fwd);
   CudaScope scope(u);
   std::optional<Tensor> workspace;
@@ -54,5 +66,6 @@ selective_scan_backward_cuda(Tensor grad_out, Tensor u, Tensor delta, Tensor A, 
 
 STABLE_TORCH_LIBRARY_IMPL(mamba_adaptor, CUDA, m) {
   m.impl("selective_scan", TORCH_BOX(&mamba_adaptor::selective_scan_cuda));
+  m.impl("selective_scan_forward", TORCH_BOX(&mamba_adaptor::selective_scan_forward_cuda));
   m.impl("selective_scan_backward", TORCH_BOX(&mamba_adaptor::selective_scan_backward_cuda));
 }

@@ -18,11 +18,12 @@
 // Rows of one segment with d_state 1 take the short-row kernels (selective_scan_short_fwd_kernel and _bwd_kernel):
 // kShortRows rows per warp.
 //
-// Backward, per row: a first pass runs the forward recurrence over all segments but the last and stores the
-// state at each segment boundary (n_seg - 1 checkpoints of N floats per row, not the state history); the second
-// pass walks the segments from last to first, recomputes the states inside each segment from its checkpoint and
-// scans the adjoint g_t = dout_t + a_{t+1} g_{t+1} backwards (dout_t = dy_t C[n, t], or the states' gradient),
-// carrying a_t g_t from one segment into the one before it.
+// Backward, per row: it starts from the state at each segment boundary (n_seg - 1 checkpoints of N floats per
+// row, not the state history), written by the forward when autograd asks for them (SelectiveScanParams::
+// checkpoints) or else by a first pass of the backward, which runs the forward recurrence over all segments but
+// the last. The (second) pass walks the segments from last to first, recomputes the states inside each segment
+// from its checkpoint and scans the adjoint g_t = dout_t + a_{t+1} g_{t+1} backwards (dout_t = dy_t C[n, t], or
+// the states' gradient), carrying a_t g_t from one segment into the one before it.
 //
 // Timesteps at t >= L (the tail of the last segment) load nothing (their u, B, C, dy read as 0), get dt = 0 and
 // a = 1, hence b = 0 and dout = 0: the identity map in both scan directions; they store nothing. No index
@@ -48,10 +49,14 @@ constexpr int kFwdSegment = 32 * kFwdItems;  // timesteps per warp and step alon
 
 __host__ __device__ constexpr int bwd_items(bool one_state, bool float32) { return one_state && !float32 ? 8 : 4; }
 
-// Timesteps per warp and step along L in the backward of params p.
+// Timesteps per warp and step along L in the backward of params p: the segments of the checkpoints.
 __host__ __device__ inline int bwd_segment(const SelectiveScanParams& p) {
-  return 32 * bwd_items(p.dstate == 1, p.dtype == DType::Float32);
+  return static_cast<int>(selective_scan_segment(p));
 }
+static_assert(32 * bwd_items(true, false) == selective_scan_segment(DType::BFloat16, 1) &&
+                  32 * bwd_items(true, true) == selective_scan_segment(DType::Float32, 1) &&
+                  32 * bwd_items(false, false) == selective_scan_segment(DType::Float16, 2),
+              "the backward's segments are those of the checkpoints");
 
 constexpr int kFwdWarps = 4;  // channels per block, forward
 constexpr int kBwdWarps = 8;  // channels per block, backward (each block adds dB, dC once)
@@ -86,7 +91,8 @@ __host__ __device__ inline ChannelTiles channel_tiles(const SelectiveScanParams&
 //   tile of channels (`parts` sets) that its blocks write, summed in order afterwards;
 // - when deterministic, the row sums (b, dim, N + 2): each row's dA[n], dD and ddelta_bias, summed over the batch
 //   in order afterwards (else each row adds them to the outputs atomically);
-// - the checkpoints (b, dim, n_seg - 1, N): the state after each segment but the last.
+// - unless the forward's are given, the checkpoints (b, dim, n_seg - 1, N): the state after each segment but the
+//   last.
 struct BwdWorkspace {
   int64_t padded_len, parts, part_stride, dB_offset, dC_offset, row_sums_offset, checkpoint_offset, total;
 };
@@ -110,7 +116,7 @@ __host__ __device__ inline BwdWorkspace bwd_workspace_layout(const SelectiveScan
   w.row_sums_offset = (p.states_mode ? 1 : 2) * w.parts * w.part_stride;
   const int64_t row_sums = bp.deterministic ? p.batch * p.dim * (p.dstate + 2) : 0;
   w.checkpoint_offset = w.row_sums_offset + (row_sums + 3) / 4 * 4;  // 16-byte aligned
-  w.total = w.checkpoint_offset + p.batch * p.dim * (n_seg > 1 ? n_seg - 1 : 0) * p.dstate;
+  w.total = w.checkpoint_offset + (bp.checkpoints ? 0 : p.batch * p.dim * (n_seg - 1) * p.dstate);
   return w;
 }
 
@@ -405,6 +411,19 @@ __device__ __forceinline__ float scan_segment(const float (&dt)[K], const float 
   return __shfl_sync(kFullMask, h, 31);
 }
 
+// The forward's checkpoints (SelectiveScanParams::checkpoints, (b, dim, count, N) floats; nullptr: none are
+// written): the state after every kSegment timesteps (the backward's segment) but at the row's end. A lane whose
+// items end on such a boundary, before timestep t_end, stores its last item's state h_n (of row row_index, state
+// n). Everything but the arguments is read from the params (constant memory) where it is used: registers are tight.
+template <int kSegment>
+__device__ __forceinline__ void store_checkpoint(const SelectiveScanParams& p, int64_t row_index, int64_t t_end,
+                                                 int64_t n, int64_t N, float h_n) {
+  const int64_t count = (p.seqlen - 1) / kSegment, k = t_end / kSegment - 1;
+  if (p.checkpoints != nullptr && t_end % kSegment == 0 && k < count) {
+    static_cast<float*>(p.checkpoints)[(row_index * count + k) * N + n] = h_n;
+  }
+}
+
 // Blocks per SM the forward's register budget allows: 6 (80 registers) for the d_state-1 path of 16-bit types,
 // which fits in them without spilling, 4 (128 registers) otherwise.
 template <typename T, int kN>
@@ -431,8 +450,9 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
   const T *u = in_row.u, *delta = in_row.delta, *B = in_row.B, *C = in_row.C;
   const float* A = in_row.A;
   const float D = in_row.D, bias = in_row.bias;
+  const int64_t row_index = row.b * p.dim + row.d;
   // y row (L), or this row's states (N, L).
-  T* out = static_cast<T*>(p.out) + (row.b * p.dim + row.d) * (kStates ? N : 1) * L;
+  T* out = static_cast<T*>(p.out) + row_index * (kStates ? N : 1) * L;
 
   for (int64_t n = lane; n < N; n += 32) carry[n] = 0.f;
   __syncwarp();
@@ -482,15 +502,17 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
       } else if (seg + 1 < n_seg) {
         next_state = load_state(seg + 1, 0);
       }
-      float h_items[kItems];
+      float h_items[kItems], lane_end = 0.f;
       const float segment_end = scan_segment(dt, dtu, st.B, st.A, valid, carry[n], lane, [&](int i, float h) {
         if constexpr (kStates) {
           h_items[i] = h;
         } else {
           y[i] = fmaf(st.C[i], h, y[i]);
         }
+        if (i == kItems - 1) lane_end = h;
       });
       if constexpr (kStates) store_items(out + n * L + t0, valid, h_items);
+      store_checkpoint<32 * bwd_items(kN == 1, sizeof(T) == 4)>(p, row_index, t0 + kItems, n, N, lane_end);
       __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it
       if (lane == 0) carry[n] = segment_end;
     }
@@ -563,7 +585,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
   for (int j = 0; j < rows; ++j) {
     const Step r = next;
     if (j + 1 < rows) next = warp_rows.load(j + 1, nullptr);
-    float dt[kItems], dtu[kItems], y[kItems], h_items[kItems];
+    float dt[kItems], dtu[kItems], y[kItems], h_items[kItems], lane_end = 0.f;
     time_steps<T, kSoftplus>(r.in.delta, r.bias, valid, dt);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) dtu[i] = dt[i] * r.in.u[i];
@@ -573,7 +595,13 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
       } else {
         y[i] = fmaf(C[i], h, kHasD ? r.D * r.in.u[i] : 0.f);
       }
+      if (i == kItems - 1) lane_end = h;
     });
+    // A row holds one of the backward's segments in 16-bit types, so no checkpoint; two in float32.
+    static_assert(32 * bwd_items(true, false) == kFwdSegment, "16-bit rows of one forward segment have no checkpoint");
+    if constexpr (sizeof(T) == 4) {
+      store_checkpoint<32 * bwd_items(true, true)>(p, warp_rows.index(j), warp_rows.t0 + kItems, 0, 1, lane_end);
+    }
     // y row (L), or the row's states (1, L).
     T* out = static_cast<T*>(p.out) + warp_rows.index(j) * p.seqlen + warp_rows.t0;
     if constexpr (kStates) {
@@ -730,7 +758,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   const BwdWorkspace ws = bwd_workspace_layout(bp);
   float* workspace = static_cast<float*>(bp.workspace);
   const int64_t row_index = row.b * p.dim + row.d;
-  float* checkpoints = workspace + ws.checkpoint_offset + row_index * (n_seg - 1) * N;  // [seg][n], read if active
+  // The state after each segment but the last, [seg][n], read if active: the forward's, or the first pass's.
+  float* recomputed = workspace + ws.checkpoint_offset + row_index * (n_seg - 1) * N;
+  const float* checkpoints =
+      bp.checkpoints ? static_cast<const float*>(bp.checkpoints) + row_index * (n_seg - 1) * N : recomputed;
   const int64_t bg = row.b * p.n_groups + row.g;
   const int64_t part = bp.deterministic ? static_cast<int64_t>(blockIdx.x) % ws.parts : 0;  // the channel tile
   float* dB_sum = workspace + ws.dB_offset + part * ws.part_stride + bg * N * ws.padded_len;
@@ -767,9 +798,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
     return in;
   };
 
-  // First pass: checkpoints[seg][n] = the state after segment seg, for seg < n_seg - 1. Lane 0 alone keeps the
-  // running state in `carry`.
-  if (row.active && n_seg > 1) {
+  // First pass, without the forward's checkpoints: recomputed[seg][n] = the state after segment seg, for
+  // seg < n_seg - 1. Lane 0 alone keeps the running state in `carry`.
+  if (bp.checkpoints == nullptr && row.active && n_seg > 1) {
     for (int64_t n = lane; n < N; n += 32) carry[n] = 0.f;
     __syncwarp();
     SegmentInputs<T, kItems> next_segment = load_segment(0, false);
@@ -801,7 +832,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
         if (lane == 0) {
           const float h = fmaf(segment.a, carry[n], segment.b);
           carry[n] = h;
-          checkpoints[seg * N + n] = h;
+          recomputed[seg * N + n] = h;
         }
       }
     }

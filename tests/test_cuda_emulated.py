@@ -92,22 +92,28 @@ class Emulator:
         return status, message.value.decode(), out
 
     @staticmethod
-    def op(name: str, params: dict):
+    def op(name: str, params: dict, forward_name: str | None = None):
         """`name` as a differentiable function of keyword arguments, `params` naming them with their defaults:
         forward and backward emulated. Every op's tensor arguments come first, and its backward returns one
-        gradient per tensor argument."""
-        forward = getattr(torch.ops.mamba_adaptor_emu, name)
+        gradient per tensor argument. With `forward_name`, that op runs forward and returns (out, *saved), and
+        the backward takes `saved` after the arguments (selective_scan_forward's checkpoints)."""
+        forward = getattr(torch.ops.mamba_adaptor_emu, forward_name or name)
         backward = getattr(torch.ops.mamba_adaptor_emu, name + "_backward")
 
         class Function(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *args):
+                out = forward(*args)
                 ctx.args = args
-                return forward(*args)
+                if forward_name is None:
+                    ctx.saved = ()
+                    return out
+                out, *ctx.saved = out
+                return out
 
             @staticmethod
             def backward(ctx, grad):
-                grads = backward(grad, *ctx.args)
+                grads = backward(grad, *ctx.args, *ctx.saved)
                 return (*grads, *[None] * (len(ctx.args) - len(grads)))
 
         def call(**kwargs):
@@ -136,11 +142,13 @@ def emu():
     emulator.configure()
 
 
-def scan_op(emu):
+def scan_op(emu, checkpoints: bool = True):
+    """The scan as autograd runs it: its backward from the forward's checkpoints; without `checkpoints`, from
+    its own first pass (what a direct torch.ops.mamba_adaptor.selective_scan call records)."""
     params = dict(
         u=None, delta=None, A=None, B=None, C=None, D=None, delta_bias=None, delta_softplus=False, deterministic=False
     )
-    return emu.op("selective_scan", params)
+    return emu.op("selective_scan", params, "selective_scan_forward" if checkpoints else None)
 
 
 def gather_op(emu):
@@ -238,6 +246,36 @@ def test_selective_scan_deterministic_backward(emu, dtype, b, dim, L, N, G, with
     for k in atomic:
         torch.testing.assert_close(ordered[k], atomic[k], rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
         assert torch.equal(ordered[k], again[k]), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "L,N,with_C",
+    [
+        (1003, 1, True),  # d_state 1: 3 checkpoints in 16-bit types (segments of 256 steps), 7 in float32
+        (200, 1, True),  # rows of one forward segment (its short-row kernel): float32's backward has 2 segments
+        (700, 3, False),  # states mode, general path: 5 checkpoints
+    ],
+)
+def test_selective_scan_forward_checkpoints(emu, dtype, L, N, with_C):
+    """The forward's checkpoints, as the CPU computes them, and the backward from them as from its own first
+    pass (a different summation order: close, not equal)."""
+    inputs = scan_inputs(b=2, dim=12, L=L, N=N, G=2, dtype=dtype, with_C=with_C)
+    out, checkpoints = torch.ops.mamba_adaptor_emu.selective_scan_forward(*inputs.values(), True)
+    expected_out, expected = torch.ops.mamba_adaptor.selective_scan_forward(*inputs.values(), True)
+    assert checkpoints.shape == expected.shape and (L < 256 or checkpoints.shape[2] > 0)
+    torch.testing.assert_close(checkpoints, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, torch.ops.mamba_adaptor_emu.selective_scan(*inputs.values(), True))
+    grad = scan_grad(inputs)
+    _, from_checkpoints = run_with_grads(scan_op(emu), inputs, grad, delta_softplus=True)
+    _, own_pass = run_with_grads(scan_op(emu, checkpoints=False), inputs, grad, delta_softplus=True)
+    for k in own_pass:
+        torch.testing.assert_close(from_checkpoints[k], own_pass[k], rtol=1e-4 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-4)  # fmt: skip
+    if checkpoints.numel() > 0:  # the backward starts from the checkpoints it is given
+        backward = functools.partial(torch.ops.mamba_adaptor_emu.selective_scan_backward, grad.to(dtype))
+        ddelta = backward(*inputs.values(), True, False, checkpoints)[1]  # (du does not depend on the states)
+        assert not torch.equal(backward(*inputs.values(), True, False, checkpoints + 1)[1], ddelta)
 
 
 # ---- state_gather ------------------------------------------------------------------------------------------
@@ -456,8 +494,9 @@ def test_results_do_not_depend_on_thread_order(emu, dtype):
     conv_cl = {**conv, "x": conv["x"].to(memory_format=torch.channels_last)}
 
     def outputs():
-        results = [ops.selective_scan(*scan_args)]
-        results += ops.selective_scan_backward(scan_grad(scan).to(dtype), *scan_args)[:2]  # du, ddelta
+        results = list(ops.selective_scan_forward(*scan_args))
+        for checkpoints in (None, results[1]):  # du, ddelta
+            results += ops.selective_scan_backward(scan_grad(scan).to(dtype), *scan_args, False, checkpoints)[:2]
         results.append(ops.state_gather(*gather.values(), True, False))
         results += ops.state_gather_backward(
             random_like(gather["h"]).to(dtype), *gather.values(), True, False
@@ -667,12 +706,13 @@ def test_outputs_have_the_fake_kernels_layouts(emu):
     cpu, emulated = torch.ops.mamba_adaptor, torch.ops.mamba_adaptor_emu
     calls = []
     for with_C in (True, False):
-        scan = scan_inputs(b=2, dim=8, L=33, N=2, G=2, with_C=with_C, with_D=with_C)
+        scan = scan_inputs(b=2, dim=8, L=300, N=2, G=2, with_C=with_C, with_D=with_C)
         scan["u"] = scan["u"].transpose(0, 1).contiguous().transpose(0, 1)
         scan["B"] = scan["B"].transpose(2, 3).contiguous().transpose(2, 3)
-        y = cpu.selective_scan(*scan.values())
-        calls += [("selective_scan", [*scan.values(), True, False])]
-        calls += [("selective_scan_backward", [torch.randn_like(y), *scan.values(), True, False])]
+        y, checkpoints = cpu.selective_scan_forward(*scan.values())
+        calls += [(name, [*scan.values(), True, False]) for name in ("selective_scan", "selective_scan_forward")]
+        for saved in (None, checkpoints.transpose(0, 1).contiguous().transpose(0, 1)):
+            calls += [("selective_scan_backward", [torch.randn_like(y), *scan.values(), True, False, saved])]
     gather = gather_inputs(2, 3, 5, 40, 3)
     gather["h"] = gather["h"].transpose(2, 3).contiguous().transpose(2, 3)
     calls += [("state_gather", [*gather.values(), True, False])]
@@ -731,13 +771,16 @@ def test_empty_inputs(emu):
     N=st.sampled_from([1, 2, 5, 16, 33]),
     states=st.booleans(),
     deterministic=st.booleans(),
+    checkpoints=st.booleans(),
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
 )
-def test_selective_scan_random_shapes(emu, b, channels_per_group, G, L, N, states, deterministic, dtype, seed):
+def test_selective_scan_random_shapes(
+    emu, b, channels_per_group, G, L, N, states, deterministic, checkpoints, dtype, seed
+):
     inputs = scan_inputs(b=b, dim=G * channels_per_group, L=L, N=N, G=G, dtype=dtype, with_C=not states, seed=seed)
     check_against_reference(
-        functools.partial(scan_op(emu), deterministic=deterministic),
+        functools.partial(scan_op(emu, checkpoints), deterministic=deterministic),
         reference.selective_scan,
         inputs,
         scan_grad(inputs, seed),

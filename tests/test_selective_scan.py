@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 import mamba_adaptor_ops as mao
 from helpers import DEVICE_DTYPES, DEVICES, assert_close_to_reference, check_against_reference, weight_dtype
@@ -177,14 +178,49 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("with_C", [True, False])
 def test_opcheck(with_C):
-    inputs = make_inputs(b=2, dim=4, L=9, N=2, G=2, with_C=with_C)
+    """Each op on rows of 300 steps: two checkpoints per (row, state)."""
+    ops = torch.ops.mamba_adaptor
+    inputs = make_inputs(b=2, dim=4, L=300, N=2, G=2, with_C=with_C)
     args = tuple(v.requires_grad_() if v is not None else None for v in inputs.values())
-    torch.library.opcheck(torch.ops.mamba_adaptor.selective_scan.default, (*args, True))
+    torch.library.opcheck(ops.selective_scan.default, (*args, True))
+    torch.library.opcheck(ops.selective_scan_forward.default, (*args, True))
     grad = grad_like(inputs).float()
-    torch.library.opcheck(
-        torch.ops.mamba_adaptor.selective_scan_backward.default,
-        (grad, *(a.detach() if a is not None else None for a in args), True),
-    )
+    detached = tuple(a.detach() if a is not None else None for a in args)
+    checkpoints = ops.selective_scan_forward(*detached, True)[1]
+    assert checkpoints.shape == (2, 4, 2, 2)
+    torch.library.opcheck(ops.selective_scan_backward.default, (grad, *detached, True))
+    torch.library.opcheck(ops.selective_scan_backward.default, (grad, *detached, True, False, checkpoints))
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("N,with_C", [(1, True), (3, True), (2, False)], ids=["N1", "N3", "states-N2"])
+def test_forward_checkpoints_are_the_states_at_segment_ends(device, dtype, N, with_C):
+    """selective_scan_forward returns selective_scan's output and, in A's dtype, the states after every S steps
+    but at L (S = 256 for d_state 1 in 16-bit types, else 128: the backward's segments)."""
+    L = 600
+    inputs = make_inputs(b=2, dim=4, L=L, N=N, G=2, dtype=dtype, device=device, with_C=with_C)
+    out, checkpoints = torch.ops.mamba_adaptor.selective_scan_forward(*inputs.values(), True)
+    assert torch.equal(out, torch.ops.mamba_adaptor.selective_scan(*inputs.values(), True))
+    S = 256 if N == 1 and dtype in (torch.float16, torch.bfloat16) else 128
+    exact = {k: None if v is None else v.cpu().double() for k, v in inputs.items()}
+    states = reference.selective_scan(exact["u"], exact["delta"], exact["A"], exact["B"], None, None,
+                                      exact["delta_bias"], True)  # fmt: skip
+    expected = states[..., S - 1 :: S][..., : (L - 1) // S].transpose(2, 3)  # (b, dim, L // S, N)
+    assert checkpoints.dtype == inputs["A"].dtype and checkpoints.shape == expected.shape
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(checkpoints.cpu().double(), expected, rtol=tol, atol=tol)
+
+
+def test_bad_checkpoints_raise_clear_errors():
+    ops = torch.ops.mamba_adaptor
+    inputs = make_inputs(L=300)  # d_state 1, float32: segments of 128 steps, two checkpoints
+    grad = grad_like(inputs).float()
+    checkpoints = ops.selective_scan_forward(*inputs.values(), True)[1]
+    with pytest.raises(RuntimeError, match=r"selective_scan_backward: expected `checkpoints` to have shape "
+                       r"\(b, dim, \(L - 1\) // S, N\) .* = \(2, 8, 2, 1\), but got \(2, 8, 1, 1\)"):  # fmt: skip
+        ops.selective_scan_backward(grad, *inputs.values(), True, False, checkpoints[:, :, :1])
+    with pytest.raises(RuntimeError, match=r"expected `checkpoints` to have dtype torch.float32 .*got torch.float64"):
+        ops.selective_scan_backward(grad, *inputs.values(), True, False, checkpoints.double())
 
 
 @settings(max_examples=100, deadline=None)
@@ -255,7 +291,7 @@ def test_deterministic_follows_torch_by_default(monkeypatch):
     backward = torch.ops.mamba_adaptor.selective_scan_backward
 
     def spy(*args):
-        seen.append(args[-1])
+        seen.append(args[9])
         return backward(*args)
 
     monkeypatch.setattr(torch.ops.mamba_adaptor, "selective_scan_backward", spy)
@@ -269,3 +305,25 @@ def test_deterministic_follows_torch_by_default(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before)
     assert seen == [False, True, False]
+
+
+def test_autograd_backward_starts_from_the_forward_checkpoints(monkeypatch):
+    """selective_scan records selective_scan_forward, whose checkpoints reach the backward op; a direct
+    torch.ops call records a backward without them; without grad the plain op runs (the FLOP counter names it)."""
+    ops = torch.ops.mamba_adaptor
+    given = []
+    backward = ops.selective_scan_backward
+    monkeypatch.setattr(ops, "selective_scan_backward", lambda *a: given.append(a[10] is not None) or backward(*a))
+    inputs = {k: None if v is None else v.requires_grad_() for k, v in make_inputs(b=1, dim=2, L=300).items()}
+    for run in (lambda: mao.selective_scan(**inputs), lambda: ops.selective_scan(*inputs.values())):
+        with FlopCounterMode(display=False) as counter:
+            run().sum().backward()
+        given.append(sorted(str(op) for op in counter.get_flop_counts()["Global"]))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        mao.selective_scan(**inputs)
+    given.append(sorted(str(op) for op in counter.get_flop_counts()["Global"]))
+    assert given == [
+        True, ["mamba_adaptor.selective_scan_backward", "mamba_adaptor.selective_scan_forward"],
+        False, ["mamba_adaptor.selective_scan", "mamba_adaptor.selective_scan_backward"],
+        ["mamba_adaptor.selective_scan"],
+    ]  # fmt: skip

@@ -1,8 +1,8 @@
 """A small forward + backward of every op on CUDA in every dtype, for compute-sanitizer (tools/gpu_check.sh).
 
 Shapes are small and odd on purpose (partial tiles, tails) and reach every kernel path: the scan over one
-segment of L (with d_state 1, several rows per warp) and several, with and without C, d_state 1 and 16,
-`deterministic` on and off; the gather with rows that
+segment of L (with d_state 1, several rows per warp) and several (the backward from the forward's checkpoints and
+from its own first pass), with and without C, d_state 1 and 16, `deterministic` on and off; the gather with rows that
 fit in shared memory and rows tiled with halos, 16-byte and element staging, expanded weights, offsets reaching
 outside the sequence and NaN; the convolution staged with the default tile, with the tile a wide channels_last halo
 takes, and direct (a halo no staged tile fits), in NCHW and channels_last.
@@ -30,9 +30,11 @@ def scan_cases(device: str, dtype: torch.dtype) -> None:
                 B = torch.randn(b, G, N, L, device=device, dtype=dtype, requires_grad=True)
                 C = torch.randn(b, G, N, L, device=device, dtype=dtype, requires_grad=True) if with_C else None
                 D = torch.randn(dim, device=device, requires_grad=True) if with_C else None
-                y = mao.selective_scan(u, delta, A, B, C, D, torch.rand(dim, device=device), True,
-                                       deterministic=deterministic)
-                y.float().square().sum().backward()
+                # The public function's backward starts from the forward's checkpoints; the op's own autograd
+                # (L = 300: also) from a first pass of the backward.
+                for scan in (mao.selective_scan, torch.ops.mamba_adaptor.selective_scan)[: 1 + (L > 37)]:
+                    y = scan(u, delta, A, B, C, D, torch.rand(dim, device=device), True, deterministic=deterministic)
+                    y.float().square().sum().backward()
 
 
 def gather_cases(device: str, dtype: torch.dtype) -> None:

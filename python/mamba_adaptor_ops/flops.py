@@ -49,13 +49,11 @@ def _dwconv_macs(x_shape, weight_shape) -> int:
     return n_dil * k * k2 * math.prod(x_shape)
 
 
-def _selective_scan_flop(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, out_shape=None):
+def _selective_scan_flop(u, delta, A, B, C, D=None, *_, out_shape=None, **__):
     return 2 * _selective_scan_macs(u, A, C, D)
 
 
-def _selective_scan_backward_flop(
-    grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, out_shape=None
-):
+def _selective_scan_backward_flop(grad_out, u, delta, A, B, C, D=None, *_, out_shape=None, **__):
     return 2 * 2 * _selective_scan_macs(u, A, C, D)
 
 
@@ -77,6 +75,7 @@ def _dwconv_backward_flop(grad_out, x, weight, bias, dilations, out_shape=None):
 
 _FORMULAS: dict[object, Callable[..., int]] = {
     _ops.selective_scan: _selective_scan_flop,
+    _ops.selective_scan_forward: _selective_scan_flop,
     _ops.selective_scan_backward: _selective_scan_backward_flop,
     _ops.state_gather: _state_gather_flop,
     _ops.state_gather_backward: _state_gather_backward_flop,

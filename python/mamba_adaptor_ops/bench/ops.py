@@ -62,14 +62,18 @@ class OpCase:
     info: dict = field(default_factory=dict)
 
 
-def _ours(forward: Callable, backward_op, *flags, deterministic_too: bool) -> list[Impl]:
+def _ours(
+    forward: Callable, backward_op, *flags, deterministic_too: bool, saved: Callable[[dict], tuple] = lambda x: ()
+) -> list[Impl]:
     """This library's op, and with `deterministic_too` the same with deterministic=True (a second backward on
     CUDA; the CPU kernels are deterministic either way): forward(x, deterministic), and the backward op timed as
-    backward_op(grad, *x.values(), *flags, deterministic)."""
+    backward_op(grad, *x.values(), *flags, deterministic, *saved(x)), saved(x) what the forward autograd runs
+    keeps for it besides the inputs (the scan's checkpoints)."""
 
     def impl(deterministic: bool) -> Impl:
         def prepare_backward(x: dict[str, Tensor]) -> Callable[[Tensor], object]:
-            return lambda grad: backward_op(grad, *x.values(), *flags, deterministic)
+            extra = saved(x)
+            return lambda grad: backward_op(grad, *x.values(), *flags, deterministic, *extra)
 
         name = f"{OURS} deterministic" if deterministic else OURS
         return Impl(name, lambda x: forward(x, deterministic), prepare_backward)
@@ -110,6 +114,7 @@ def _scan_case(
             torch.ops.mamba_adaptor.selective_scan_backward,
             True,  # delta_softplus
             deterministic_too=deterministic_too,
+            saved=lambda x: (torch.ops.mamba_adaptor.selective_scan_forward(**x, delta_softplus=True)[1],),
         ),
         Impl("reference", lambda x: reference.selective_scan(**x, delta_softplus=True)),
     ]

@@ -20,11 +20,18 @@ import torch
 from torch import Tensor
 
 
-def register_autograd(name: str, backward: Callable, setup_context: Callable) -> Callable:
+def needs_grad(args) -> bool:
+    """Whether an op call on args records a backward."""
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def register_autograd(name: str, backward: Callable, setup_context: Callable, guard_backward_op: bool = True) -> Callable:
     """Registers `backward` and `setup_context` as the autograd of op `name` ("mamba_adaptor::op"), and returns
-    call(*args): the op on args (its schema's arguments, in order), recording its backward when needed."""
+    call(*args): the op on args (its schema's arguments, in order), recording its backward when needed. With
+    `guard_backward_op`, the autograd of the backward op `name`_backward raises on a second backward."""
     torch.library.register_autograd(name, backward, setup_context=setup_context)
-    torch.library.register_autograd(f"{name}_backward", _no_double_backward(name), setup_context=_no_context)
+    if guard_backward_op:
+        torch.library.register_autograd(f"{name}_backward", _no_double_backward(name), setup_context=_no_context)
     namespace, op_name = name.split("::")
     op = getattr(getattr(torch.ops, namespace), op_name).default
 
@@ -41,11 +48,7 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
     Function = type(class_name, (torch.autograd.Function,), members)
 
     def call(*args):
-        if (
-            torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and any(isinstance(a, Tensor) and a.requires_grad for a in args)
-        ):
+        if needs_grad(args) and not torch.compiler.is_compiling():
             return Function.apply(*args)
         return op(*args)
 

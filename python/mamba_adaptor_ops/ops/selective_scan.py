@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import register_autograd
+from ._autograd import needs_grad, register_autograd
 
 _OP = "mamba_adaptor::selective_scan"
+# selective_scan with the checkpoints its backward starts from: what autograd runs when it records a backward.
+_FORWARD_OP = "mamba_adaptor::selective_scan_forward"
 
 
 def selective_scan(
@@ -33,7 +35,11 @@ def selective_scan(
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    return _call(u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic)
+    args = (u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic)
+    # torch.export traces with grad enabled, mostly for inference: the plain op there.
+    if needs_grad(args) and not torch.compiler.is_exporting():
+        return _call_forward(*args)[0]
+    return _call(*args)
 
 
 def _check_rank(t: Tensor, name: str, rank: int, layout: str) -> None:
@@ -56,8 +62,21 @@ def _fake(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, dete
     return u.new_empty(u.shape)
 
 
+@torch.library.register_fake(_FORWARD_OP)
+def _fake_forward(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, deterministic=False):
+    # checkpoints (b, dim, (L - 1) // S, N), A's dtype: the state after each of the backward's segments of S
+    # timesteps but the last (cpp/selective_scan.h, selective_scan_segment).
+    b, dim, L = u.shape
+    N = A.shape[1]
+    S = 256 if N == 1 and u.dtype in (torch.float16, torch.bfloat16) else 128
+    checkpoints = A.new_empty(b, dim, torch.sym_max((L - 1) // S, 0), N)
+    return _fake(u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic), checkpoints
+
+
 @torch.library.register_fake("mamba_adaptor::selective_scan_backward")
-def _fake_backward(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic=False):
+def _fake_backward(
+    grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic=False, checkpoints=None
+):
     def like(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.new_empty(t.shape)
 
@@ -66,17 +85,24 @@ def _fake_backward(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus, d
 
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+    checkpoints = None
+    if isinstance(output, tuple):  # selective_scan_forward's (out, checkpoints)
+        checkpoints = output[1]
+        ctx.mark_non_differentiable(checkpoints)
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, checkpoints)
     ctx.delta_softplus = delta_softplus
     ctx.deterministic = deterministic
 
 
-def _backward(ctx, grad):
-    u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+def _backward(ctx, grad, *_):  # *_: selective_scan_forward's checkpoints, which take no gradient
+    u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
     grads = torch.ops.mamba_adaptor.selective_scan_backward(
-        grad, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, ctx.deterministic
+        grad, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, ctx.deterministic, checkpoints
     )
     return (*grads, None, None)
 
 
+# A backward from the checkpoints where selective_scan records one; a direct torch.ops...selective_scan call
+# records one whose backward computes them itself (a first pass over the inputs, on CUDA).
 _call = register_autograd(_OP, _backward, _setup_context)
+_call_forward = register_autograd(_FORWARD_OP, _backward, _setup_context, guard_backward_op=False)
