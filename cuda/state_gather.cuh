@@ -18,7 +18,8 @@
 //      slots in sample order): workspace entries (t, c0, c1) and bucket starts. Shared by all D channels.
 //   2. grad_h_kernel, block (b, s, row chunk, tile) staging grad_out; target i gets grad_out[i] if residual,
 //      + c1 * grad_out[t] over bucket lo = i - 1, + c0 * grad_out[t] over bucket lo = i: a lane sums one bucket
-//      for both targets it reaches and passes the c0 sum to its neighbour (runs of 31 targets per warp).
+//      for both targets it reaches and passes the c0 sum to its neighbour (runs of 31 targets per warp). Short
+//      rows: a block stages a run of row chunks, and loads a run's buckets once for all of them.
 //   3. grad_points_kernel, block (b, s, tile of kThreads positions) looping over every row chunk, staging h
 //      with a halo; thread per position t sums over D in a fixed order: grad_weights and grad_offsets.
 // Index arithmetic: positions are int (L <= 2^24, checked at registration); row and element offsets int64.
@@ -370,18 +371,25 @@ __device__ __forceinline__ void stage_row_block(uint32_t* window, const RowBlock
   __syncthreads();
 }
 
-// Row chunks per forward block (fwd_chunks_per_block): where the window is the whole row and a position's points
-// are one group (K <= kPointGroup), a block stages several row chunks of its segment, and each position's samples
-// are worked out once for all of them.
+// Row chunks per block of fwd_kernel and grad_h_kernel where the window is the whole row: a block stages several
+// row chunks of its segment, as many as the window holds and no fewer blocks than two per SM where the chunks
+// allow, spread evenly; 1 for tiled rows. What depends on the position alone (the forward's samples, grad_h's
+// bucket entries) is then loaded and worked out once for all of them.
 template <typename T>
-int fwd_chunks_per_block(const StateGatherParams& p, const Tiling& tiling, size_t block_smem) {
+int whole_row_chunks_per_block(const StateGatherParams& p, const Tiling& tiling, size_t block_smem) {
   const int64_t n_chunks = ceil_div(p.dim, Staged<T>::kRows);
-  if (tiling.n_tiles > 1 || p.n_points > kPointGroup || p.seqlen == 0 || n_chunks <= 1) return 1;
-  // As many as the window holds, and no fewer blocks than two per SM where the chunks allow; then spread evenly.
+  if (tiling.n_tiles > 1 || p.seqlen == 0 || n_chunks <= 1) return 1;
   const int64_t fit = window_positions(block_smem) / p.seqlen;
   const int64_t spread = p.batch * p.n_seq * n_chunks / (2 * int64_t{sm_count()});
   const int64_t most = std::max<int64_t>(1, std::min(fit, spread));
   return static_cast<int>(ceil_div(n_chunks, ceil_div(n_chunks, most)));
+}
+
+// The forward's: several chunks only where a position's points are one group (K <= kPointGroup), whose samples
+// stay in registers for all of them.
+template <typename T>
+int fwd_chunks_per_block(const StateGatherParams& p, const Tiling& tiling, size_t block_smem) {
+  return p.n_points > kPointGroup ? 1 : whole_row_chunks_per_block<T>(p, tiling, block_smem);
 }
 
 // load_bytes: staging_load_bytes(p.h, L); per_block: fwd_chunks_per_block, 1 unless kChunks. kChunks: compiled for
@@ -577,24 +585,26 @@ __device__ __forceinline__ EntryGroup load_entries(const int* entry_t, const flo
   return g;
 }
 
-// load_bytes: staging_load_bytes(bp.grad_out, L).
-template <typename T>
+// load_bytes: staging_load_bytes(bp.grad_out, L); per_block: whole_row_chunks_per_block, 1 unless kChunks.
+// kChunks: compiled for several chunks (their windows whole rows, so no entry reads global memory); a run's
+// bucket starts and first entry group are loaded once for all of them, later groups of a bucket once per chunk.
+template <typename T, bool kChunks>
 __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdParams bp, const Tiling tiling,
                                                         const BucketLayout layout, const char* workspace,
-                                                        int load_bytes) {
+                                                        int load_bytes, int per_block) {
   constexpr int R = Staged<T>::kRows;
   extern __shared__ uint4 smem[];
   auto* window = reinterpret_cast<uint32_t*>(smem);
   const StateGatherParams& p = bp.fwd;
   const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen);
-  const RowBlock<T> rb = row_block<T>(bp.grad_out, p, tiling, 1);
+  const RowBlock<T> rb = row_block<T>(bp.grad_out, p, tiling, kChunks ? per_block : 1);
   const Block& blk = rb.blk;
-  const T* grad = rb.rows;
+  const int window_words = chunk_window_words(blk);
 
   const int* entry_t = reinterpret_cast<const int*>(workspace + layout.entry_t) + blk.segment * n;
   const float2* entry_c = reinterpret_cast<const float2*>(workspace + layout.entry_c) + blk.segment * n;
   const int* starts = reinterpret_cast<const int*>(workspace + layout.starts) + blk.segment * (L + 2);
-  T* grad_h = static_cast<T*>(bp.grad_h) + blk.row0 * p.seqlen;
+  T* grad_h = static_cast<T*>(bp.grad_h) + blk.row0 * p.seqlen;  // chunk w's rows at + w * R * L
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   constexpr int kRunStride = kWarps * kRunTargets;
   // Bucket i's entries [begin, end) (target t1 - 1 needs bucket t1 <= L: buckets are 0 .. L); none past t1.
@@ -612,34 +622,40 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
   for (; i0 < blk.t1; i0 += kRunStride) {
     const int i = i0 + lane;  // this lane's target and bucket (lo = i - 1)
     const int begin = this_bucket.x, end = this_bucket.y;
-    EntryGroup group = first;
+    const EntryGroup group = first;
     first = load_entries(entry_t, entry_c, next_bucket.x, next_bucket.y);  // the next run's
     this_bucket = next_bucket;
     next_bucket = bucket(i + 2 * kRunStride);
-    float p0[R], p1[R], g[R];
+    for (int w = 0; w < (kChunks ? rb.chunks : 1); ++w) {
+      const Block chunk = kChunks ? rb.chunk(w, p) : blk;
+      const uint32_t* chunk_window = window + w * window_words;
+      const T* grad = rb.rows + int64_t{w} * R * p.seqlen;
+      float p0[R], p1[R], g[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) p0[r] = p1[r] = 0.f;
-    for (int e0 = begin; e0 < end; e0 += kEntryGroup) {
-      if (e0 > begin) group = load_entries(entry_t, entry_c, e0, end);
+      for (int r = 0; r < R; ++r) p0[r] = p1[r] = 0.f;
+      EntryGroup entries = group;
+      for (int e0 = begin; e0 < end; e0 += kEntryGroup) {
+        if (e0 > begin) entries = load_entries(entry_t, entry_c, e0, end);
 #pragma unroll
-      for (int j = 0; j < kEntryGroup; ++j) {
-        if (e0 + j >= end) break;
-        read_position<T>(window, blk, grad, p.seqlen, true, group.t[j], g);
+        for (int j = 0; j < kEntryGroup; ++j) {
+          if (e0 + j >= end) break;
+          read_position<T, kChunks>(chunk_window, chunk, grad, p.seqlen, true, entries.t[j], g);
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          p0[r] += group.c[j].x * g[r];
-          p1[r] += group.c[j].y * g[r];
+          for (int r = 0; r < R; ++r) {
+            p0[r] += entries.c[j].x * g[r];
+            p1[r] += entries.c[j].y * g[r];
+          }
         }
       }
-    }
 #pragma unroll
-    for (int r = 0; r < R; ++r) p0[r] = __shfl_down_sync(0xffffffffu, p0[r], 1);  // P0 of bucket i + 1
-    if (lane < kRunTargets && i < blk.t1) {
-      float acc[R];
-      read_staged<T>(window, i - blk.w0, acc);  // grad_out[i], the residual's term
+      for (int r = 0; r < R; ++r) p0[r] = __shfl_down_sync(0xffffffffu, p0[r], 1);  // P0 of bucket i + 1
+      if (lane < kRunTargets && i < blk.t1) {
+        float acc[R];
+        read_staged<T>(chunk_window, i - blk.w0, acc);  // grad_out[i], the residual's term
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = (p.residual ? acc[r] : 0.f) + p1[r] + p0[r];
-      store_rows<T>(grad_h, p.seqlen, blk.n_rows, i, acc);
+        for (int r = 0; r < R; ++r) acc[r] = (p.residual ? acc[r] : 0.f) + p1[r] + p0[r];
+        store_rows<T>(grad_h + int64_t{w} * R * p.seqlen, p.seqlen, chunk.n_rows, i, acc);
+      }
     }
   }
 }
@@ -751,11 +767,16 @@ void launch_bwd(const StateGatherBwdParams& bp, cudaStream_t stream) {
   check_launch("state_gather backward (buckets)");
 
   const Tiling rows = row_tiling(p.seqlen, block_smem);
-  const size_t rows_smem = window_bytes(rows, p.seqlen);
-  const unsigned rows_grid = grid_size(segments * ceil_div(p.dim, Staged<T>::kRows) * rows.n_tiles, "state_gather backward");
-  allow_dynamic_smem(grad_h_kernel<T>, rows_smem, 0);
-  grad_h_kernel<T><<<rows_grid, kThreads, rows_smem, stream>>>(bp, rows, layout, workspace,
-                                                               staging_load_bytes<T>(bp.grad_out, p.seqlen));
+  const int per_block = whole_row_chunks_per_block<T>(p, rows, block_smem);
+  const size_t rows_smem = per_block * window_bytes(rows, p.seqlen);
+  const int64_t runs = ceil_div(ceil_div(p.dim, Staged<T>::kRows), per_block);
+  const unsigned rows_grid = grid_size(segments * runs * rows.n_tiles, "state_gather backward");
+  bool_switch(per_block > 1, [&](auto chunks) {
+    const auto kernel = grad_h_kernel<T, decltype(chunks)::value>;
+    allow_dynamic_smem(kernel, rows_smem, 0);
+    kernel<<<rows_grid, kThreads, rows_smem, stream>>>(bp, rows, layout, workspace,
+                                                       staging_load_bytes<T>(bp.grad_out, p.seqlen), per_block);
+  });
   check_launch("state_gather backward (grad_h)");
 }
 

@@ -358,13 +358,14 @@ def test_state_gather_staging_load_widths(emu, dtype, L, shifted):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("L,K", [(24, 4), (21, 3)])
-def test_state_gather_several_row_chunks_per_block(emu, dtype, L, K):
-    """Short rows with at most 4 points: each forward block stages several row chunks of its segment and works out a
-    position's samples once for all of them. 4 x 4 segments of 521 channels on the emulated H100's 132 SMs take 2
-    chunks a block in 16-bit types (17 blocks a segment, the last with one chunk of 9 rows), 4 in float32 (the last
-    block 2 chunks); L = 21 stages one element per load."""
-    inputs = gather_inputs(4, 4, 521, L, K, dtype=dtype, spread=8.0)
+@pytest.mark.parametrize("L,K,spread", [(24, 4, 8.0), (21, 3, 8.0), (24, 6, 2.0)])
+def test_state_gather_several_row_chunks_per_block(emu, dtype, L, K, spread):
+    """Short rows: each grad_h block, and with at most 4 points each forward block, stages several row chunks of
+    its segment, and works out a position's samples (loads a run's buckets and their first entries) once for all
+    of them. 4 x 4 segments of 521 channels on the emulated H100's 132 SMs take 2 chunks a block in 16-bit types
+    (17 blocks a segment, the last with one chunk of 9 rows), 4 in float32 (the last block 2 chunks); L = 21 stages
+    one element per load; K = 6 within 2 positions fills buckets past one group of entries."""
+    inputs = gather_inputs(4, 4, 521, L, K, dtype=dtype, spread=spread)
     check_against_reference(gather_op(emu), reference.state_gather, inputs, random_like(inputs["h"]), dtype)
 
 
