@@ -411,17 +411,16 @@ __device__ __forceinline__ float scan_segment(const float (&dt)[K], const float 
   return __shfl_sync(kFullMask, h, 31);
 }
 
-// The forward's checkpoints (SelectiveScanParams::checkpoints, (b, dim, count, N) floats; nullptr: none are
-// written): the state after every kSegment timesteps (the backward's segment) but at the row's end. A lane whose
-// items end on such a boundary, before timestep t_end, stores its last item's state h_n (of row row_index, state
-// n). Everything but the arguments is read from the params (constant memory) where it is used: registers are tight.
+// The forward's checkpoints (SelectiveScanParams::checkpoints, (b, dim, count, N) floats): the state after
+// every kSegment timesteps (the backward's segment) but at the row's end. A lane whose items end on such a
+// boundary, before timestep t_end, stores its last item's state of each n there: its slot of row row_index,
+// (N,) floats, or nullptr where it stores none (or none are asked for).
 template <int kSegment>
-__device__ __forceinline__ void store_checkpoint(const SelectiveScanParams& p, int64_t row_index, int64_t t_end,
-                                                 int64_t n, int64_t N, float h_n) {
+__device__ __forceinline__ float* checkpoint_slot(const SelectiveScanParams& p, int64_t row_index, int64_t t_end,
+                                                  int64_t N) {
   const int64_t count = (p.seqlen - 1) / kSegment, k = t_end / kSegment - 1;
-  if (p.checkpoints != nullptr && t_end % kSegment == 0 && k < count) {
-    static_cast<float*>(p.checkpoints)[(row_index * count + k) * N + n] = h_n;
-  }
+  if (p.checkpoints == nullptr || t_end % kSegment != 0 || k >= count) return nullptr;
+  return static_cast<float*>(p.checkpoints) + (row_index * count + k) * N;
 }
 
 // Blocks per SM the forward's register budget allows: 6 (80 registers) for the d_state-1 path of 16-bit types,
@@ -484,6 +483,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
     if (seg + 1 < n_seg) next_segment = load_segment(seg + 1);
     const int64_t t0 = first_item(seg);
     const int valid = valid_items<kItems>(L, t0);
+    float* const checkpoint = checkpoint_slot<32 * bwd_items(kN == 1, sizeof(T) == 4)>(p, row_index, t0 + kItems, N);
 
     float u_f[kItems], dt[kItems], dtu[kItems], y[kItems];
     time_steps<T, kSoftplus>(in.delta, bias, valid, dt);
@@ -512,7 +512,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
         if (i == kItems - 1) lane_end = h;
       });
       if constexpr (kStates) store_items(out + n * L + t0, valid, h_items);
-      store_checkpoint<32 * bwd_items(kN == 1, sizeof(T) == 4)>(p, row_index, t0 + kItems, n, N, lane_end);
+      if (checkpoint != nullptr) checkpoint[n] = lane_end;
       __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it
       if (lane == 0) carry[n] = segment_end;
     }
@@ -600,7 +600,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
     // A row holds one of the backward's segments in 16-bit types, so no checkpoint; two in float32.
     static_assert(32 * bwd_items(true, false) == kFwdSegment, "16-bit rows of one forward segment have no checkpoint");
     if constexpr (sizeof(T) == 4) {
-      store_checkpoint<32 * bwd_items(true, true)>(p, warp_rows.index(j), warp_rows.t0 + kItems, 0, 1, lane_end);
+      float* const checkpoint = checkpoint_slot<32 * bwd_items(true, true)>(p, warp_rows.index(j), warp_rows.t0 + kItems, 1);
+      if (checkpoint != nullptr) *checkpoint = lane_end;
     }
     // y row (L), or the row's states (1, L).
     T* out = static_cast<T*>(p.out) + warp_rows.index(j) * p.seqlen + warp_rows.t0;
