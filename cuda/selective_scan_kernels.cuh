@@ -194,6 +194,18 @@ __device__ __forceinline__ T from_bits(uint32_t bits) {
   return value;
 }
 
+// Calls body(valid) with `valid` the number of the lane's K items from t0 on inside a row of length len: in a
+// segment that is not the row's last (`full`, the same in every lane of the warp) std::integral_constant K, so that
+// the per-item checks fold away; else valid_items<K>(len, t0).
+template <int K, typename F>
+__device__ __forceinline__ void with_valid_items(bool full, int64_t len, int64_t t0, F&& body) {
+  if (full) {
+    body(std::integral_constant<int, K>{});
+  } else {
+    body(valid_items<K>(len, t0));
+  }
+}
+
 // p[0 .. K): the widest loads the address alignment allows when all items are valid; otherwise only p[0 .. valid)
 // is read and the rest is 0. Rows of a contiguous tensor whose L is not a multiple of 8 start at varying
 // alignments, hence the run-time choice (uniform across the warp, as all lanes share the row alignment).
@@ -482,41 +494,43 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
     const SegmentInputs<T, kItems> in = next_segment;
     if (seg + 1 < n_seg) next_segment = load_segment(seg + 1);
     const int64_t t0 = first_item(seg);
-    const int valid = valid_items<kItems>(L, t0);
     float* const checkpoint = checkpoint_slot<32 * bwd_items(kN == 1, sizeof(T) == 4)>(p, row_index, t0 + kItems, N);
-
-    float u_f[kItems], dt[kItems], dtu[kItems], y[kItems];
-    time_steps<T, kSoftplus>(in.delta, bias, valid, dt);
+    // valid: the lane's items inside the row (a compile-time kItems but in the last segment).
+    with_valid_items<kItems>(seg + 1 < n_seg, L, t0, [&](auto valid) {
+      float u_f[kItems], dt[kItems], dtu[kItems], y[kItems];
+      time_steps<T, kSoftplus>(in.delta, bias, valid, dt);
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      u_f[i] = in.u[i];
-      dtu[i] = dt[i] * u_f[i];
-      y[i] = kHasD ? D * u_f[i] : 0.f;
-    }
+      for (int i = 0; i < kItems; ++i) {
+        u_f[i] = in.u[i];
+        dtu[i] = dt[i] * u_f[i];
+        y[i] = kHasD ? D * u_f[i] : 0.f;
+      }
 
 #pragma unroll 1
-    for (int64_t n = 0; n < N; ++n) {
-      const StateInputs<T, kItems> st = next_state;
-      if (n + 1 < N) {
-        next_state = load_state(seg, n + 1);
-      } else if (seg + 1 < n_seg) {
-        next_state = load_state(seg + 1, 0);
-      }
-      float h_items[kItems], lane_end = 0.f;
-      const float segment_end = scan_segment(dt, dtu, st.B, st.A, valid, carry[n], lane, [&](int i, float h) {
-        if constexpr (kStates) {
-          h_items[i] = h;
-        } else {
-          y[i] = fmaf(st.C[i], h, y[i]);
+      for (int64_t n = 0; n < N; ++n) {
+        const StateInputs<T, kItems> st = next_state;
+        if (n + 1 < N) {
+          next_state = load_state(seg, n + 1);
+        } else if (seg + 1 < n_seg) {
+          next_state = load_state(seg + 1, 0);
         }
-        if (i == kItems - 1) lane_end = h;
-      });
-      if constexpr (kStates) store_items(out + n * L + t0, valid, h_items);
-      if (checkpoint != nullptr) checkpoint[n] = lane_end;
-      __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it
-      if (lane == 0) carry[n] = segment_end;
-    }
-    if constexpr (!kStates) store_items(out + t0, valid, y);
+        [[maybe_unused]] float h_items[kItems];  // states mode
+        float lane_end = 0.f;
+        const float segment_end = scan_segment(dt, dtu, st.B, st.A, valid, carry[n], lane, [&](int i, float h) {
+          if constexpr (kStates) {
+            h_items[i] = h;
+          } else {
+            y[i] = fmaf(st.C[i], h, y[i]);
+          }
+          if (i == kItems - 1) lane_end = h;
+        });
+        if constexpr (kStates) store_items(out + n * L + t0, valid, h_items);
+        if (checkpoint != nullptr) checkpoint[n] = lane_end;
+        __syncwarp();  // every lane has read carry[n] before lane 0 overwrites it
+        if (lane == 0) carry[n] = segment_end;
+      }
+      if constexpr (!kStates) store_items(out + t0, valid, y);
+    });
     __syncwarp();  // lane 0's carry writes are visible to the whole warp in the next segment
   }
 }
