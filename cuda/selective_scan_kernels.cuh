@@ -295,12 +295,18 @@ __device__ __forceinline__ Affine compose(Affine later, Affine earlier) {
   return {later.a * earlier.a, fmaf(later.a, earlier.b, later.b)};
 }
 
+// The shuffled map where `take`, else the identity: composed unconditionally, one select per value instead of a
+// conditional composition (predicated arithmetic and moves).
+__device__ __forceinline__ Affine map_or_identity(bool take, float a, float b) {
+  return {take ? a : 1.f, take ? b : 0.f};
+}
+
 // Lane l gets the composition of the maps of lanes 0..l, lane 0's applied first.
 __device__ __forceinline__ Affine warp_scan(Affine x, int lane) {
 #pragma unroll
   for (int offset = 1; offset < 32; offset *= 2) {
-    const Affine earlier{__shfl_up_sync(kFullMask, x.a, offset), __shfl_up_sync(kFullMask, x.b, offset)};
-    if (lane >= offset) x = compose(x, earlier);
+    x = compose(x, map_or_identity(lane >= offset, __shfl_up_sync(kFullMask, x.a, offset),
+                                   __shfl_up_sync(kFullMask, x.b, offset)));
   }
   return x;
 }
@@ -309,8 +315,8 @@ __device__ __forceinline__ Affine warp_scan(Affine x, int lane) {
 __device__ __forceinline__ Affine warp_reverse_scan(Affine x, int lane) {
 #pragma unroll
   for (int offset = 1; offset < 32; offset *= 2) {
-    const Affine earlier{__shfl_down_sync(kFullMask, x.a, offset), __shfl_down_sync(kFullMask, x.b, offset)};
-    if (lane + offset < 32) x = compose(x, earlier);
+    x = compose(x, map_or_identity(lane + offset < 32, __shfl_down_sync(kFullMask, x.a, offset),
+                                   __shfl_down_sync(kFullMask, x.b, offset)));
   }
   return x;
 }
