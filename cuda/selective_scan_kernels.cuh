@@ -321,15 +321,19 @@ __device__ __forceinline__ Affine warp_reverse_scan(Affine x, int lane) {
   return x;
 }
 
-// From an inclusive scan: the composition of the lanes before this one (after it, for the reverse scan).
-__device__ __forceinline__ Affine lanes_before(Affine inclusive, int lane) {
-  const Affine x{__shfl_up_sync(kFullMask, inclusive.a, 1), __shfl_up_sync(kFullMask, inclusive.b, 1)};
-  return lane == 0 ? identity_map() : x;
+// The state entering this lane's items: the state leaving the lane before (h_in, the state entering the segment,
+// for lane 0), from the inclusive scan of the lanes' maps. (One shuffle of that state, where shuffling the lanes'
+// composed maps takes two.)
+__device__ __forceinline__ float state_before_lane(Affine inclusive, float h_in, int lane) {
+  const float previous = __shfl_up_sync(kFullMask, fmaf(inclusive.a, h_in, inclusive.b), 1);
+  return lane == 0 ? h_in : previous;
 }
 
-__device__ __forceinline__ Affine lanes_after(Affine inclusive, int lane) {
-  const Affine x{__shfl_down_sync(kFullMask, inclusive.a, 1), __shfl_down_sync(kFullMask, inclusive.b, 1)};
-  return lane == 31 ? identity_map() : x;
+// The reverse scan's: the adjoint flowing into this lane's items from the lane after it (`inflow`, from the
+// segment after, for lane 31).
+__device__ __forceinline__ float inflow_after_lane(Affine inclusive, float inflow, int lane) {
+  const float next = __shfl_down_sync(kFullMask, fmaf(inclusive.a, inflow, inclusive.b), 1);
+  return lane == 31 ? inflow : next;
 }
 
 template <typename F>
@@ -419,8 +423,7 @@ __device__ __forceinline__ float scan_segment(const float (&dt)[K], const float 
     b[i] = dtu[i] * B[i];
     lane_map = compose(Affine{a[i], b[i]}, lane_map);
   }
-  const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
-  float h = fmaf(before.a, h_in, before.b);
+  float h = state_before_lane(warp_scan(lane_map, lane), h_in, lane);
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     h = fmaf(a[i], h, b[i]);
@@ -654,8 +657,7 @@ __device__ __forceinline__ float state_backward(const float (&dt)[K], U&& u, Bf&
     a[i] = i < valid ? exp2f(dt[i] * A_log2) : 1.f;
     lane_map = compose(Affine{a[i], dt[i] * u(i) * B(i)}, lane_map);
   }
-  const Affine before = lanes_before(warp_scan(lane_map, lane), lane);
-  float h = fmaf(before.a, h_start, before.b);
+  float h = state_before_lane(warp_scan(lane_map, lane), h_start, lane);
   float a_h[K];
 #pragma unroll
   for (int i = 0; i < K; ++i) {
@@ -667,8 +669,7 @@ __device__ __forceinline__ float state_backward(const float (&dt)[K], U&& u, Bf&
   Affine lane_reverse = identity_map();
 #pragma unroll
   for (int i = K - 1; i >= 0; --i) lane_reverse = compose(Affine{a[i], a[i] * dout(i)}, lane_reverse);
-  const Affine after = lanes_after(warp_reverse_scan(lane_reverse, lane), lane);
-  inflow = fmaf(after.a, inflow, after.b);
+  inflow = inflow_after_lane(warp_reverse_scan(lane_reverse, lane), inflow, lane);
 
   // Gradients, item by item as g_t comes.
 #pragma unroll
