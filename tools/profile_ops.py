@@ -74,7 +74,11 @@ def run_calls(sections_path: Path) -> None:
         marked(lambda: impl.forward(x))
         marked(lambda: backward(grad))
         common = dict(op=case.op, shape=case.shape, impl=impl.name)
-        return [dict(common, mode="fwd", min_bytes=case.bytes_fwd), dict(common, mode="bwd", min_bytes=case.bytes_bwd)]
+        calls = [dict(common, mode="fwd", min_bytes=case.bytes_fwd), dict(common, mode="bwd", min_bytes=case.bytes_bwd)]
+        if case.op == "selective_scan" and impl.name == OURS:  # the backward without the forward's checkpoints
+            marked(lambda: torch.ops.mamba_adaptor.selective_scan_backward(grad, *x.values(), True, False))
+            calls.append(dict(common, mode="bwd, own first pass", min_bytes=case.bytes_bwd))
+        return calls
 
     sections = []
     cases = stage_cases(list(OPS), ["b2-s1"], 128, [torch.bfloat16], "cuda")
