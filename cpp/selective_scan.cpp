@@ -302,26 +302,30 @@ void scan_bwd(const SelectiveScanBwdParams& bp) {
   }
 }
 
+// The forward of selective_scan (and with_checkpoints, of selective_scan_forward) on the CPU.
+SelectiveScanCall run_forward(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                              const std::optional<Tensor>& C, const std::optional<Tensor>& D,
+                              const std::optional<Tensor>& delta_bias, bool delta_softplus, bool with_checkpoints) {
+  SelectiveScanCall call =
+      selective_scan_call(Backend::CPU, u, delta, A, B, C, D, delta_bias, delta_softplus, with_checkpoints);
+  if (call.out.numel() > 0) {
+    cpu::dispatch_dtype(call.params.dtype, [&](auto tag) { scan_fwd<decltype(tag)>(call.params); });
+  }
+  return call;
+}
+
 // The CPU kernels are deterministic whatever `deterministic` says.
 Tensor selective_scan_cpu(Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
                           std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus,
                           bool deterministic) {
-  SelectiveScanCall call = selective_scan_call(Backend::CPU, u, delta, A, B, C, D, delta_bias, delta_softplus);
-  if (call.out.numel() > 0) {
-    cpu::dispatch_dtype(call.params.dtype, [&](auto tag) { scan_fwd<decltype(tag)>(call.params); });
-  }
-  return call.out;
+  return run_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, false).out;
 }
 
 std::tuple<Tensor, Tensor> selective_scan_forward_cpu(Tensor u, Tensor delta, Tensor A, Tensor B,
                                                       std::optional<Tensor> C, std::optional<Tensor> D,
                                                       std::optional<Tensor> delta_bias, bool delta_softplus,
                                                       bool deterministic) {
-  SelectiveScanCall call =
-      selective_scan_call(Backend::CPU, u, delta, A, B, C, D, delta_bias, delta_softplus, /*with_checkpoints=*/true);
-  if (call.out.numel() > 0) {
-    cpu::dispatch_dtype(call.params.dtype, [&](auto tag) { scan_fwd<decltype(tag)>(call.params); });
-  }
+  SelectiveScanCall call = run_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, true);
   return {call.out, *call.checkpoints};
 }
 

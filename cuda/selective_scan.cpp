@@ -19,26 +19,30 @@ void check_cuda_limits(const char* op, const SelectiveScanParams& p) {
   }
 }
 
+// The forward of selective_scan (and with_checkpoints, of selective_scan_forward) on CUDA; `op` names it in errors.
+SelectiveScanCall run_forward(const char* op, const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                              const std::optional<Tensor>& C, const std::optional<Tensor>& D,
+                              const std::optional<Tensor>& delta_bias, bool delta_softplus, bool with_checkpoints) {
+  SelectiveScanCall call =
+      selective_scan_call(Backend::CUDA, u, delta, A, B, C, D, delta_bias, delta_softplus, with_checkpoints);
+  check_cuda_limits(op, call.params);
+  CudaScope scope(u);
+  selective_scan_fwd_cuda(call.params, scope.stream());
+  return call;
+}
+
 // The forwards are deterministic whatever `deterministic` says.
 Tensor selective_scan_cuda(Tensor u, Tensor delta, Tensor A, Tensor B, std::optional<Tensor> C,
                            std::optional<Tensor> D, std::optional<Tensor> delta_bias, bool delta_softplus,
                            bool deterministic) {
-  SelectiveScanCall call = selective_scan_call(Backend::CUDA, u, delta, A, B, C, D, delta_bias, delta_softplus);
-  check_cuda_limits("selective_scan", call.params);
-  CudaScope scope(u);
-  selective_scan_fwd_cuda(call.params, scope.stream());
-  return call.out;
+  return run_forward("selective_scan", u, delta, A, B, C, D, delta_bias, delta_softplus, false).out;
 }
 
 std::tuple<Tensor, Tensor> selective_scan_forward_cuda(Tensor u, Tensor delta, Tensor A, Tensor B,
                                                        std::optional<Tensor> C, std::optional<Tensor> D,
                                                        std::optional<Tensor> delta_bias, bool delta_softplus,
                                                        bool deterministic) {
-  SelectiveScanCall call =
-      selective_scan_call(Backend::CUDA, u, delta, A, B, C, D, delta_bias, delta_softplus, /*with_checkpoints=*/true);
-  check_cuda_limits("selective_scan_forward", call.params);
-  CudaScope scope(u);
-  selective_scan_fwd_cuda(call.params, scope.stream());
+  SelectiveScanCall call = run_forward("selective_scan_forward", u, delta, A, B, C, D, delta_bias, delta_softplus, true);
   return {call.out, *call.checkpoints};
 }
 
