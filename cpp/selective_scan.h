@@ -49,7 +49,9 @@ struct SelectiveScanParams {
 constexpr int64_t selective_scan_segment(DType dtype, int64_t dstate) {
   return dstate == 1 && (dtype == DType::Float16 || dtype == DType::BFloat16) ? 256 : 128;
 }
-constexpr int64_t selective_scan_segment(const SelectiveScanParams& p) { return selective_scan_segment(p.dtype, p.dstate); }
+constexpr int64_t selective_scan_segment(const SelectiveScanParams& p) {
+  return selective_scan_segment(p.dtype, p.dstate);
+}
 
 // The checkpoints of a row: one per segment boundary inside L.
 constexpr int64_t selective_scan_num_checkpoints(const SelectiveScanParams& p) {

@@ -27,7 +27,7 @@ struct SelectiveScanBwdCall {
 SelectiveScanCall selective_scan_call(Backend backend, const Tensor& u, const Tensor& delta, const Tensor& A,
                                       const Tensor& B, const std::optional<Tensor>& C,
                                       const std::optional<Tensor>& D, const std::optional<Tensor>& delta_bias,
-                                      bool delta_softplus, bool with_checkpoints = false);
+                                      bool delta_softplus, bool with_checkpoints);
 
 SelectiveScanBwdCall selective_scan_bwd_call(Backend backend, const Tensor& grad_out, const Tensor& u,
                                              const Tensor& delta, const Tensor& A, const Tensor& B,

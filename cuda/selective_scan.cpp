@@ -42,7 +42,8 @@ std::tuple<Tensor, Tensor> selective_scan_forward_cuda(Tensor u, Tensor delta, T
                                                        std::optional<Tensor> C, std::optional<Tensor> D,
                                                        std::optional<Tensor> delta_bias, bool delta_softplus,
                                                        bool deterministic) {
-  SelectiveScanCall call = run_forward("selective_scan_forward", u, delta, A, B, C, D, delta_bias, delta_softplus, true);
+  SelectiveScanCall call =
+      run_forward("selective_scan_forward", u, delta, A, B, C, D, delta_bias, delta_softplus, true);
   return {call.out, *call.checkpoints};
 }
 

@@ -623,7 +623,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
     // A row holds one of the backward's segments in 16-bit types, so no checkpoint; two in float32.
     static_assert(32 * bwd_items(true, false) == kFwdSegment, "16-bit rows of one forward segment have no checkpoint");
     if constexpr (sizeof(T) == 4) {
-      float* const checkpoint = checkpoint_slot<32 * bwd_items(true, true)>(p, warp_rows.index(j), warp_rows.t0 + kItems, 1);
+      float* const checkpoint =
+          checkpoint_slot<32 * bwd_items(true, true)>(p, warp_rows.index(j), warp_rows.t0 + kItems, 1);
       if (checkpoint != nullptr) *checkpoint = lane_end;
     }
     // y row (L), or the row's states (1, L).
@@ -781,7 +782,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2)
   float* workspace = static_cast<float*>(bp.workspace);
   const int64_t row_index = row.b * p.dim + row.d;
   // The state after each segment but the last, [seg][n], read if active: the forward's, or the first pass's.
-  float* recomputed = workspace + ws.checkpoint_offset + row_index * (n_seg - 1) * N;
+  float* recomputed = bp.checkpoints ? nullptr : workspace + ws.checkpoint_offset + row_index * (n_seg - 1) * N;
   const float* checkpoints =
       bp.checkpoints ? static_cast<const float*>(bp.checkpoints) + row_index * (n_seg - 1) * N : recomputed;
   const int64_t bg = row.b * p.n_groups + row.g;
