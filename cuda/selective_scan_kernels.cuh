@@ -444,16 +444,17 @@ __device__ __forceinline__ float* checkpoint_slot(const SelectiveScanParams& p, 
   return static_cast<float*>(p.checkpoints) + (row_index * count + k) * N;
 }
 
-// Blocks per SM the forward's register budget allows: 6 (80 registers) for the d_state-1 path of 16-bit types,
-// which fits in them without spilling, 4 (128 registers) otherwise.
-template <typename T, int kN>
+// Blocks per SM the forward's register budget allows: for the d_state-1 path of 16-bit types 8 (64 registers) in
+// states mode and 6 (80) with C, what each fits in without spilling (sm_90, nvcc 13: with C at 64, 48 bytes of
+// stack); 4 (128 registers) otherwise.
+template <typename T, int kN, bool kStates>
 constexpr int fwd_min_blocks() {
-  return kN == 1 && sizeof(T) == 2 ? 6 : 4;
+  return kN == 1 && sizeof(T) == 2 ? (kStates ? 8 : 6) : 4;
 }
 
 // kN: 1 for d_state 1 (N known at compile time), 0 for any d_state (p.dstate).
 template <typename T, int kN, bool kStates, bool kHasD, bool kSoftplus>
-__global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN>())
+__global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, kN, kStates>())
     selective_scan_fwd_kernel(const __grid_constant__ SelectiveScanParams p) {
   extern __shared__ float4 shared_storage[];  // per warp: the state entering the next segment, one float per n
   constexpr int kItems = kFwdItems, kSegment = kFwdSegment;
@@ -595,7 +596,7 @@ struct ShortRows {
 // between segments, so no shared memory either.
 
 template <typename T, bool kStates, bool kHasD, bool kSoftplus>
-__global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1>())
+__global__ void __launch_bounds__(kFwdWarps * 32, fwd_min_blocks<T, 1, kStates>())
     selective_scan_short_fwd_kernel(const __grid_constant__ SelectiveScanParams p) {
   constexpr int kItems = kFwdItems;
   const int lane = threadIdx.x % 32;
