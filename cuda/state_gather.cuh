@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
   constexpr int R = Staged<T>::kRows;
   extern __shared__ uint4 smem[];
   auto* window = reinterpret_cast<uint32_t*>(smem);
-  const RowBlock<T> rb = row_block<T>(p.h, p, tiling, per_block);
+  const RowBlock<T> rb = row_block<T>(p.h, p, tiling, kChunks ? per_block : 1);
   const Block& blk = rb.blk;
   const int window_words = chunk_window_words(blk);
 
@@ -728,18 +728,31 @@ __global__ void __launch_bounds__(kThreads, 2) grad_points_kernel(const StateGat
 }
 
 // Host launchers, instantiated per dtype in state_gather_{fwd,bwd}_<dtype>.cu.
+
+// The launch of fwd_kernel or grad_h_kernel in blocks of runs of per_block row chunks (row_block): one window per
+// chunk of dynamic shared memory, and the grid.
+struct RowBlockLaunch {
+  size_t smem;
+  unsigned grid;
+};
+
+template <typename T>
+RowBlockLaunch row_block_launch(const StateGatherParams& p, const Tiling& tiling, int per_block, const char* op) {
+  const int64_t runs = ceil_div(ceil_div(p.dim, Staged<T>::kRows), per_block);
+  return {per_block * window_bytes(tiling, p.seqlen), grid_size(p.batch * p.n_seq * runs * tiling.n_tiles, op)};
+}
+
 template <typename T>
 void launch_fwd(const StateGatherParams& p, cudaStream_t stream) {
   const size_t block_smem = max_block_smem();
   const Tiling tiling = row_tiling(p.seqlen, block_smem);
   const int per_block = fwd_chunks_per_block<T>(p, tiling, block_smem);
-  const size_t smem = per_block * window_bytes(tiling, p.seqlen);
-  const int64_t runs = ceil_div(ceil_div(p.dim, Staged<T>::kRows), per_block);
-  const unsigned grid = grid_size(p.batch * p.n_seq * runs * tiling.n_tiles, "state_gather");
+  const RowBlockLaunch launch = row_block_launch<T>(p, tiling, per_block, "state_gather");
   bool_switch(per_block > 1, [&](auto chunks) {
     const auto kernel = fwd_kernel<T, decltype(chunks)::value>;
-    allow_dynamic_smem(kernel, smem, 0);
-    kernel<<<grid, kThreads, smem, stream>>>(p, tiling, staging_load_bytes<T>(p.h, p.seqlen), per_block);
+    allow_dynamic_smem(kernel, launch.smem, 0);
+    kernel<<<launch.grid, kThreads, launch.smem, stream>>>(p, tiling, staging_load_bytes<T>(p.h, p.seqlen),
+                                                           per_block);
   });
   check_launch("state_gather forward");
 }
@@ -768,14 +781,12 @@ void launch_bwd(const StateGatherBwdParams& bp, cudaStream_t stream) {
 
   const Tiling rows = row_tiling(p.seqlen, block_smem);
   const int per_block = whole_row_chunks_per_block<T>(p, rows, block_smem);
-  const size_t rows_smem = per_block * window_bytes(rows, p.seqlen);
-  const int64_t runs = ceil_div(ceil_div(p.dim, Staged<T>::kRows), per_block);
-  const unsigned rows_grid = grid_size(segments * runs * rows.n_tiles, "state_gather backward");
+  const RowBlockLaunch launch = row_block_launch<T>(p, rows, per_block, "state_gather backward");
   bool_switch(per_block > 1, [&](auto chunks) {
     const auto kernel = grad_h_kernel<T, decltype(chunks)::value>;
-    allow_dynamic_smem(kernel, rows_smem, 0);
-    kernel<<<rows_grid, kThreads, rows_smem, stream>>>(bp, rows, layout, workspace,
-                                                       staging_load_bytes<T>(bp.grad_out, p.seqlen), per_block);
+    allow_dynamic_smem(kernel, launch.smem, 0);
+    kernel<<<launch.grid, kThreads, launch.smem, stream>>>(bp, rows, layout, workspace,
+                                                           staging_load_bytes<T>(bp.grad_out, p.seqlen), per_block);
   });
   check_launch("state_gather backward (grad_h)");
 }
