@@ -59,7 +59,7 @@ def test_gather_deterministic_backward_is_bit_identical(dtype, L):
     [
         (1, 2, 17, 3137, 3, 6.0),  # odd L: staging one element per load; a short last row chunk
         (1, 2, 17, 4100, 3, 40.0),  # L % 8 == 4: 8-byte staging loads for 16-bit types, in tiles with halos
-        (8, 4, 521, 24, 4, 8.0),  # short rows: forward blocks of several row chunks (on GPUs of up to ~250 SMs)
+        (8, 4, 521, 24, 4, 8.0),  # short rows: forward and grad_h blocks of several row chunks (GPUs of <= ~250 SMs)
         (1, 1, 9, 5000, 2, 900.0),  # tiles with halos, many samples outside the staged window
         (2, 1, 3, 40, 9, 30.0),  # more points than one register group of the grad_offsets kernel
     ],
