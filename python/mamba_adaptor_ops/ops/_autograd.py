@@ -5,7 +5,7 @@
 of the op's Python function, which reaches the same formula through a plain ``torch.autograd.Function``, for
 less Python per call: on 2 CPU cores, torch 2.13, a tiny scan's forward while recording the graph took 42 us
 through the registered autograd and 26 us through the Function, forward + backward 163 us and 144 us.
-Without grad the op is called directly.
+Without grad, and under autocast (whose rule casts the args first, _autocast.py), the op is called directly.
 
 The backward ops (``op_backward``) are not differentiable: their registered autograd raises a clear error when
 a second backward (a gradient of a gradient, after ``create_graph=True``) reaches them, where torch would
@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from ._autocast import autocast_enabled
 
 
 def needs_grad(args) -> bool:
@@ -48,7 +50,9 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable, gu
     Function = type(class_name, (torch.autograd.Function,), members)
 
     def call(*args):
-        if needs_grad(args) and not torch.compiler.is_compiling():
+        # Under autocast the op's autocast rule (_autocast.py) casts the args before its registered autograd
+        # records them; the Function would record the uncast ones.
+        if needs_grad(args) and not torch.compiler.is_compiling() and not autocast_enabled(args):
             return Function.apply(*args)
         return op(*args)
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._autocast import register_autocast, to_autocast_dtype
 from ._autograd import register_autograd
 
 _OP = "mamba_adaptor::multi_dilation_dwconv2d"
@@ -20,7 +21,8 @@ def multi_dilation_dwconv2d(
     x: (b, C, H, W), NCHW or channels_last (the output keeps x's memory format); weight:
     (len(dilations), C, k, k) with k in {3, 5, 7}; bias: (C,) or None; all one floating dtype. Equals the
     sum of ``torch.nn.functional.conv2d(x, weight[i, :, None], dilation=d, padding=d * (k - 1) // 2,
-    groups=C)`` calls, computed in float32 with one read of x. Differentiable in x, weight and bias.
+    groups=C)`` calls, computed in float32 with one read of x. Differentiable in x, weight and bias. Under
+    torch.autocast, x, weight and bias run in the autocast dtype.
     """
     return _call(x, weight, bias, list(dilations))
 
@@ -49,3 +51,4 @@ def _backward(ctx, grad):
 
 
 _call = register_autograd(_OP, _backward, _setup_context)
+register_autocast(_OP, to_autocast_dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autocast import register_autocast, scan_autocast
 from ._autograd import needs_grad, register_autograd
 
 _OP = "mamba_adaptor::selective_scan"
@@ -31,7 +32,8 @@ def selective_scan(
     (b, dim, L) in u's dtype; with ``C=None`` (states mode, D must be None) returns the hidden states
     (b, dim, N, L) instead. Differentiable in every tensor argument; computes in float32. `deterministic`
     makes the CUDA backward bit-identical across runs (no float atomics; more workspace; the CPU backward
-    always is); default: torch.are_deterministic_algorithms_enabled().
+    always is); default: torch.are_deterministic_algorithms_enabled(). Under torch.autocast, u, delta, B and C
+    run in the autocast dtype, A, D and delta_bias in float32.
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -106,3 +108,5 @@ def _backward(ctx, grad, *_):  # *_: selective_scan_forward's checkpoints, which
 # records one whose backward computes them itself (a first pass over the inputs, on CUDA).
 _call = register_autograd(_OP, _backward, _setup_context)
 _call_forward = register_autograd(_FORWARD_OP, _backward, _setup_context, guard_backward_op=False)
+register_autocast(_OP, scan_autocast)
+register_autocast(_FORWARD_OP, scan_autocast)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autocast import register_autocast, to_widest_dtype
 from ._autograd import register_autograd
 
 _OP = "mamba_adaptor::state_gather"
@@ -21,6 +22,7 @@ def state_gather(
     be expanded views, e.g. coefficients shared over b and L: they are read through their strides, never
     copied. Returns (b, S, D, L) in h's dtype. Differentiable in h, offsets and weights; `deterministic`
     makes the backward bit-identical across runs (default: torch.are_deterministic_algorithms_enabled()).
+    Under torch.autocast, h, offsets and weights run in the widest of their dtypes.
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -53,3 +55,4 @@ def _backward(ctx, grad):
 
 
 _call = register_autograd(_OP, _backward, _setup_context)
+register_autocast(_OP, to_widest_dtype)
