@@ -44,6 +44,25 @@ def selective_scan(
     return _call(*args)
 
 
+def selective_scan_with_checkpoints(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor | None,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    deterministic: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """selective_scan's output, and its checkpoints (b, dim, max(L - 1, 0) // S, N) in A's dtype: the state after
+    timestep (k + 1) S - 1 in checkpoints[:, :, k], S = checkpoint_segment(u.dtype, N). Differentiable as
+    selective_scan is; the checkpoints take no gradient."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return _call_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic)
+
+
 def _check_rank(t: Tensor, name: str, rank: int, layout: str) -> None:
     """The kernels' rank check (cpp/common/check.cpp), word for word."""
     if t.dim() != rank:
@@ -64,13 +83,19 @@ def _fake(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, dete
     return u.new_empty(u.shape)
 
 
+def checkpoint_segment(dtype: torch.dtype, N: int) -> int:
+    """S, the timesteps between two of selective_scan_forward's checkpoints, for inputs of `dtype` and d_state N
+    (cpp/selective_scan.h, selective_scan_segment): checkpoints[:, :, k] is the state after timestep (k + 1) S - 1."""
+    return 256 if N == 1 and dtype in (torch.float16, torch.bfloat16) else 128
+
+
 @torch.library.register_fake(_FORWARD_OP)
 def _fake_forward(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, deterministic=False):
     # checkpoints (b, dim, (L - 1) // S, N), A's dtype: the state after each of the backward's segments of S
-    # timesteps but the last (cpp/selective_scan.h, selective_scan_segment).
+    # timesteps but the last.
     b, dim, L = u.shape
     N = A.shape[1]
-    S = 256 if N == 1 and u.dtype in (torch.float16, torch.bfloat16) else 128
+    S = checkpoint_segment(u.dtype, N)
     checkpoints = A.new_empty(b, dim, torch.sym_max((L - 1) // S, 0), N)
     return _fake(u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic), checkpoints
 
