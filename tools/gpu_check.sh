@@ -83,6 +83,8 @@ if wants install; then
   fi
 fi
 [ "$wheel_runs" -eq 1 ] || kernels_run || exit 1
+step "the install's report: builds, versions, each GPU's architecture, a self-test per device"
+run "$PYTHON" -m mamba_adaptor_ops
 
 # The CPU emulation of the CUDA kernels (tests/test_cuda_emulated.py) runs in CI; here the GPU runs them.
 PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider --maxfail=30 --durations=10 --ignore=tests/test_cuda_emulated.py)
