@@ -25,7 +25,8 @@ def test_json_report_says_how_this_install_was_built():
     # Written by the build (CMakeLists.txt): an installed package has it.
     assert report["build"]["torch_version"] and report["build"]["torch_target"] == "2.10"
     assert bool(report["build"]["cuda_compiler"]) == report["cuda_kernels"]["built"]
-    assert report["self_test"]["cpu"] == {op: "ok" for op in ("selective_scan", "state_gather", "multi_dilation_dwconv2d")}
+    ops, dtypes = ("selective_scan", "state_gather", "multi_dilation_dwconv2d"), ("float32", "bfloat16", "float16")
+    assert report["self_test"]["cpu"] == {f"{op} {dtype}": "ok" for dtype in dtypes for op in ops}
 
 
 @pytest.mark.parametrize(
@@ -61,5 +62,6 @@ def test_a_crashing_self_test_is_reported_not_fatal():
 def test_self_test_catches_a_wrong_result(monkeypatch):
     monkeypatch.setattr(info.reference, "state_gather", lambda h, offsets, weights: 2 * h + 0 * (offsets.sum() + weights.sum()))
     results = info.self_test("cpu")
-    assert results["selective_scan"] == "ok" and results["multi_dilation_dwconv2d"] == "ok"
-    assert results["state_gather"].startswith("AssertionError")
+    failed = {name for name, result in results.items() if result != "ok"}
+    assert failed == {"state_gather float32", "state_gather bfloat16", "state_gather float16"}
+    assert results["state_gather float32"].startswith("AssertionError")

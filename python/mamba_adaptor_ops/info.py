@@ -64,35 +64,43 @@ def gpus(archs: str) -> list[dict]:
     return out
 
 
+# The self-test's tolerance per dtype, relative to the largest reference value: a few roundings of the dtype.
+_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 5e-3}
+
+
 def self_test(device: str) -> dict:
-    """Each op forward and backward on small float32 inputs on `device`, against its reference: op -> "ok" or
-    what went wrong."""
+    """Each op forward and backward on small inputs on `device` in float32, bfloat16 and float16, against its
+    reference run in float64 on the same (rounded) inputs: "op dtype" -> "ok" or what went wrong."""
     torch.manual_seed(0)
     b, S, D, L = 2, 4, 3, 37
     results = {}
 
-    def check(name, fn, ref, *inputs):
+    def check(name, fn, ref, inputs, dtype):
         try:
-            leaves = [t.to(device).requires_grad_() for t in inputs]
+            # The scan's A stays float32 (its contract); everything else in `dtype`.
+            rounded = [t.to(dtype) if i != 2 or name != "selective_scan" else t for i, t in enumerate(inputs)]
+            leaves = [t.to(device).requires_grad_() for t in rounded]
             out = fn(*leaves)
-            grads = torch.autograd.grad(out.sum(), leaves)
-            ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
+            grads = torch.autograd.grad(out.float().sum(), leaves)
+            ref_leaves = [t.detach().double().requires_grad_() for t in rounded]
             ref_out = ref(*ref_leaves)
             ref_grads = torch.autograd.grad(ref_out.sum(), ref_leaves)
             for got, want in zip([out, *grads], [ref_out, *ref_grads], strict=True):
-                torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
-            results[name] = "ok"
+                tol = _TOLERANCE[dtype] * max(1.0, want.abs().max().item())
+                torch.testing.assert_close(got.double().cpu(), want, rtol=_TOLERANCE[dtype], atol=tol)
+            results[f"{name} {str(dtype)[6:]}"] = "ok"
         except Exception as error:  # reported, not raised: the report goes on to the next op
-            results[name] = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+            results[f"{name} {str(dtype)[6:]}"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
 
-    u, delta = torch.randn(b, S * D, L), torch.rand(b, S * D, L)
-    A, B, C = -torch.rand(S * D, 2) - 0.5, torch.randn(b, S, 2, L), torch.randn(b, S, 2, L)
-    check("selective_scan", lambda *x: mao.selective_scan(*x, delta_softplus=True),
-          lambda *x: reference.selective_scan(*x, delta_softplus=True), u, delta, A, B, C)
-    h, offsets, weights = torch.randn(b, S, D, L), 3 * torch.randn(b, S, 4, L), torch.randn(b, S, 4, L)
-    check("state_gather", mao.state_gather, reference.state_gather, h, offsets, weights)
-    x, weight = torch.randn(b, 5, 9, 11), torch.randn(2, 5, 3, 3)
-    check("multi_dilation_dwconv2d", mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, x, weight)
+    scan = (torch.randn(b, S * D, L), torch.rand(b, S * D, L), -torch.rand(S * D, 2) - 0.5, torch.randn(b, S, 2, L),
+            torch.randn(b, S, 2, L))
+    gather = (torch.randn(b, S, D, L), 3 * torch.randn(b, S, 4, L), torch.randn(b, S, 4, L))
+    conv = (torch.randn(b, 5, 9, 11), torch.randn(2, 5, 3, 3))
+    for dtype in _TOLERANCE:
+        check("selective_scan", lambda *x: mao.selective_scan(*x, delta_softplus=True),
+              lambda *x: reference.selective_scan(*x, delta_softplus=True), scan, dtype)
+        check("state_gather", mao.state_gather, reference.state_gather, gather, dtype)
+        check("multi_dilation_dwconv2d", mao.multi_dilation_dwconv2d, reference.multi_dilation_dwconv2d, conv, dtype)
     return results
 
 
