@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops.selective_scan import checkpoint_segment, selective_scan, selective_scan_with_checkpoints
+from .ops.selective_scan import checkpoint_segment, selective_scan
 
 _TAIL_CHUNK = 32  # timesteps of the last state's tail composed at once
 
@@ -45,8 +45,10 @@ def selective_scan_fn(
     B, C = _grouped(B, "B", u), _grouped(C, "C", u)
     if cu_seqlens is not None:
         return _packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, cu_seqlens)
-    if return_last_state:
-        y, checkpoints = selective_scan_with_checkpoints(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if return_last_state:  # the op with the states at its segment ends (differentiable in y, as selective_scan)
+        y, checkpoints = torch.ops.mamba_adaptor.selective_scan_forward(
+            u, delta, A, B, C, D, delta_bias, delta_softplus, torch.are_deterministic_algorithms_enabled()
+        )
     else:
         y = selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if z is not None:

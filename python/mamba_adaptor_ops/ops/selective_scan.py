@@ -44,25 +44,6 @@ def selective_scan(
     return _call(*args)
 
 
-def selective_scan_with_checkpoints(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor | None,
-    D: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    deterministic: bool | None = None,
-) -> tuple[Tensor, Tensor]:
-    """selective_scan's output, and its checkpoints (b, dim, max(L - 1, 0) // S, N) in A's dtype: the state after
-    timestep (k + 1) S - 1 in checkpoints[:, :, k], S = checkpoint_segment(u.dtype, N). Differentiable as
-    selective_scan is; the checkpoints take no gradient."""
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    return _call_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, deterministic)
-
-
 def _check_rank(t: Tensor, name: str, rank: int, layout: str) -> None:
     """The kernels' rank check (cpp/common/check.cpp), word for word."""
     if t.dim() != rank:
