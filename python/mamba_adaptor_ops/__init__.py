@@ -2,8 +2,9 @@
 
 Three ops, registered under ``torch.ops.mamba_adaptor`` with CPU and CUDA kernels, fake kernels and autograd:
 ``selective_scan`` (the Mamba scan, with a states mode), ``state_gather`` (Adaptor-T) and
-``multi_dilation_dwconv2d`` (Adaptor-S). ``reference`` holds their plain-PyTorch definitions and ``nn`` the
-modules built on them.
+``multi_dilation_dwconv2d`` (Adaptor-S). ``reference`` holds their plain-PyTorch definitions, ``nn`` the
+modules built on them, ``compat`` mamba_ssm's ``selective_scan_fn`` on these kernels; ``python -m
+mamba_adaptor_ops`` reports on the install and self-tests it.
 """
 
 from . import flops, reference  # noqa: F401  (importing flops registers the ops' FLOP formulas)
