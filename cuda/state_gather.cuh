@@ -392,16 +392,17 @@ int fwd_chunks_per_block(const StateGatherParams& p, const Tiling& tiling, size_
   return p.n_points > kPointGroup ? 1 : whole_row_chunks_per_block<T>(p, tiling, block_smem);
 }
 
-// load_bytes: staging_load_bytes(p.h, L); per_block: fwd_chunks_per_block, 1 unless kChunks. kChunks: compiled for
-// several chunks, whose loop costs registers and instructions that one chunk does without; their windows are
-// whole rows (fwd_chunks_per_block), so no sample reads global memory.
-template <typename T, bool kChunks>
+// load_bytes: staging_load_bytes(p.h, L); per_block: fwd_chunks_per_block (1 unless kWholeRow). kWholeRow: the
+// window is the whole row (tiling.n_tiles == 1), so no sample reads global memory, and a block may take several row
+// chunks; without it (rows longer than the window), a block takes one chunk and its samples outside the window
+// read global memory, code that is most of the kernel's SASS and that whole rows do without.
+template <typename T, bool kWholeRow>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p, const Tiling tiling, int load_bytes,
                                                       int per_block) {
   constexpr int R = Staged<T>::kRows;
   extern __shared__ uint4 smem[];
   auto* window = reinterpret_cast<uint32_t*>(smem);
-  const RowBlock<T> rb = row_block<T>(p.h, p, tiling, kChunks ? per_block : 1);
+  const RowBlock<T> rb = row_block<T>(p.h, p, tiling, kWholeRow ? per_block : 1);
   const Block& blk = rb.blk;
   const int window_words = chunk_window_words(blk);
 
@@ -414,8 +415,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
   stage_row_block<T>(window, rb, p, load_bytes);
   for (; t < blk.t1; t += kThreads) {
     Sample smp[kPointGroup];  // the position's current group; with several chunks, its only one, for all of them
-    for (int w = 0; w < (kChunks ? rb.chunks : 1); ++w) {
-      const Block chunk = kChunks ? rb.chunk(w, p) : blk;
+    for (int w = 0; w < (kWholeRow ? rb.chunks : 1); ++w) {
+      const Block chunk = kWholeRow ? rb.chunk(w, p) : blk;
       const uint32_t* chunk_window = window + w * window_words;
       const T* h = rb.rows + int64_t{w} * R * p.seqlen;
       float acc[R];
@@ -434,7 +435,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const StateGatherParams p
         for (int j = 0; j < kPointGroup; ++j) {
           if (k0 + j >= p.n_points) break;
           float v0[R], v1[R];
-          read_neighbours<T, kChunks>(chunk_window, chunk, h, p.seqlen, smp[j], v0, v1);
+          read_neighbours<T, kWholeRow>(chunk_window, chunk, h, p.seqlen, smp[j], v0, v1);
 #pragma unroll
           for (int r = 0; r < R; ++r) acc[r] = fmaf(smp[j].c1, v1[r], fmaf(smp[j].c0, v0[r], acc[r]));
         }
@@ -585,10 +586,10 @@ __device__ __forceinline__ EntryGroup load_entries(const int* entry_t, const flo
   return g;
 }
 
-// load_bytes: staging_load_bytes(bp.grad_out, L); per_block: whole_row_chunks_per_block, 1 unless kChunks.
-// kChunks: compiled for several chunks (their windows whole rows, so no entry reads global memory); a run's
-// bucket starts and first entry group are loaded once for all of them, later groups of a bucket once per chunk.
-template <typename T, bool kChunks>
+// load_bytes: staging_load_bytes(bp.grad_out, L); per_block: whole_row_chunks_per_block (1 unless kWholeRow).
+// kWholeRow: as fwd_kernel's (no entry reads global memory; several row chunks per block); a run's bucket starts
+// and first entry group are loaded once for all its chunks, later groups of a bucket once per chunk.
+template <typename T, bool kWholeRow>
 __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdParams bp, const Tiling tiling,
                                                         const BucketLayout layout, const char* workspace,
                                                         int load_bytes, int per_block) {
@@ -597,7 +598,7 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
   auto* window = reinterpret_cast<uint32_t*>(smem);
   const StateGatherParams& p = bp.fwd;
   const int L = static_cast<int>(p.seqlen), n = static_cast<int>(p.n_points * p.seqlen);
-  const RowBlock<T> rb = row_block<T>(bp.grad_out, p, tiling, kChunks ? per_block : 1);
+  const RowBlock<T> rb = row_block<T>(bp.grad_out, p, tiling, kWholeRow ? per_block : 1);
   const Block& blk = rb.blk;
   const int window_words = chunk_window_words(blk);
 
@@ -626,8 +627,8 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
     first = load_entries(entry_t, entry_c, next_bucket.x, next_bucket.y);  // the next run's
     this_bucket = next_bucket;
     next_bucket = bucket(i + 2 * kRunStride);
-    for (int w = 0; w < (kChunks ? rb.chunks : 1); ++w) {
-      const Block chunk = kChunks ? rb.chunk(w, p) : blk;
+    for (int w = 0; w < (kWholeRow ? rb.chunks : 1); ++w) {
+      const Block chunk = kWholeRow ? rb.chunk(w, p) : blk;
       const uint32_t* chunk_window = window + w * window_words;
       const T* grad = rb.rows + int64_t{w} * R * p.seqlen;
       float p0[R], p1[R], g[R];
@@ -639,7 +640,7 @@ __global__ void __launch_bounds__(kThreads) grad_h_kernel(const StateGatherBwdPa
 #pragma unroll
         for (int j = 0; j < kEntryGroup; ++j) {
           if (e0 + j >= end) break;
-          read_position<T, kChunks>(chunk_window, chunk, grad, p.seqlen, true, entries.t[j], g);
+          read_position<T, kWholeRow>(chunk_window, chunk, grad, p.seqlen, true, entries.t[j], g);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             p0[r] += entries.c[j].x * g[r];
@@ -748,8 +749,8 @@ void launch_fwd(const StateGatherParams& p, cudaStream_t stream) {
   const Tiling tiling = row_tiling(p.seqlen, block_smem);
   const int per_block = fwd_chunks_per_block<T>(p, tiling, block_smem);
   const RowBlockLaunch launch = row_block_launch<T>(p, tiling, per_block, "state_gather");
-  bool_switch(per_block > 1, [&](auto chunks) {
-    const auto kernel = fwd_kernel<T, decltype(chunks)::value>;
+  bool_switch(tiling.n_tiles == 1, [&](auto whole_row) {
+    const auto kernel = fwd_kernel<T, decltype(whole_row)::value>;
     allow_dynamic_smem(kernel, launch.smem, 0);
     kernel<<<launch.grid, kThreads, launch.smem, stream>>>(p, tiling, staging_load_bytes<T>(p.h, p.seqlen),
                                                            per_block);
@@ -782,8 +783,8 @@ void launch_bwd(const StateGatherBwdParams& bp, cudaStream_t stream) {
   const Tiling rows = row_tiling(p.seqlen, block_smem);
   const int per_block = whole_row_chunks_per_block<T>(p, rows, block_smem);
   const RowBlockLaunch launch = row_block_launch<T>(p, rows, per_block, "state_gather backward");
-  bool_switch(per_block > 1, [&](auto chunks) {
-    const auto kernel = grad_h_kernel<T, decltype(chunks)::value>;
+  bool_switch(rows.n_tiles == 1, [&](auto whole_row) {
+    const auto kernel = grad_h_kernel<T, decltype(whole_row)::value>;
     allow_dynamic_smem(kernel, launch.smem, 0);
     kernel<<<launch.grid, kThreads, launch.smem, stream>>>(bp, rows, layout, workspace,
                                                            staging_load_bytes<T>(bp.grad_out, p.seqlen), per_block);
