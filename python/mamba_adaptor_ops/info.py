@@ -118,7 +118,8 @@ def run_child(command: list[str]) -> tuple[dict | None, str]:
 
 def collect() -> dict:
     built = build_info()
-    devices = ["cpu"] + [f"cuda:{g['index']}" for g in gpus(built["cuda_archs"])]
+    found = gpus(built["cuda_archs"])
+    devices = ["cpu"] + [f"cuda:{g['index']}" for g in found]
     tests = {}
     for device in devices:
         result, failure = run_child([sys.executable, "-m", "mamba_adaptor_ops", "--self-test", device])
@@ -134,7 +135,7 @@ def collect() -> dict:
             "loaded": mao.CUDA_KERNELS_LOADED,
             "error": CUDA_KERNELS_ERROR or "",
         },
-        "gpus": gpus(built["cuda_archs"]),
+        "gpus": found,
         "self_test": tests,
     }
 
