@@ -33,15 +33,13 @@ def mamba_semantics(x: dict, delta_softplus: bool, acc: torch.dtype, out_dtype: 
     """mamba_ssm's selective_scan_ref on the reference: (y, last_state) computed in `acc`."""
     b, dim, L = x["u"].shape
 
-    def grouped(t):
-        if t.dim() == 3:
-            return t.unsqueeze(1)
+    def grouped(t):  # (b, G, N, L) in acc
         if t.dim() == 2:  # rounded to u's dtype, which the scan's B and C share (mamba_ssm keeps them float32)
             return t.to(x["u"].dtype).to(acc)[None, :, :, None].expand(b, dim, t.shape[1], L)
-        return t
+        return t.to(acc).unsqueeze(1) if t.dim() == 3 else t.to(acc)
 
     args = {k: (v.to(acc) if v is not None else None) for k, v in x.items()}
-    B, C = (grouped(x[k].to(acc) if x[k].dim() > 2 else x[k]) for k in "BC")
+    B, C = grouped(x["B"]), grouped(x["C"])
     states = reference.selective_scan(args["u"], args["delta"], args["A"], B, None, None, args["delta_bias"],
                                       delta_softplus)
     y = reference.selective_scan(args["u"], args["delta"], args["A"], B, C, args["D"], args["delta_bias"],
